@@ -1,0 +1,144 @@
+"""Per-exit computational cost from fvcore, counted on the real modules.
+
+Convention: fvcore counts one fused multiply-add as one flop, so every number
+here is in MACs (multiply-accumulates). It counts convolutions, linear layers,
+BatchNorm (2 per element with affine parameters, in eval mode) and adaptive
+average pooling; element-wise operations (ReLU, residual additions) are free.
+
+For exit i of an early-exit network (Demir & Akbas, EENets, section 3.2):
+
+    macs_i          = MACs(stem) + MACs(stages 0..s_i) + sum_{j<=i} MACs(exit head j)
+    cost_fraction_i = macs_i / MACs(plain backbone: stem, all stages, head)
+
+A sample that reaches exit i has paid for every exit head before it, so the
+final exit's fraction is above 1: the exit heads' overhead is counted, not
+hidden. Costs are traced on the static path, which runs every exit; a dynamic
+run's real cost can be checked with ``torch.utils.flop_counter.FlopCounterMode``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from eenet.models.early_exit import EarlyExitNetwork
+from eenet.models.staged import StagedBackbone
+
+MAC_CONVENTION = "MACs as counted by fvcore (one fused multiply-add = one flop)"
+
+
+def macs_by_module(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
+    """fvcore MACs of ``model`` for one input of ``input_size``, per module name (eval mode)."""
+    from fvcore.nn import FlopCountAnalysis
+
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        x = torch.zeros(1, *input_size, device=device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            logging.getLogger("fvcore").setLevel(logging.ERROR)
+            fa = FlopCountAnalysis(model, (x,))
+            fa.unsupported_ops_warnings(False)
+            fa.uncalled_modules_warnings(False)
+            fa.tracer_warnings("none")
+            counts = dict(fa.by_module())
+    finally:
+        model.train(was_training)
+    return {k: int(v) for k, v in counts.items()}
+
+
+@dataclass
+class BackboneCost:
+    """MACs of a plain backbone's parts."""
+
+    stem: int
+    stages: list[int]
+    head: int
+
+    @property
+    def total(self) -> int:
+        return self.stem + sum(self.stages) + self.head
+
+    @property
+    def cumulative(self) -> list[int]:
+        """MACs of stem plus stages 0..k, for every stage k."""
+        out, acc = [], self.stem
+        for m in self.stages:
+            acc += m
+            out.append(acc)
+        return out
+
+
+def backbone_cost(backbone: StagedBackbone, input_size: tuple[int, ...]) -> BackboneCost:
+    """Trace the plain backbone (no exits) and split its MACs by stem, stage and head."""
+    m = macs_by_module(backbone, input_size)
+    stages = [m.get(f"stages.{i}", 0) for i in range(backbone.num_stages)]
+    cost = BackboneCost(stem=m.get("stem", 0), stages=stages, head=m.get("head", 0))
+    if cost.total != m[""]:
+        raise RuntimeError(f"backbone MACs outside stem/stages/head: {m[''] - cost.total}; "
+                           "a backbone must compute everything inside those modules")
+    return cost
+
+
+@dataclass
+class ExitCost:
+    name: str
+    stage: int
+    head_macs: int
+    macs: int
+    cost_fraction: float
+
+
+@dataclass
+class CostTable:
+    """Per-exit cost of an early-exit network (see module docstring)."""
+
+    backbone_macs: int
+    input_size: tuple[int, ...]
+    exits: list[ExitCost] = field(default_factory=list)
+    convention: str = MAC_CONVENTION
+
+    @property
+    def fractions(self) -> list[float]:
+        return [e.cost_fraction for e in self.exits]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
+
+    def to_markdown(self) -> str:
+        lines = [f"Backbone: {self.backbone_macs / 1e6:.3f} M MACs for input {tuple(self.input_size)} "
+                 f"({self.convention}).", "",
+                 "| exit | after stage | head MACs | MACs to exit | cost fraction |",
+                 "|---|---|---|---|---|"]
+        for e in self.exits:
+            lines.append(f"| {e.name} | {e.stage} | {e.head_macs:,} | {e.macs:,} | {e.cost_fraction:.4f} |")
+        return "\n".join(lines)
+
+
+def exit_cost_table(net: EarlyExitNetwork, input_size: tuple[int, ...] | None = None) -> CostTable:
+    """Trace the static path of ``net`` and the plain backbone; return per-exit MACs."""
+    input_size = tuple(input_size or net.input_size)
+    base = backbone_cost(net.backbone, input_size)
+    m = macs_by_module(net, input_size)
+    stem = m.get("backbone.stem", 0)
+    stage_macs = [m.get(f"backbone.stages.{k}", 0) for k in range(net.backbone.num_stages)]
+    head_macs = [m.get(f"exits.{j}", 0) for j in range(len(net.exits))]
+    head_macs.append(m.get("backbone.head", 0))  # the final exit is the backbone's head
+    rows, paid_heads = [], 0
+    for i, (stage, head) in enumerate(zip(net.exit_stage_indices(), head_macs)):
+        paid_heads += head
+        macs = stem + sum(stage_macs[: stage + 1]) + paid_heads
+        rows.append(ExitCost(name=f"exit{i}", stage=stage, head_macs=head, macs=macs,
+                             cost_fraction=macs / base.total))
+    if rows[-1].macs != m[""]:
+        raise RuntimeError(f"static path MACs {m['']} differ from the final exit's {rows[-1].macs}")
+    return CostTable(backbone_macs=base.total, input_size=input_size, exits=rows)

@@ -1,0 +1,221 @@
+"""Batch-level normalisation and augmentation, and an in-memory dataset served by batches.
+
+On a CPU, per-sample PIL or ``transforms.v2`` pipelines make training
+data-loader bound. Here a whole batch of uint8 images is cropped, flipped and
+normalised with a few tensor operations, and :class:`InMemoryBatchDataset`
+returns a finished ``(x, y)`` batch for a LIST of indices, so that one Python
+call builds one batch::
+
+    loader = make_loader(InMemoryBatchDataset(images, labels, BatchTransform(mean, std)),
+                         batch_size=128, shuffle=True)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from eenet.errors import EENetError
+
+__all__ = ["AUGMENTATIONS", "BatchTransform", "InMemoryBatchDataset", "make_loader", "to_float"]
+
+#: Augmentation names accepted by :class:`BatchTransform`.
+AUGMENTATIONS = ("crop", "hflip")
+
+
+def to_float(x: torch.Tensor) -> torch.Tensor:
+    """uint8 in 0..255 -> float32 in [0, 1]; floating tensors become float32 unchanged."""
+    if x.dtype == torch.uint8:
+        return x.to(torch.float32).div_(255.0)
+    if not torch.is_floating_point(x):
+        raise EENetError(f"images must be uint8 or floating point in [0, 1], got {x.dtype}")
+    return x.to(torch.float32)
+
+
+def _as_floats(values: Any, what: str) -> list[float]:
+    if isinstance(values, (int, float)):
+        values = [values]
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        raise EENetError(f"{what} must be a list of numbers, got {values!r}") from None
+    if not out:
+        raise EENetError(f"{what} must hold one number per channel, got an empty list")
+    return out
+
+
+class BatchTransform:
+    """Augment and normalise a whole batch ``(B, C, H, W)`` at once.
+
+    Augmentations run on the input (uint8 stays uint8, so padding is black),
+    then the batch becomes float32 in [0, 1] and is normalised per channel with
+    ``(x - mean) / std``.
+
+    Args:
+        mean: per-channel mean (in [0, 1] units).
+        std: per-channel standard deviation, all positive.
+        augment: any of ``crop`` (zero-pad by ``crop_padding`` and take a random
+            crop of the original size, an independent offset per sample) and
+            ``hflip`` (flip each sample horizontally with probability 0.5).
+        crop_padding: padding for ``crop``, in pixels (>= 0).
+        generator: default random generator for the augmentations (the global
+            torch RNG when ``None``).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], augment: Sequence[str] = (),
+                 crop_padding: int = 4, generator: torch.Generator | None = None) -> None:
+        mean_list = _as_floats(mean, "mean")
+        std_list = _as_floats(std, "std")
+        if len(mean_list) != len(std_list):
+            raise EENetError(f"mean has {len(mean_list)} values but std has {len(std_list)}; "
+                             f"give one of each per channel")
+        if min(std_list) <= 0:
+            raise EENetError(f"std values must be positive, got {std_list}")
+        if isinstance(augment, str):
+            augment = [augment]
+        augment = [str(a) for a in augment]
+        bad = [a for a in augment if a not in AUGMENTATIONS]
+        if bad:
+            raise EENetError(f"unknown augmentation(s) {', '.join(bad)}; accepted: "
+                             f"{', '.join(AUGMENTATIONS)}")
+        if isinstance(crop_padding, bool) or not isinstance(crop_padding, int) or crop_padding < 0:
+            raise EENetError(f"crop_padding must be an integer >= 0, got {crop_padding!r}")
+        self.mean_values = mean_list
+        self.std_values = std_list
+        self.augment = tuple(dict.fromkeys(augment))
+        self.crop_padding = crop_padding
+        self.generator = generator
+        self._mean = torch.tensor(mean_list, dtype=torch.float32).view(1, -1, 1, 1)
+        self._std = torch.tensor(std_list, dtype=torch.float32).view(1, -1, 1, 1)
+
+    @property
+    def channels(self) -> int:
+        """Number of channels the mean and std are for."""
+        return len(self.mean_values)
+
+    def __repr__(self) -> str:
+        return (f"BatchTransform(mean={self.mean_values}, std={self.std_values}, "
+                f"augment={list(self.augment)}, crop_padding={self.crop_padding})")
+
+    def sample_params(self, batch_size: int,
+                      generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Draw the random parameters of one batch.
+
+        Returns:
+            ``{"offsets": int64 (B, 2)}`` (top, left corner in the padded image) when
+            ``crop`` is on, ``{"flip": bool (B,)}`` when ``hflip`` is on.
+        """
+        gen = generator if generator is not None else self.generator
+        params: dict[str, torch.Tensor] = {}
+        if "crop" in self.augment:
+            params["offsets"] = torch.randint(0, 2 * self.crop_padding + 1, (batch_size, 2),
+                                              generator=gen)
+        if "hflip" in self.augment:
+            params["flip"] = torch.rand(batch_size, generator=gen) < 0.5
+        return params
+
+    def apply(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Apply given augmentation parameters, then normalise; see :meth:`sample_params`."""
+        if x.ndim != 4:
+            raise EENetError(f"BatchTransform expects a batch (B, C, H, W), got shape "
+                             f"{tuple(x.shape)}")
+        if x.shape[1] != self.channels:
+            raise EENetError(f"batch has {x.shape[1]} channels but mean/std have "
+                             f"{self.channels} values")
+        if "offsets" in params:
+            x = self._crop(x, params["offsets"])
+        if "flip" in params:
+            flip = params["flip"].view(-1, 1, 1, 1)
+            x = torch.where(flip, x.flip(-1), x)
+        return (to_float(x) - self._mean) / self._std
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Augment (with fresh random parameters) and normalise a batch."""
+        return self.apply(x, self.sample_params(x.shape[0], generator))
+
+    def _crop(self, x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        pad = self.crop_padding
+        if pad == 0:
+            return x
+        b, c, h, w = x.shape
+        padded = F.pad(x, (pad, pad, pad, pad))
+        rows = offsets[:, 0:1] + torch.arange(h)  # (B, H)
+        cols = offsets[:, 1:2] + torch.arange(w)  # (B, W)
+        return padded[torch.arange(b).view(b, 1, 1, 1), torch.arange(c).view(1, c, 1, 1),
+                      rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
+
+
+class InMemoryBatchDataset(Dataset):
+    """Images and labels in memory, indexed by a list of indices -> one finished batch.
+
+    Use with ``DataLoader(ds, batch_size=None, sampler=BatchSampler(...))`` (see
+    :func:`make_loader`). Works with worker processes: inside a worker the
+    augmentations use that worker's own torch RNG (seeded by the DataLoader per
+    worker and epoch), never a copy of ``generator``, so workers do not repeat
+    each other's crops and flips.
+
+    Args:
+        images: ``(N, C, H, W)`` uint8, or float in [0, 1].
+        labels: ``(N,)`` integer labels.
+        transform: a :class:`BatchTransform` (or any callable ``(x, generator=...)``);
+            without one the batch is only converted to float32 in [0, 1].
+        generator: random generator for the augmentations in the main process.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 transform: BatchTransform | None = None,
+                 generator: torch.Generator | None = None) -> None:
+        if images.ndim != 4:
+            raise EENetError(f"images must be (N, C, H, W), got shape {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise EENetError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self.transform = transform
+        self.generator = generator
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["generator"] = None  # workers use their own per-worker RNG
+        return state
+
+    def _rng(self) -> torch.Generator | None:
+        if torch.utils.data.get_worker_info() is not None:
+            return None
+        return self.generator
+
+    def __getitem__(self, indices: Sequence[int] | torch.Tensor | int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        single = isinstance(indices, int)
+        index = torch.as_tensor([indices] if single else indices, dtype=torch.int64)
+        x, y = self.images[index], self.labels[index]
+        x = self.transform(x, generator=self._rng()) if self.transform is not None else to_float(x)
+        return (x[0], y[0]) if single else (x, y)
+
+
+def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
+                drop_last: bool = False, generator: torch.Generator | None = None) -> DataLoader:
+    """A DataLoader that asks ``dataset`` for whole batches (lists of indices).
+
+    Args:
+        dataset: a dataset whose ``__getitem__`` takes a list of indices.
+        batch_size: samples per batch (>= 1).
+        shuffle: random order (``RandomSampler``) instead of sequential.
+        num_workers: worker processes (persistent when > 0).
+        drop_last: drop the last incomplete batch.
+        generator: generator for the shuffling (the global torch RNG when ``None``).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise EENetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise EENetError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+    base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    return DataLoader(dataset, batch_size=None,
+                      sampler=BatchSampler(base, batch_size=batch_size, drop_last=drop_last),
+                      num_workers=num_workers, persistent_workers=num_workers > 0)

@@ -1,0 +1,298 @@
+"""The Lightning data module for image classification: train / val / test from one data set.
+
+The validation split is carved out of the data set's TRAINING split with a
+fixed permutation (``split_seed``), gets no augmentation and never overlaps the
+training samples; it is the split for model selection and exit-threshold
+calibration. The test split is the data set's own test split and is only ever
+evaluated, never tuned on.
+
+Every constructor argument is a plain value, so Hydra can build the module
+from YAML::
+
+    _target_: eenet.data.ClassificationDataModule
+    name: cifar10
+    root: ../shared/data
+    mean: [0.4914, 0.4822, 0.4465]
+    std: [0.2470, 0.2435, 0.2616]
+    augment: [crop, hflip]
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from eenet.data.batching import BatchTransform, InMemoryBatchDataset, make_loader
+from eenet.data.datasets import DATASETS, dataset_info, load_split
+from eenet.errors import EENetError, unknown_name
+
+__all__ = ["ClassificationDataModule"]
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional_count(value: Any, what: str) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise EENetError(f"{what} must be a positive integer or null, got {value!r}")
+    return int(value)
+
+
+def _fixed_permutation(n: int, seed: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Train / val / test loaders over an in-memory classification data set.
+
+    Args:
+        name: a data set of :func:`eenet.data.list_datasets`.
+        root: its data folder (ignored by ``digits``).
+        download: let torchvision fetch missing files (needs network).
+        mean: per-channel normalisation mean, one value per channel.
+        std: per-channel normalisation standard deviation.
+        augment: training augmentations, any of ``crop`` and ``hflip``.
+        val_size: validation samples taken from the training split: a fraction in
+            (0, 1) or a count (0 <= count < training size; 0 means no validation).
+        split_seed: seed of the fixed permutations (validation split, subsets).
+        batch_size: training batch size.
+        eval_batch_size: validation / test batch size (``batch_size`` when null).
+        num_workers: DataLoader worker processes.
+        train_subset: keep only n samples of the training split (the first n of a
+            fixed permutation with ``split_seed``), before the validation split is
+            carved from them; for quick runs.
+        test_subset: keep only n test samples, chosen the same way.
+        image_size: ``[H, W]`` to resize images to (``imagefolder`` only).
+
+    Shuffling and augmentation of the training batches use the global torch RNG
+    (per worker when ``num_workers > 0``), so ``lightning.seed_everything`` makes
+    them reproducible.
+    """
+
+    def __init__(self, name: str, root: str | None = None, download: bool = False, *,
+                 mean: Sequence[float], std: Sequence[float], augment: Sequence[str] = (),
+                 val_size: float | int = 0.1, split_seed: int = 0, batch_size: int = 128,
+                 eval_batch_size: int | None = None, num_workers: int = 0,
+                 train_subset: int | None = None, test_subset: int | None = None,
+                 image_size: Sequence[int] | None = None) -> None:
+        super().__init__()
+        name = str(name)
+        if name not in DATASETS:
+            raise unknown_name("dataset", name, DATASETS)
+        if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
+            raise EENetError(f"val_size must be a fraction in (0, 1) or a sample count, "
+                             f"got {val_size!r}")
+        if isinstance(val_size, float) and not 0.0 < val_size < 1.0:
+            raise EENetError(f"val_size={val_size} is out of range; give a fraction in (0, 1) "
+                             f"or an integer count smaller than the training split")
+        if _is_int(val_size) and val_size < 0:
+            raise EENetError(f"val_size={val_size} is out of range; give a fraction in (0, 1) "
+                             f"or an integer count >= 0 smaller than the training split")
+        if not _is_int(batch_size) or batch_size < 1:
+            raise EENetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        if eval_batch_size is not None and (not _is_int(eval_batch_size) or eval_batch_size < 1):
+            raise EENetError(f"eval_batch_size must be an integer >= 1 or null, "
+                             f"got {eval_batch_size!r}")
+        if not _is_int(num_workers) or num_workers < 0:
+            raise EENetError(f"num_workers must be an integer >= 0, got {num_workers!r}")
+        if not _is_int(split_seed):
+            raise EENetError(f"split_seed must be an integer, got {split_seed!r}")
+        self.options: dict[str, Any] = {}
+        if image_size is not None:
+            if name != "imagefolder":
+                raise EENetError(f"image_size is only accepted for dataset 'imagefolder', "
+                                 f"not '{name}'")
+            size = [int(s) for s in image_size]
+            if len(size) != 2 or min(size) < 1:
+                raise EENetError(f"image_size must be two positive integers [H, W], "
+                                 f"got {list(image_size)}")
+            self.options["image_size"] = size
+
+        self.name = name
+        self.root = None if root is None else str(root)
+        self.download = bool(download)
+        self.augment = [str(a) for a in ([augment] if isinstance(augment, str) else augment)]
+        self.val_size = val_size
+        self.split_seed = int(split_seed)
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else None
+        self.num_workers = int(num_workers)
+        self.train_subset = _optional_count(train_subset, "train_subset")
+        self.test_subset = _optional_count(test_subset, "test_subset")
+        # Validates mean/std lengths against each other and the augmentation names.
+        self.train_transform = BatchTransform(mean, std, self.augment)
+        self.eval_transform = BatchTransform(mean, std, ())
+        self.mean = self.train_transform.mean_values
+        self.std = self.train_transform.std_values
+        self._info = dataset_info(name, self.root, **self.options)
+        if self._info["in_chans"] is not None:
+            self._check_channels(self._info["in_chans"])
+
+        self._train: InMemoryBatchDataset | None = None
+        self._val: InMemoryBatchDataset | None = None
+        self._test: InMemoryBatchDataset | None = None
+        #: Positions in the data set's training split of the train / val samples, and of the
+        #: kept test samples (set by :meth:`setup`).
+        self.train_indices: torch.Tensor | None = None
+        self.val_indices: torch.Tensor | None = None
+        self.test_indices: torch.Tensor | None = None
+        self.load_count = 0  # how many splits were read from disk (setup caches them)
+
+    # ------------------------------------------------------------------ checks and loading
+
+    def _check_channels(self, channels: int) -> None:
+        if len(self.mean) != channels:
+            raise EENetError(f"dataset '{self.name}' has {channels} channel(s) but mean/std have "
+                             f"{len(self.mean)} values; give one value per channel")
+
+    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self.load_count += 1
+        images, labels = load_split(self.name, self.root, train, self.download, **self.options)
+        self._check_channels(images.shape[1])
+        return images, labels
+
+    def _val_count(self, n_train: int) -> int:
+        if isinstance(self.val_size, float):
+            count = int(round(self.val_size * n_train))
+            count = min(max(count, 1), n_train - 1)
+        else:
+            count = int(self.val_size)
+        if count >= n_train or n_train - count < 1:
+            raise EENetError(f"val_size={self.val_size} is out of range for a training split of "
+                             f"{n_train} samples; give a fraction in (0, 1) or a count below "
+                             f"{n_train}")
+        return count
+
+    def prepare_data(self) -> None:
+        """Check that the files are there (downloading them if ``download``); loads nothing."""
+        from eenet.data.datasets import missing_files
+
+        if self.name == "digits" or self.name == "imagefolder":
+            return
+        for train in (True, False):
+            if missing_files(self.name, self.root, train):
+                load_split(self.name, self.root, train, self.download, **self.options)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the splits a stage needs, once (later calls reuse them).
+
+        ``fit`` / ``validate`` load the training split (train + val), ``test`` /
+        ``predict`` the test split, ``None`` both.
+        """
+        if stage in (None, "fit", "validate") and self._train is None:
+            images, labels = self._load(train=True)
+            n = len(labels)
+            order = _fixed_permutation(n, self.split_seed)
+            if self.train_subset is not None and self.train_subset < n:
+                order = order[:self.train_subset]
+            n_val = self._val_count(len(order))
+            val_idx = order[:n_val].sort().values
+            train_idx = order[n_val:].sort().values
+            self._train = InMemoryBatchDataset(images[train_idx], labels[train_idx],
+                                               self.train_transform)
+            self._val = InMemoryBatchDataset(images[val_idx], labels[val_idx],
+                                             self.eval_transform)
+            self.train_indices, self.val_indices = train_idx, val_idx
+        if stage in (None, "test", "predict") and self._test is None:
+            images, labels = self._load(train=False)
+            n = len(labels)
+            idx = torch.arange(n)
+            if self.test_subset is not None and self.test_subset < n:
+                idx = _fixed_permutation(n, self.split_seed)[:self.test_subset].sort().values
+            self._test = InMemoryBatchDataset(images[idx], labels[idx], self.eval_transform)
+            self.test_indices = idx
+
+    # ------------------------------------------------------------------ loaders
+
+    def _datasets(self, which: str) -> InMemoryBatchDataset:
+        if which == "test":
+            self.setup("test")
+            assert self._test is not None
+            return self._test
+        self.setup("fit")
+        return self._train if which == "train" else self._val  # type: ignore[return-value]
+
+    @property
+    def train_dataset(self) -> InMemoryBatchDataset:
+        """The training samples (augmented), loading them if needed."""
+        return self._datasets("train")
+
+    @property
+    def val_dataset(self) -> InMemoryBatchDataset:
+        """The validation samples (carved from the training split, not augmented)."""
+        return self._datasets("val")
+
+    @property
+    def test_dataset(self) -> InMemoryBatchDataset:
+        """The data set's own test split (not augmented)."""
+        return self._datasets("test")
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled, augmented training batches."""
+        return make_loader(self.train_dataset, self.batch_size, shuffle=True,
+                           num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        """Validation batches in a fixed order, no augmentation."""
+        return make_loader(self.val_dataset, self.eval_batch_size or self.batch_size,
+                           shuffle=False, num_workers=self.num_workers)
+
+    def test_dataloader(self) -> DataLoader:
+        """Test batches in a fixed order, no augmentation."""
+        return make_loader(self.test_dataset, self.eval_batch_size or self.batch_size,
+                           shuffle=False, num_workers=self.num_workers)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Same as :meth:`test_dataloader`."""
+        return self.test_dataloader()
+
+    # ------------------------------------------------------------------ facts
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of the model input (loads the training split if the files decide it)."""
+        if self._train is None and self._info["size"] is not None:
+            return (int(self._info["in_chans"]), *map(int, self._info["size"]))
+        return tuple(int(s) for s in self.train_dataset.images.shape[1:])  # type: ignore
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes."""
+        if self._info["num_classes"] is not None:
+            return int(self._info["num_classes"])
+        self._info = dataset_info(self.name, self.root, **self.options)
+        if self._info["num_classes"] is None:
+            self.setup("fit")  # reports the missing folders in one line
+            self._info["num_classes"] = int(self.train_dataset.labels.max()) + 1
+        return int(self._info["num_classes"])
+
+    @property
+    def split_sizes(self) -> dict[str, int]:
+        """``{"train": n, "val": n, "test": n}`` (loads the splits if needed)."""
+        return {"train": len(self.train_dataset), "val": len(self.val_dataset),
+                "test": len(self.test_dataset)}
+
+    def describe(self) -> dict[str, Any]:
+        """Plain-value summary for results files (loads the splits if needed)."""
+        return {
+            "name": self.name,
+            "root": self.root,
+            "sizes": self.split_sizes,
+            "input_size": list(self.input_size),
+            "num_classes": self.num_classes,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "augment": list(self.augment),
+            "val_size": self.val_size,
+            "split_seed": self.split_seed,
+            "train_subset": self.train_subset,
+            "test_subset": self.test_subset,
+            **({"image_size": list(self.options["image_size"])}
+               if "image_size" in self.options else {}),
+        }

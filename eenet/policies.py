@@ -1,0 +1,179 @@
+"""Exit policies: when does a sample leave at an early exit?
+
+Every policy turns exit i's outputs into a score s_i ("higher means surer") and
+a sample leaves at the first early exit with s_i > t_i; a sample that no early
+exit releases leaves at the final exit. Decisions are vectorised over a batch
+and, for calibration, over many threshold vectors at once.
+
+- ``confidence``: the EENets confidence head, exit when h_i > t_i
+  (Demir & Akbas, "Early-exit Convolutional Neural Networks").
+- ``max_prob``: exit when max_k p_i[k] > t_i (Shallow-Deep Networks, Kaya et
+  al. 2019; T-RecX, Ghanathe & Wilton).
+- ``entropy``: exit when H(p_i) = -sum_k p_i[k] log p_i[k] < t_i (BranchyNet,
+  Teerapittayanon et al. 2016). The score is -H and the threshold is kept in
+  entropy units, so "s_i > -t_i" is exactly "H < t_i" (PTEENet's code scores
+  negative entropy and so flips the comparison; here the user's t is entropy).
+- ``patience``: exit when the last k exits, this one included, agree on the
+  class (PABEE, Zhou et al., "BERT Loses Patience", NeurIPS 2020); t_i = k.
+
+Policies can score one exit at a time (``exit_score`` with a carried state),
+which is what the dynamic inference engine does, or all exits of a static
+forward at once (``scores``); both give the same numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from eenet.errors import EENetError, unknown_name
+
+
+class ExitPolicy:
+    """Base class. Subclasses define ``exit_score`` and the threshold range.
+
+    Args:
+        thresholds: one shared threshold or one per early exit.
+        num_early_exits: N; needed when ``thresholds`` is a single value and
+            per-exit thresholds are read (``threshold_vector``).
+    """
+
+    name = "policy"
+    #: open interval of valid thresholds, for checking a user's input
+    valid_range: tuple[float, float] = (-math.inf, math.inf)
+
+    def __init__(self, thresholds: float | Sequence[float] = 0.5):
+        if isinstance(thresholds, (int, float)):
+            self.thresholds: float | list[float] = float(thresholds)
+            values = [self.thresholds]
+        else:
+            self.thresholds = [float(t) for t in thresholds]
+            values = self.thresholds
+        lo, hi = self.valid_range
+        for t in values:
+            if not lo < t < hi and not math.isinf(t):
+                raise EENetError(f"{self.name} threshold {t} is outside ({lo:g}, {hi:g})")
+
+    def threshold_vector(self, num_early_exits: int) -> torch.Tensor:
+        """Thresholds t_0..t_{N-1} as a tensor in score units."""
+        if isinstance(self.thresholds, float):
+            t = [self.thresholds] * num_early_exits
+        else:
+            if len(self.thresholds) != num_early_exits:
+                raise EENetError(f"{len(self.thresholds)} thresholds given for "
+                                 f"{num_early_exits} early exits")
+            t = self.thresholds
+        return self.to_score_units(torch.tensor(t, dtype=torch.float32))
+
+    def to_score_units(self, t: torch.Tensor) -> torch.Tensor:
+        """Map thresholds in the user's units to score units (identity by default)."""
+        return t
+
+    def initial_state(self, batch: int, device: torch.device) -> tuple:
+        return ()
+
+    def exit_score(self, logits: torch.Tensor, conf_logit: torch.Tensor, state: tuple
+                   ) -> tuple[torch.Tensor, tuple]:
+        """Score (B,) of one exit and the state carried to the next exit."""
+        raise NotImplementedError
+
+    def scores(self, outputs) -> torch.Tensor:
+        """Scores (B, N) of the N early exits of a static forward (final exit excluded)."""
+        logits, conf = outputs.logits, outputs.conf_logits
+        state = self.initial_state(logits[0].shape[0], logits[0].device)
+        out = []
+        for i in range(len(logits) - 1):
+            s, state = self.exit_score(logits[i], conf[i], state)
+            out.append(s)
+        if not out:
+            return torch.empty(logits[0].shape[0], 0, device=logits[0].device)
+        return torch.stack(out, 1)
+
+    def decide(self, outputs) -> torch.Tensor:
+        """Exit index (B,) of every sample of a static forward: 0..N."""
+        scores = self.scores(outputs)
+        return first_exit(scores, self.threshold_vector(scores.shape[1]).to(scores.device))
+
+    def describe(self) -> dict:
+        return {"name": self.name, "thresholds": self.thresholds}
+
+
+def first_exit(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Index of the first early exit whose score beats its threshold, N when none does.
+
+    ``scores`` is (..., B, N) and ``thresholds`` broadcasts against it (e.g.
+    (N,) or (T, 1, N) for T threshold vectors); the result is (..., B).
+    """
+    leave = scores > thresholds
+    n = scores.shape[-1]
+    final = torch.ones(*leave.shape[:-1], 1, dtype=torch.bool, device=leave.device)
+    leave = torch.cat([leave, final], dim=-1)  # the final exit always releases
+    # argmax of a boolean row returns its first True (ties go to the first index)
+    return leave.to(torch.uint8).argmax(dim=-1).clamp_max(n)
+
+
+class ConfidencePolicy(ExitPolicy):
+    """EENets: exit when the confidence head's h_i > t_i."""
+
+    name = "confidence"
+    valid_range = (0.0, 1.0)
+
+    def exit_score(self, logits, conf_logit, state):
+        return torch.sigmoid(conf_logit), state
+
+
+class MaxProbPolicy(ExitPolicy):
+    """SDN / T-RecX: exit when the largest softmax probability > t_i."""
+
+    name = "max_prob"
+    valid_range = (0.0, 1.0)
+
+    def exit_score(self, logits, conf_logit, state):
+        return F.softmax(logits.float(), dim=1).amax(dim=1), state
+
+
+class EntropyPolicy(ExitPolicy):
+    """BranchyNet: exit when the prediction's entropy H(p_i) < t_i (score -H, threshold -t)."""
+
+    name = "entropy"
+    valid_range = (0.0, math.inf)
+
+    def to_score_units(self, t):
+        return -t
+
+    def exit_score(self, logits, conf_logit, state):
+        logp = F.log_softmax(logits.float(), dim=1)
+        return (logp.exp() * logp).sum(dim=1), state  # = -H(p)
+
+
+class PatiencePolicy(ExitPolicy):
+    """PABEE: exit when the last k exits (this one included) predict the same class; t_i = k."""
+
+    name = "patience"
+    valid_range = (0.0, math.inf)
+
+    def to_score_units(self, t):
+        return t - 0.5  # run length >= k  <=>  run length > k - 0.5
+
+    def initial_state(self, batch, device):
+        return (torch.full((batch,), -1, dtype=torch.long, device=device),
+                torch.zeros(batch, device=device))
+
+    def exit_score(self, logits, conf_logit, state):
+        prev, run = state
+        pred = logits.argmax(dim=1)
+        run = torch.where(pred == prev, run + 1, torch.ones_like(run))
+        return run, (pred, run)
+
+
+POLICIES = {p.name: p for p in (ConfidencePolicy, MaxProbPolicy, EntropyPolicy, PatiencePolicy)}
+
+
+def create_policy(name: str, thresholds: float | Sequence[float] = 0.5) -> ExitPolicy:
+    """Build a policy by name: ``confidence``, ``max_prob``, ``entropy`` or ``patience``."""
+    if name not in POLICIES:
+        raise unknown_name("exit policy", name, POLICIES)
+    return POLICIES[name](thresholds)

@@ -1,0 +1,194 @@
+"""``eenet-train``: joint training of an early-exit network, composed by Hydra.
+
+``train(cfg)`` is a plain function (tests call it with a composed config);
+only :func:`main` carries ``@hydra.main``. Order of work: build and check every
+object first (data, backbone, exits, cost table, loss, policy), so that a bad
+configuration fails with one line before anything is written; then train,
+reload the best checkpoint (chosen on the validation split, never on test),
+evaluate on val and test, and write into the run's output folder:
+
+- ``config.yaml``: the resolved configuration of the run;
+- ``model.pt``: the network's plain ``state_dict`` (load with ``weights_only=True``);
+- ``cost.json``: the fvcore per-exit cost table;
+- ``results.json`` and ``results.md``: see :mod:`eenet.results`.
+
+Usage::
+
+    eenet-train                                   # resnet20 + 2 exits on the bundled digits
+    eenet-train dataset=mnist trainer.max_epochs=5 loss.lambda_coef=0.5
+    eenet-train -m loss.lambda_coef=0.5,1,2       # a sweep, one folder per job
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from eenet.build import build_early_exit_network
+from eenet.cost import exit_cost_table
+from eenet.errors import EENetError
+from eenet.models.early_exit import EarlyExitNetwork
+from eenet.policies import create_policy
+from eenet.results import atomic_write_text, make_results, results_markdown, write_results
+from eenet.training.module import EarlyExitModule
+
+log = logging.getLogger("eenet")
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _instantiate(node, what: str, **kwargs):
+    """``hydra.utils.instantiate`` that turns our own errors back into one-line EENetErrors."""
+    try:
+        return instantiate(node, **kwargs)
+    except Exception as exc:  # Hydra wraps constructor errors in InstantiationException
+        cause = exc
+        while cause is not None and not isinstance(cause, EENetError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise EENetError(str(cause)) from exc
+        raise
+
+
+def build_network(cfg: DictConfig, input_size: tuple[int, int, int]) -> EarlyExitNetwork:
+    """Backbone + exit block + placement from the config."""
+    backbone = _instantiate(cfg.backbone, "backbone")
+    exit_block = _instantiate(cfg.exit, "exit")
+    p = cfg.placement
+    stages = list(p.stages) if p.get("stages") is not None else None
+    return build_early_exit_network(backbone, exit_block, placement=p.method,
+                                    num_exits=int(p.num_exits), stages=stages,
+                                    input_size=input_size)
+
+
+def _config_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _load_best(module: EarlyExitModule, ckpt_path: str | None) -> None:
+    if ckpt_path and Path(ckpt_path).is_file():
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(ckpt["state_dict"])
+
+
+def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
+    """Train, evaluate and write a run; returns ``(results, objects)``.
+
+    ``objects`` holds the built ``datamodule``, ``net``, ``module``, ``trainer``
+    and ``cost`` table for callers that want to go on with them.
+    """
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    out_dir = Path(cfg.output_dir)
+
+    # 1. build and check everything; nothing is written before this is done
+    datamodule = _instantiate(cfg.dataset.datamodule, "dataset")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    input_size = tuple(datamodule.input_size)
+    net = build_network(cfg, input_size)
+    cost = exit_cost_table(net, input_size)
+    loss = _instantiate(cfg.loss, "loss")
+    policy = create_policy(cfg.policy.name, cfg.policy.thresholds)
+    policy.threshold_vector(net.num_exits - 1)  # checks the count of per-exit thresholds
+    module = EarlyExitModule(net, loss, cost.fractions,
+                             optimizer=_instantiate(cfg.optimizer, "optimizer"),
+                             scheduler=_instantiate(cfg.scheduler, "scheduler")
+                             if cfg.get("scheduler") else None,
+                             policy=policy)
+    log.info("exits after stages %s\n%s", net.exit_stages, cost.to_markdown())
+
+    # 2. train
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = _config_dict(cfg)
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    atomic_write_text(out_dir / "cost.json", json.dumps(cost.to_dict(), indent=2) + "\n")
+    loggers = [lg for lg in (_instantiate(v, "logger") for v in (cfg.get("logger") or {}).values())
+               if lg is not None]
+    for lg in loggers:
+        lg.log_hyperparams(config)
+    callbacks = []
+    ckpt_cb = None
+    if cfg.checkpoint.enabled:
+        ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=str(out_dir / "checkpoints"), filename="best", monitor=cfg.checkpoint.monitor,
+            mode=cfg.checkpoint.mode, save_last=True, save_top_k=1)
+        callbacks.append(ckpt_cb)
+    trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", logger=loggers or False,
+                                      callbacks=callbacks, default_root_dir=str(out_dir),
+                                      enable_checkpointing=ckpt_cb is not None)
+    trainer.fit(module, datamodule=datamodule)
+
+    # 3. evaluate the checkpoint chosen on val, on val and on test
+    if ckpt_cb is not None:
+        _load_best(module, ckpt_cb.best_model_path)
+    trainer.validate(module, datamodule=datamodule, verbose=False)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    val, test = module.last_metrics["val"], module.last_metrics["test"]
+
+    # 4. write
+    tmp = out_dir / ".model.pt.tmp"
+    torch.save(net.state_dict(), tmp)
+    os.replace(tmp, out_dir / "model.pt")
+    results = make_results(
+        dataset=cfg.dataset.name, backbone=cfg.backbone.name, num_classes=net.num_classes,
+        cost=cost, val=val, test=test, policy=policy.describe(), config=config,
+        splits=getattr(datamodule, "split_sizes", None),
+        epochs=trainer.current_epoch, best_checkpoint=ckpt_cb.best_model_path if ckpt_cb else None)
+    write_results(out_dir, results)
+    for lg in loggers:
+        _log_results_table(lg, results)
+    return results, {"datamodule": datamodule, "net": net, "module": module,
+                     "trainer": trainer, "cost": cost}
+
+
+def _log_results_table(logger, results: dict) -> None:
+    """Send the per-exit results as a table to loggers that take tables (W&B)."""
+    if not hasattr(logger, "log_table"):
+        return
+    cols = ["exit", "stage", "macs", "cost_fraction", "val_accuracy", "test_accuracy",
+            "test_exit_rate"]
+    rows = [[e["name"], e["stage"], e["macs"], e["cost_fraction"], e["val_accuracy"],
+             e["test_accuracy"], r] for e, r in zip(results["exits"], results["test"]["exit_rates"])]
+    logger.log_table(key="results/exits", columns=cols, data=rows)
+    logger.log_metrics({f"results/test_{k}": v for k, v in results["test"].items()
+                        if isinstance(v, float)})
+
+
+def run_cli(fn, cfg: DictConfig):
+    """Run ``fn(cfg)``; a user's mistake prints one line and exits with code 2."""
+    try:
+        return fn(cfg)
+    except EENetError as exc:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _main(cfg: DictConfig) -> float | None:
+    results, _ = run_cli(train, cfg)
+    print(results_markdown(results))
+    print(f"\nResults written to {cfg.output_dir}/results.json")
+    return results["test"]["accuracy"]
+
+
+def main() -> None:
+    """Console entry point ``eenet-train``."""
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""LightningModule that trains a backbone and its exits jointly.
+
+EENets (Demir & Akbas) train the whole network end to end with a loss over all
+exits (``eenet.losses``). The module receives built objects, as in the
+lightning-hydra-template: the network, the loss, the per-exit cost fractions
+(from ``eenet.cost``), and optimizer / scheduler factories (Hydra partials).
+
+Logged keys (torchmetrics, one metric object per stage): ``{stage}/loss``,
+``{stage}/exit{i}/acc``, ``{stage}/mixture_acc``, ``{stage}/expected_cost``,
+and under the exit policy ``{stage}/exit{i}/rate``, ``{stage}/acc``,
+``{stage}/avg_cost``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import lightning as L
+import torch
+
+from eenet.losses import ExitLoss
+from eenet.models.early_exit import EarlyExitNetwork
+from eenet.policies import ConfidencePolicy, ExitPolicy
+from eenet.training.metrics import ExitMetrics, flat_log_dict
+
+STAGES = ("train", "val", "test")
+
+
+class EarlyExitModule(L.LightningModule):
+    """Joint training of an :class:`EarlyExitNetwork`.
+
+    Args:
+        net: the early-exit network.
+        loss: an :class:`eenet.losses.ExitLoss`.
+        cost_fractions: c_0..c_N from the network's cost table.
+        optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (a Hydra partial).
+        scheduler: ``scheduler(optimizer) -> LRScheduler`` or ``None``.
+        policy: exit policy for the thresholded metrics (default: confidence > 0.5).
+    """
+
+    def __init__(self, net: EarlyExitNetwork, loss: ExitLoss, cost_fractions: Sequence[float],
+                 optimizer: Callable | None = None, scheduler: Callable | None = None,
+                 policy: ExitPolicy | None = None):
+        super().__init__()
+        if len(cost_fractions) != net.num_exits:
+            raise ValueError(f"{len(cost_fractions)} cost fractions for {net.num_exits} exits")
+        self.net = net
+        self.loss_fn = loss
+        self.register_buffer("cost_fractions", torch.tensor(list(cost_fractions)), persistent=False)
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.policy = policy or ConfidencePolicy(0.5)
+        # one metric object per stage ("train" cannot be a ModuleDict key: Module.train exists)
+        self.train_metrics = ExitMetrics(list(cost_fractions), self.policy)
+        self.val_metrics = ExitMetrics(list(cost_fractions), self.policy)
+        self.test_metrics = ExitMetrics(list(cost_fractions), self.policy)
+        self.last_metrics: dict[str, dict] = {}
+
+    def stage_metrics(self, stage: str) -> ExitMetrics:
+        return getattr(self, f"{stage}_metrics")
+
+    def forward(self, x: torch.Tensor):
+        return self.net(x)
+
+    def on_train_epoch_start(self) -> None:
+        self.loss_fn.set_epoch(self.current_epoch)
+
+    def _step(self, batch, stage: str) -> torch.Tensor:
+        x, y = batch
+        out = self.net(x)
+        parts = self.loss_fn(out, y, self.cost_fractions)
+        self.stage_metrics(stage).update(out, y)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", parts["loss"], on_step=on_step, on_epoch=True,
+                 prog_bar=True, batch_size=y.shape[0], sync_dist=not on_step)
+        return parts["loss"]
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+    def test_step(self, batch, batch_idx):
+        self._step(batch, "test")
+
+    def _epoch_end(self, stage: str) -> None:
+        values = self.stage_metrics(stage).compute()
+        self.stage_metrics(stage).reset()
+        self.last_metrics[stage] = values
+        logged = flat_log_dict(stage, values)
+        self.log(f"{stage}/acc", logged.pop(f"{stage}/acc"), prog_bar=True)
+        self.log_dict(logged)
+
+    def on_train_epoch_end(self) -> None:
+        self._epoch_end("train")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_end("test")
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError("no optimizer configured")
+        opt = self.optimizer_factory(params=self.parameters())
+        if self.scheduler_factory is None:
+            return opt
+        return {"optimizer": opt,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
+                                 "interval": "epoch"}}

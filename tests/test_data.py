@@ -1,0 +1,798 @@
+"""Tests of the data layer (``eenet.data``): loaders, batch transforms, the data module.
+
+Data sets that are not on this machine are tested on small files written here
+in the data set's own on-disk format (idx, python pickle batches, ``.mat``,
+PNG class folders); MNIST and the CIFAR-10 JPEG folder are also read for real
+from ``../shared/data`` when present.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from eenet.data import (AUGMENTATIONS, DATASET_INFO, BatchTransform, ClassificationDataModule,
+                        InMemoryBatchDataset, dataset_info, list_datasets, load_split,
+                        make_loader, missing_files, to_float)
+from eenet.errors import EENetError
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DIGITS_MEAN, DIGITS_STD = [0.3053], [0.3760]
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """../shared/data beside the repository, or skip."""
+    if not SHARED.is_dir():
+        pytest.skip(f"../shared/data not found: {SHARED} is absent")
+    return SHARED
+
+
+def assert_one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message, message
+    assert message.strip() == message and message
+    return message
+
+
+# ----------------------------------------------------------------------------- file writers
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An uncompressed idx file (MNIST's format): magic 0x0000 0x08 ndim, big-endian dims."""
+    assert array.dtype == np.uint8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.tobytes())
+
+
+def write_mnist(root: Path, folder: str, n_train: int = 12, n_test: int = 7, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        write_idx(root / folder / "raw" / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(root / folder / "raw" / f"{prefix}-labels-idx1-ubyte", labels)
+        arrays[prefix] = (images, labels)
+    return arrays
+
+
+def write_cifar10(root: Path, per_batch: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    written = {"train": [], "test": []}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
+        labels = [int(v) for v in rng.integers(0, 10, per_batch)]
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels,
+                         "filenames": [f"{name}_{i}.png" for i in range(per_batch)]}, handle)
+        written["test" if name == "test_batch" else "train"].append((data, labels))
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": 4,
+                     "num_vis": 3072}, handle)
+    return {k: (np.concatenate([d for d, _ in v]), np.concatenate([l for _, l in v]))
+            for k, v in written.items()}
+
+
+def write_cifar100(root: Path, n_train: int = 9, n_test: int = 5, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    written = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        fine = [int(v) for v in rng.integers(0, 100, n)]
+        with open(folder / name, "wb") as handle:
+            pickle.dump({"filenames": [f"{i}.png" for i in range(n)], "batch_label": name,
+                         "fine_labels": fine, "coarse_labels": [f // 5 for f in fine],
+                         "data": data}, handle)
+        written[name] = (data, np.array(fine))
+    with open(folder / "meta", "wb") as handle:
+        pickle.dump({"fine_label_names": [f"f{i}" for i in range(100)],
+                     "coarse_label_names": [f"c{i}" for i in range(20)]}, handle)
+    return written
+
+
+def write_svhn(root: Path, n_train: int = 8, n_test: int = 5, seed: int = 0):
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, (32, 32, 3, n), dtype=np.uint8)
+        digits = np.arange(n) % 10
+        digits[0] = 0  # make sure the digit 0 (stored as label 10) is there
+        y = np.where(digits == 0, 10, digits).astype(np.uint8).reshape(n, 1)
+        scipy.io.savemat(root / f"{split}_32x32.mat", {"X": x, "y": y})
+        written[split] = (x, digits)
+    return written
+
+
+def write_imagefolder(root: Path, sizes=None, classes=("cat", "ant", "bee"), per_class=3,
+                      seed: int = 0, mode: str = "RGB", ext: str = "png"):
+    """PNG class folders; returns {split: (list of HWC arrays, labels)} in loading order."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split in ("train", "test"):
+        arrays, labels = [], []
+        for index, cls in enumerate(sorted(classes)):
+            folder = root / split / cls
+            folder.mkdir(parents=True)
+            for i in range(per_class):
+                h, w = sizes[(index + i) % len(sizes)] if sizes else (6, 5)
+                shape = (h, w, 3) if mode == "RGB" else (h, w)
+                array = rng.integers(0, 256, shape, dtype=np.uint8)
+                Image.fromarray(array, mode=mode).save(folder / f"{i:03d}.{ext}")
+                arrays.append(array)
+                labels.append(index)
+        written[split] = (arrays, labels)
+    return written
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_names_and_info():
+    assert list_datasets() == sorted(["digits", "mnist", "fashion_mnist", "cifar10", "cifar100",
+                                      "svhn", "imagefolder"])
+    assert DATASET_INFO["cifar100"] == {"num_classes": 100, "in_chans": 3, "size": (32, 32)}
+    assert DATASET_INFO["mnist"]["in_chans"] == 1
+
+
+def test_unknown_name_and_option():
+    with pytest.raises(EENetError) as err:
+        load_split("imagenet", "/nowhere", True)
+    message = assert_one_line(err)
+    assert "unknown dataset 'imagenet'" in message and "cifar10" in message and "svhn" in message
+    with pytest.raises(EENetError) as err:
+        load_split("mnist", "/nowhere", True, image_size=(8, 8))
+    message = assert_one_line(err)
+    assert "image_size" in message and "none" in message
+
+
+# ----------------------------------------------------------------------------- digits
+
+
+def test_digits_shapes_and_values():
+    x_train, y_train = load_split("digits", None, train=True)
+    x_test, y_test = load_split("digits", "ignored/root", train=False)
+    assert x_train.shape == (1437, 1, 8, 8) and x_test.shape == (360, 1, 8, 8)
+    assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
+    assert float(x_train.min()) == 0.0 and float(x_train.max()) == 1.0
+    # the values are the 0..16 grey levels divided by 16
+    assert torch.equal(torch.round(x_train * 16), x_train * 16)
+    assert set(y_train.tolist()) == set(range(10)) == set(y_test.tolist())
+
+
+def test_digits_test_split_fixed_disjoint_stratified():
+    from sklearn.datasets import load_digits
+
+    x_test1, y_test1 = load_split("digits", None, train=False)
+    torch.manual_seed(123)  # the run seed must not matter
+    x_test2, y_test2 = load_split("digits", None, train=False)
+    assert torch.equal(x_test1, x_test2) and torch.equal(y_test1, y_test2)
+    x_train, y_train = load_split("digits", None, train=True)
+
+    full = load_digits()
+    rows = lambda x, y: collections.Counter(  # noqa: E731
+        (int(label),) + tuple((image.reshape(-1) * 16).round().int().tolist())
+        for image, label in zip(x, y))
+    expected = collections.Counter(
+        (int(label),) + tuple(int(v) for v in image.reshape(-1))
+        for image, label in zip(full.images, full.target))
+    # train and test together are exactly the 1797 images: a partition, nothing shared
+    assert rows(x_train, y_train) + rows(x_test1, y_test1) == expected
+    per_class = np.bincount(full.target, minlength=10)
+    test_counts = np.bincount(y_test1.numpy(), minlength=10)
+    assert np.all(np.abs(test_counts - 0.2 * per_class) <= 1), test_counts
+
+
+# ----------------------------------------------------------------------------- generated files
+
+
+@pytest.mark.parametrize("name,folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_mnist_like_idx_files(tmp_path, name, folder):
+    written = write_mnist(tmp_path, folder, n_train=12, n_test=7)
+    for train, prefix in ((True, "train"), (False, "t10k")):
+        images, labels = load_split(name, str(tmp_path), train=train)
+        assert images.shape == (len(written[prefix][0]), 1, 28, 28)
+        assert images.dtype == torch.uint8 and labels.dtype == torch.int64
+        assert np.array_equal(images[:, 0].numpy(), written[prefix][0])
+        assert np.array_equal(labels.numpy(), written[prefix][1].astype(np.int64))
+
+
+def test_cifar10_pickle_batches(tmp_path):
+    written = write_cifar10(tmp_path, per_batch=4)
+    images, labels = load_split("cifar10", tmp_path, train=True)
+    assert images.shape == (20, 3, 32, 32) and images.dtype == torch.uint8
+    assert np.array_equal(images.numpy().reshape(20, 3072), written["train"][0])
+    assert labels.tolist() == written["train"][1].tolist()
+    # channel order: the first 1024 bytes of a row are the red plane, row-major
+    assert images[0, 0, 0, 1] == written["train"][0][0, 1]
+    assert images[0, 1, 0, 0] == written["train"][0][0, 1024]
+    images, labels = load_split("cifar10", tmp_path, train=False)
+    assert images.shape == (4, 3, 32, 32)
+    assert np.array_equal(images.numpy().reshape(4, 3072), written["test"][0])
+    assert labels.tolist() == written["test"][1].tolist()
+
+
+def test_cifar100_fine_labels(tmp_path):
+    written = write_cifar100(tmp_path)
+    for train, split in ((True, "train"), (False, "test")):
+        images, labels = load_split("cifar100", tmp_path, train=train)
+        data, fine = written[split]
+        assert images.shape == (len(data), 3, 32, 32)
+        assert np.array_equal(images.numpy().reshape(len(data), -1), data)
+        assert labels.tolist() == fine.tolist()
+
+
+def test_cifar_verify_md5_rejects_non_official_files(tmp_path):
+    write_cifar10(tmp_path)
+    with pytest.raises(EENetError) as err:
+        load_split("cifar10", tmp_path, train=True, verify_md5=True)
+    message = assert_one_line(err)
+    assert "md5" in message and "data_batch_1" in message
+
+
+def test_svhn_mat_files(tmp_path):
+    written = write_svhn(tmp_path)
+    for train, split in ((True, "train"), (False, "test")):
+        images, labels = load_split("svhn", tmp_path, train=train)
+        x, digits = written[split]
+        assert images.shape == (x.shape[3], 3, 32, 32) and images.dtype == torch.uint8
+        assert np.array_equal(images.numpy(), np.transpose(x, (3, 2, 0, 1)))
+        assert labels.tolist() == digits.tolist()  # label 10 came back as digit 0
+        assert labels.min() == 0 and labels.max() <= 9
+
+
+def test_imagefolder_png_exact(tmp_path):
+    written = write_imagefolder(tmp_path, classes=("cat", "ant", "bee"), per_class=3)
+    for train, split in ((True, "train"), (False, "test")):
+        images, labels = load_split("imagefolder", tmp_path, train=train)
+        arrays, expected = written[split]
+        assert images.shape == (9, 3, 6, 5) and images.dtype == torch.uint8
+        assert labels.tolist() == expected == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # ant, bee, cat
+        for image, array in zip(images, arrays):
+            assert np.array_equal(image.permute(1, 2, 0).numpy(), array)
+    info = dataset_info("imagefolder", tmp_path)
+    assert info == {"num_classes": 3, "in_chans": 3, "size": None}
+
+
+def test_imagefolder_grey_limit_and_jpeg(tmp_path):
+    written = write_imagefolder(tmp_path / "grey", mode="L", per_class=4)
+    images, labels = load_split("imagefolder", tmp_path / "grey", train=True, channels=1,
+                                max_per_class=2)
+    assert images.shape == (6, 1, 6, 5) and labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert np.array_equal(images[2, 0].numpy(), written["train"][0][4])  # class 1, first file
+    rgb, _ = load_split("imagefolder", tmp_path / "grey", train=True, max_per_class=1)
+    assert rgb.shape == (3, 3, 6, 5) and torch.equal(rgb[:, 0], rgb[:, 1])
+
+    smooth = write_imagefolder(tmp_path / "jpg", ext="jpg", per_class=1, sizes=[(16, 16)])
+    images, labels = load_split("imagefolder", tmp_path / "jpg", train=False)
+    assert images.shape == (3, 3, 16, 16) and labels.tolist() == [0, 1, 2]
+    # JPEG is lossy: only roughly equal to the random pixels written
+    diff = np.abs(images[0].permute(1, 2, 0).numpy().astype(int) - smooth["test"][0][0])
+    assert diff.mean() < 80
+
+
+def test_imagefolder_sizes(tmp_path):
+    write_imagefolder(tmp_path, sizes=[(6, 5), (9, 7)])
+    with pytest.raises(EENetError) as err:
+        load_split("imagefolder", tmp_path, train=True)
+    message = assert_one_line(err)
+    assert "differ in size" in message and "image_size" in message
+    images, labels = load_split("imagefolder", tmp_path, train=True, image_size=(8, 4))
+    assert images.shape == (9, 3, 8, 4) and images.dtype == torch.uint8
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+
+
+def test_imagefolder_bad_layouts(tmp_path):
+    write_imagefolder(tmp_path / "a")
+    (tmp_path / "a" / "test" / "zebra").mkdir()
+    with pytest.raises(EENetError) as err:
+        load_split("imagefolder", tmp_path / "a", train=False)
+    assert "zebra" in assert_one_line(err)
+    write_imagefolder(tmp_path / "b")
+    (tmp_path / "b" / "train" / "empty").mkdir()
+    with pytest.raises(EENetError) as err:
+        load_split("imagefolder", tmp_path / "b", train=True)
+    assert "empty" in assert_one_line(err) and "no image" in str(err.value)
+    with pytest.raises(EENetError, match="cannot be downloaded"):
+        load_split("imagefolder", tmp_path / "a", train=True, download=True)
+
+
+# ----------------------------------------------------------------------------- missing files
+
+MISSING = {
+    "mnist": ["MNIST/raw/train-images-idx3-ubyte", "MNIST/raw/t10k-labels-idx1-ubyte"],
+    "fashion_mnist": ["FashionMNIST/raw/train-images-idx3-ubyte",
+                      "FashionMNIST/raw/t10k-images-idx3-ubyte"],
+    "cifar10": ["cifar-10-batches-py/data_batch_1", "cifar-10-batches-py/data_batch_5",
+                "cifar-10-batches-py/test_batch", "cifar-10-batches-py/batches.meta"],
+    "cifar100": ["cifar-100-python/train", "cifar-100-python/test", "cifar-100-python/meta"],
+    "svhn": ["train_32x32.mat"],
+    "imagefolder": ["train/", "test/"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(MISSING))
+def test_missing_files_fail_fast(tmp_path, monkeypatch, name):
+    import torchvision.datasets as tvd
+
+    def boom(*args, **kwargs):
+        raise AssertionError("torchvision must not be called when files are missing")
+
+    for cls in ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100", "SVHN", "ImageFolder"):
+        monkeypatch.setattr(getattr(tvd, cls), "__init__", boom)
+    with pytest.raises(EENetError) as err:
+        load_split(name, tmp_path, train=True, download=False)
+    message = assert_one_line(err)
+    assert f"'{name}'" in message and str(tmp_path) in message
+    for rel in MISSING[name]:
+        assert rel in message, (rel, message)
+    assert ("download=true" in message) == (name != "imagefolder")
+    assert set(MISSING[name]) <= set(missing_files(name, tmp_path, True))
+
+
+def test_missing_only_the_absent_files(tmp_path):
+    write_mnist(tmp_path, "MNIST")
+    (tmp_path / "MNIST" / "raw" / "t10k-labels-idx1-ubyte").unlink()
+    assert missing_files("mnist", tmp_path) == ["MNIST/raw/t10k-labels-idx1-ubyte"]
+    with pytest.raises(EENetError) as err:  # torchvision needs all four, even for train
+        load_split("mnist", tmp_path, train=True)
+    message = assert_one_line(err)
+    assert "t10k-labels-idx1-ubyte" in message and "train-images" not in message
+    write_svhn(tmp_path / "svhn", n_test=3)
+    (tmp_path / "svhn" / "train_32x32.mat").unlink()
+    assert load_split("svhn", tmp_path / "svhn", train=False)[0].shape == (3, 3, 32, 32)
+    with pytest.raises(EENetError, match="train_32x32.mat"):
+        load_split("svhn", tmp_path / "svhn", train=True)
+
+
+def test_unreadable_files_are_one_line_errors(tmp_path):
+    write_mnist(tmp_path, "MNIST")
+    path = tmp_path / "MNIST" / "raw" / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:1000])  # truncated
+    with pytest.raises(EENetError) as err:
+        load_split("mnist", tmp_path, train=True)
+    assert assert_one_line(err).startswith("could not read dataset 'mnist'")
+    write_cifar10(tmp_path / "c")
+    (tmp_path / "c" / "cifar-10-batches-py" / "data_batch_3").write_bytes(b"not a pickle")
+    with pytest.raises(EENetError) as err:
+        load_split("cifar10", tmp_path / "c", train=True)
+    message = assert_one_line(err)
+    assert "could not read dataset 'cifar10'" in message and "data_batch_3" in message
+    assert load_split("cifar10", tmp_path / "c", train=False)[0].shape == (4, 3, 32, 32)
+
+
+def test_datamodule_prepare_data_reports_missing_files(tmp_path):
+    dm = ClassificationDataModule("mnist", str(tmp_path), mean=[0.1307], std=[0.3081])
+    assert dm.input_size == (1, 28, 28) and dm.num_classes == 10
+    with pytest.raises(EENetError) as err:
+        dm.prepare_data()
+    assert "MNIST/raw/train-images-idx3-ubyte" in assert_one_line(err)
+
+
+def test_root_required():
+    with pytest.raises(EENetError) as err:
+        load_split("cifar10", None, train=True)
+    assert "root" in assert_one_line(err)
+
+
+def test_download_without_network_fails_fast(tmp_path):
+    start = time.perf_counter()
+    try:
+        load_split("mnist", tmp_path, train=True, download=True)
+    except EENetError as error:
+        message = str(error)
+    else:
+        pytest.skip("MNIST downloaded: this machine has network access")
+    assert time.perf_counter() - start < 30
+    assert "\n" not in message
+    assert message.startswith("could not download dataset 'mnist'")
+
+
+@pytest.mark.parametrize("name", ["cifar10", "svhn"])
+def test_download_errors_become_one_line(tmp_path, monkeypatch, name):
+    import urllib.error
+
+    import torchvision.datasets.utils as tvu
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service\nnot known")
+
+    monkeypatch.setattr(tvu, "download_and_extract_archive", offline)
+    monkeypatch.setattr(tvu, "download_url", offline)
+    with pytest.raises(EENetError) as err:
+        load_split(name, tmp_path, train=True, download=True)
+    message = assert_one_line(err)
+    assert message.startswith(f"could not download dataset '{name}'")
+    assert "Name or service not known" in message
+
+
+# ----------------------------------------------------------------------------- real data
+
+
+@pytest.mark.data
+def test_real_mnist(real_data):
+    images, labels = load_split("mnist", real_data, train=True)
+    assert images.shape == (60000, 1, 28, 28) and images.dtype == torch.uint8
+    assert labels[:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
+    assert torch.bincount(labels).tolist() == [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265,
+                                               5851, 5949]
+    raw = np.fromfile(real_data / "MNIST" / "raw" / "train-images-idx3-ubyte", dtype=np.uint8,
+                      count=16 + 2 * 784)
+    assert np.array_equal(images[:2].numpy().reshape(-1), raw[16:])
+    test_images, test_labels = load_split("mnist", real_data, train=False)
+    assert test_images.shape == (10000, 1, 28, 28)
+    assert test_labels[:10].tolist() == [7, 2, 1, 0, 4, 1, 4, 9, 5, 9]
+
+
+@pytest.mark.data
+def test_real_cifar10_jpeg_first_images(real_data):
+    from PIL import Image
+
+    root = real_data / "cifar10-jpeg"
+    images, labels = load_split("imagefolder", root, train=True, max_per_class=3)
+    assert images.shape == (30, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.tolist() == [c for c in range(10) for _ in range(3)]
+    with Image.open(root / "train" / "airplane" / "0000.jpg") as image:
+        pil = np.asarray(image.convert("RGB")).astype(int)
+    assert np.abs(images[0].permute(1, 2, 0).numpy().astype(int) - pil).max() <= 2
+    test_images, test_labels = load_split("imagefolder", root, train=False, max_per_class=1)
+    assert test_images.shape == (10, 3, 32, 32) and test_labels.tolist() == list(range(10))
+    assert dataset_info("imagefolder", root)["num_classes"] == 10
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_real_cifar10_jpeg_full_train(real_data):
+    start = time.perf_counter()
+    images, labels = load_split("imagefolder", real_data / "cifar10-jpeg", train=True)
+    seconds = time.perf_counter() - start
+    assert images.shape == (50000, 3, 32, 32)
+    assert torch.bincount(labels).tolist() == [5000] * 10
+    assert seconds < 60, f"decoding 50,000 JPEGs took {seconds:.1f} s"
+
+
+# ----------------------------------------------------------------------------- BatchTransform
+
+
+def _normalise(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean).view(1, -1, 1, 1)
+    s = torch.tensor(std).view(1, -1, 1, 1)
+    return (x.double() / 255 - m) / s
+
+
+def test_batch_transform_normalisation_exact():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.int64).remainder(256).to(torch.uint8)
+    x = x.view(2, 3, 4, 4)
+    mean, std = [0.5, 0.25, 0.0], [0.5, 0.125, 2.0]
+    out = BatchTransform(mean, std)(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert torch.allclose(out.double(), _normalise(x, mean, std), atol=1e-6, rtol=0)
+    # a known value: pixel 255 in channel 0 -> (1 - 0.5) / 0.5 = 1
+    assert BatchTransform(mean, std)(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8))[0, 0] == 1
+    floats = x.float() / 255
+    assert torch.allclose(BatchTransform(mean, std)(floats), out, atol=1e-6)
+
+
+def test_batch_transform_crop_identity_and_shape():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8, generator=gen)
+    plain = BatchTransform([0.5] * 3, [0.2] * 3)(x)
+    assert torch.equal(BatchTransform([0.5] * 3, [0.2] * 3, ["crop"], crop_padding=0)(x), plain)
+    cropped = BatchTransform([0.5] * 3, [0.2] * 3, ["crop"], crop_padding=2)(x, generator=gen)
+    assert cropped.shape == x.shape and not torch.equal(cropped, plain)
+
+
+def test_batch_transform_crop_windows():
+    t = BatchTransform([0.0], [1.0], ["crop"], crop_padding=3)
+    x = torch.randint(1, 256, (40, 1, 5, 7), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(1))
+    params = t.sample_params(40, torch.Generator().manual_seed(2))
+    offsets = params["offsets"]
+    assert offsets.shape == (40, 2) and offsets.min() >= 0 and offsets.max() <= 6
+    assert len({tuple(o) for o in offsets.tolist()}) > 5  # independent offsets per sample
+    out = t.apply(x, params)
+    padded = torch.nn.functional.pad(x, (3, 3, 3, 3))
+    for i, (top, left) in enumerate(offsets.tolist()):
+        window = padded[i, :, top:top + 5, left:left + 7]
+        assert torch.equal(out[i], window.float() / 255)
+
+
+def test_batch_transform_hflip_exact_samples():
+    t = BatchTransform([0.1, 0.2], [0.3, 0.4], ["hflip"])
+    x = torch.randint(0, 256, (32, 2, 4, 6), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(3))
+    params = t.sample_params(32, torch.Generator().manual_seed(4))
+    flip = params["flip"]
+    assert 0 < int(flip.sum()) < 32
+    out = t.apply(x, params)
+    expected = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    assert torch.equal(out, t.apply(expected, {}))
+    for i in range(32):
+        assert torch.equal(out[i], t.apply(x[i:i + 1].flip(-1) if flip[i] else x[i:i + 1], {})[0])
+    # __call__ with a generator draws the same parameters as sample_params with that seed
+    assert torch.equal(t(x, generator=torch.Generator().manual_seed(4)), out)
+
+
+def test_batch_transform_reproducible_and_errors():
+    t = BatchTransform([0.5], [0.5], ["crop", "hflip"])
+    x = torch.randint(0, 256, (64, 1, 8, 8), dtype=torch.uint8)
+    a = t(x, generator=torch.Generator().manual_seed(7))
+    b = t(x, generator=torch.Generator().manual_seed(7))
+    c = t(x, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    seeded = BatchTransform([0.5], [0.5], ["crop", "hflip"],
+                            generator=torch.Generator().manual_seed(7))
+    assert torch.equal(seeded(x), a)
+    assert AUGMENTATIONS == ("crop", "hflip")
+    with pytest.raises(EENetError) as err:
+        BatchTransform([0.5], [0.5], ["crop", "rotate"])
+    message = assert_one_line(err)
+    assert "rotate" in message and "crop, hflip" in message
+    with pytest.raises(EENetError, match="channels"):
+        BatchTransform([0.5], [0.5])(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
+    with pytest.raises(EENetError, match="std"):
+        BatchTransform([0.5], [0.0])
+    with pytest.raises(EENetError, match="crop_padding"):
+        BatchTransform([0.5], [0.5], ["crop"], crop_padding=-1)
+
+
+# ----------------------------------------------------------------------------- batched dataset
+
+
+def test_batched_dataset_and_loader_with_workers():
+    images = torch.arange(23 * 1 * 2 * 2, dtype=torch.int64).remainder(256).to(torch.uint8)
+    images = images.view(23, 1, 2, 2)
+    labels = torch.arange(23) % 4
+    ds = InMemoryBatchDataset(images, labels)
+    x, y = ds[[3, 1, 7]]
+    assert torch.equal(x, to_float(images[[3, 1, 7]])) and y.tolist() == [3, 1, 3]
+    single_x, single_y = ds[5]
+    assert single_x.shape == (1, 2, 2) and int(single_y) == 1
+
+    for workers in (0, 2):
+        batches = list(make_loader(ds, batch_size=5, shuffle=False, num_workers=workers))
+        assert [len(b[1]) for b in batches] == [5, 5, 5, 5, 3]
+        assert torch.equal(torch.cat([b[0] for b in batches]), to_float(images))
+        assert torch.equal(torch.cat([b[1] for b in batches]), labels)
+    shuffled = list(make_loader(ds, batch_size=4, shuffle=True, num_workers=2))
+    seen = torch.cat([b[0] for b in shuffled]).view(23, -1)
+    expected = to_float(images).view(23, -1)
+    assert sorted(map(tuple, seen.tolist())) == sorted(map(tuple, expected.tolist()))
+
+
+def test_batched_dataset_workers_augment_differently():
+    images = torch.randint(0, 256, (64, 1, 6, 6), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    ds = InMemoryBatchDataset(images, torch.zeros(64, dtype=torch.int64),
+                              BatchTransform([0.0], [1.0], ["crop"], crop_padding=2),
+                              generator=torch.Generator().manual_seed(5))
+    # the same indices in two workers: the two batches must not be cropped identically
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, sampler=[list(range(64))] * 2,
+                                         num_workers=2)
+    first, second = [b[0] for b in loader]
+    assert first.shape == (64, 1, 6, 6) and not torch.equal(first, second)
+
+
+# ----------------------------------------------------------------------------- data module
+
+
+def digits_module(**kwargs) -> ClassificationDataModule:
+    args = dict(name="digits", mean=DIGITS_MEAN, std=DIGITS_STD, batch_size=64)
+    args.update(kwargs)
+    return ClassificationDataModule(**args)
+
+
+def test_datamodule_digits_splits(monkeypatch):
+    import eenet.data.datamodule as dm_module
+
+    calls = []
+    real = dm_module.load_split
+    monkeypatch.setattr(dm_module, "load_split", lambda *a, **k: calls.append(a) or real(*a, **k))
+    dm = digits_module(val_size=0.1)
+    assert dm.input_size == (1, 8, 8) and dm.num_classes == 10 and calls == []
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("fit")
+    assert len(calls) == 1
+    dm.setup("test")
+    dm.setup(None)
+    assert len(calls) == 2 and dm.load_count == 2
+    sizes = dm.split_sizes
+    assert sizes == {"train": 1293, "val": 144, "test": 360}
+    assert sizes["train"] + sizes["val"] == 1437
+    train_idx, val_idx = set(dm.train_indices.tolist()), set(dm.val_indices.tolist())
+    assert not train_idx & val_idx and train_idx | val_idx == set(range(1437))
+    # the samples themselves: val images come from the training split at those positions
+    x_train, _ = load_split("digits", None, train=True)
+    assert torch.equal(dm.val_dataset.images, x_train[dm.val_indices])
+    # same split_seed, same split; other seed, other split
+    again, other = digits_module(val_size=0.1), digits_module(val_size=0.1, split_seed=1)
+    again.setup("fit")
+    other.setup("fit")
+    assert torch.equal(again.val_indices, dm.val_indices)
+    assert not torch.equal(other.val_indices, dm.val_indices)
+
+
+def test_datamodule_loaders_and_augmentation():
+    dm = digits_module(augment=["crop", "hflip"], val_size=100, eval_batch_size=50)
+    dm.setup(None)
+    batch_x, batch_y = next(iter(dm.train_dataloader()))
+    assert batch_x.dtype == torch.float32 and batch_x.shape == (64, 1, 8, 8)
+    assert batch_y.dtype == torch.int64 and batch_y.shape == (64,)
+    for loader, n in ((dm.val_dataloader(), 100), (dm.test_dataloader(), 360)):
+        first = list(loader)
+        second = list(loader)
+        assert sum(len(y) for _, y in first) == n and len(first[0][1]) == 50
+        for (xa, ya), (xb, yb) in zip(first, second):
+            assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # validation batches are only normalised: exactly the loaded pixels, in order
+    val_x = torch.cat([x for x, _ in dm.val_dataloader()])
+    expected = (dm.val_dataset.images - DIGITS_MEAN[0]) / DIGITS_STD[0]
+    assert torch.allclose(val_x, expected, atol=1e-6)
+    # training samples are augmented: the same indices twice give different tensors
+    idx = list(range(64))
+    assert not torch.equal(dm.train_dataset[idx][0], dm.train_dataset[idx][0])
+    assert torch.equal(dm.val_dataset[idx][0], dm.val_dataset[idx][0])
+    # training batches cover the training split once per epoch, shuffled
+    labels = torch.cat([y for _, y in dm.train_dataloader()])
+    assert len(labels) == dm.split_sizes["train"] == 1337
+    assert not torch.equal(labels, dm.train_dataset.labels)
+    assert torch.equal(labels.sort().values, dm.train_dataset.labels.sort().values)
+
+
+def test_datamodule_workers():
+    dm = digits_module(num_workers=2, test_subset=100, eval_batch_size=32)
+    dm.setup("test")
+    with_workers = list(dm.test_dataloader())
+    dm.num_workers = 0
+    without = list(dm.test_dataloader())
+    assert len(with_workers) == len(without) == 4
+    for (xa, ya), (xb, yb) in zip(with_workers, without):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_datamodule_subsets_and_describe():
+    dm = digits_module(train_subset=200, test_subset=50, val_size=0.25, split_seed=3)
+    assert dm.split_sizes == {"train": 150, "val": 50, "test": 50}
+    assert len(set(dm.train_indices.tolist()) | set(dm.val_indices.tolist())) == 200
+    info = dm.describe()
+    assert json.loads(json.dumps(info)) == info
+    assert info["name"] == "digits" and info["root"] is None
+    assert info["sizes"] == {"train": 150, "val": 50, "test": 50}
+    assert info["mean"] == DIGITS_MEAN and info["std"] == DIGITS_STD and info["augment"] == []
+    assert info["input_size"] == [1, 8, 8] and info["num_classes"] == 10
+
+
+@pytest.mark.parametrize("kwargs,fragment", [
+    ({"val_size": 0.0}, "val_size"),
+    ({"val_size": 1.0}, "val_size"),
+    ({"val_size": 1.5}, "val_size"),
+    ({"val_size": -3}, "val_size"),
+    ({"val_size": "a"}, "val_size"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"eval_batch_size": 0}, "eval_batch_size"),
+    ({"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}, "1 channel(s)"),
+    ({"mean": [0.5], "std": [0.2, 0.2]}, "std"),
+    ({"augment": ["cutout"]}, "crop, hflip"),
+    ({"name": "imagenet"}, "unknown dataset"),
+    ({"image_size": [8, 8]}, "imagefolder"),
+    ({"train_subset": 0}, "train_subset"),
+])
+def test_datamodule_bad_arguments(kwargs, fragment):
+    with pytest.raises(EENetError) as err:
+        digits_module(**kwargs)
+    assert fragment in assert_one_line(err)
+
+
+def test_datamodule_val_count_too_large_and_unknown_args():
+    dm = digits_module(val_size=1437)
+    with pytest.raises(EENetError) as err:
+        dm.setup("fit")
+    message = assert_one_line(err)
+    assert "1437" in message and "val_size" in message
+    with pytest.raises(TypeError):
+        digits_module(shuffle=True)
+    with pytest.raises(TypeError):
+        ClassificationDataModule("digits")  # mean and std are required
+
+
+def test_datamodule_imagefolder_and_channel_check(tmp_path):
+    write_imagefolder(tmp_path, sizes=[(6, 5), (9, 7)], per_class=4)
+    dm = ClassificationDataModule("imagefolder", str(tmp_path), mean=[0.5] * 3, std=[0.25] * 3,
+                                  image_size=[10, 12], val_size=3, batch_size=4)
+    assert dm.num_classes == 3 and dm.input_size == (3, 10, 12) and dm.load_count == 0
+    assert dm.split_sizes == {"train": 9, "val": 3, "test": 12}
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 3, 10, 12)
+    with pytest.raises(EENetError) as err:  # image folders load as RGB
+        ClassificationDataModule("imagefolder", str(tmp_path), mean=[0.5], std=[0.25])
+    assert "3 channel(s)" in assert_one_line(err)
+    missing = ClassificationDataModule("imagefolder", str(tmp_path / "none"), mean=[0.5] * 3,
+                                       std=[0.25] * 3)
+    with pytest.raises(EENetError, match="missing train/, test/"):
+        missing.setup("fit")
+
+
+def test_datamodule_from_hydra_yaml():
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create("""
+    _target_: eenet.data.ClassificationDataModule
+    name: digits
+    root: null
+    download: false
+    mean: [0.3053]
+    std: [0.3760]
+    augment: [crop]
+    val_size: 0.15
+    split_seed: 0
+    batch_size: 32
+    eval_batch_size: 512
+    num_workers: 0
+    train_subset: null
+    test_subset: null
+    """)
+    dm = instantiate(cfg)
+    assert isinstance(dm, ClassificationDataModule)
+    assert dm.augment == ["crop"] and dm.mean == [0.3053]
+    assert dm.split_sizes == {"train": 1221, "val": 216, "test": 360}
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 8, 8)
+
+
+def test_datamodule_with_lightning_trainer(tmp_path):
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+            self.seen = {"train": 0, "val": 0, "test": 0}
+
+        def _step(self, batch, split):
+            x, y = batch
+            assert x.dtype == torch.float32 and x.shape[1:] == (1, 8, 8)
+            self.seen[split] += len(y)
+            return torch.nn.functional.cross_entropy(self.net(x), y)
+
+        def training_step(self, batch, _):
+            return self._step(batch, "train")
+
+        def validation_step(self, batch, _):
+            self._step(batch, "val")
+
+        def test_step(self, batch, _):
+            self._step(batch, "test")
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    L.seed_everything(0, workers=True, verbose=False)
+    dm = digits_module(val_size=100, batch_size=128, eval_batch_size=256)
+    model = Tiny()
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    trainer.test(model, datamodule=dm, verbose=False)
+    assert model.seen == {"train": 1337, "val": 100, "test": 360}
+    assert dm.load_count == 2

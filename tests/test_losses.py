@@ -1,0 +1,139 @@
+"""Losses against direct, naive implementations: values, gradients, saturated confidences."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from eenet.errors import EENetError
+from eenet.losses import (EENetLoss, MultiExitCE, TwoStageLoss, create_loss, mixture_costs,
+                          mixture_log_probs)
+from eenet.models import ExitOutputs
+
+
+def naive_eenet(logits, conf_logits, y, costs, lam, version):
+    """EENets' recursion in probability space, one sample at a time (Demir & Akbas)."""
+    n = len(logits) - 1
+    b = y.shape[0]
+    nll = [torch.zeros((), dtype=logits[0].dtype) for _ in range(n + 1)]
+    cost = [torch.zeros((), dtype=logits[0].dtype) for _ in range(n + 1)]
+    for s in range(b):
+        P = torch.softmax(logits[n][s], 0)
+        C = costs[n]
+        nll[n] = nll[n] - torch.log(P[y[s]]) / b
+        cost[n] = cost[n] + C / b
+        for i in range(n - 1, -1, -1):
+            h = torch.sigmoid(conf_logits[i][s])
+            P = h * torch.softmax(logits[i][s], 0) + (1 - h) * P
+            C = h * costs[i] + (1 - h) * C
+            nll[i] = nll[i] - torch.log(P[y[s]]) / b
+            cost[i] = cost[i] + C / b
+    if version == 1:
+        return nll[0] + lam * cost[0]
+    return sum(nll[i] + lam * cost[i] for i in range(n + 1))
+
+
+def random_outputs(n_exits=3, b=5, k=4, seed=0, dtype=torch.float64, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    logits = [(scale * torch.randn(b, k, generator=g, dtype=dtype)).requires_grad_()
+              for _ in range(n_exits)]
+    conf = [(scale * torch.randn(b, generator=g, dtype=dtype)).requires_grad_()
+            for _ in range(n_exits - 1)]
+    conf.append(torch.full((b,), float("inf"), dtype=dtype))
+    y = torch.randint(0, k, (b,), generator=g)
+    costs = torch.linspace(0.1, 1.05, n_exits, dtype=dtype)
+    return logits, conf, y, costs
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("lam", [0.0, 0.5, 2.0])
+@pytest.mark.parametrize("n_exits", [1, 2, 4])
+def test_eenet_loss_equals_naive_values_and_gradients(version, lam, n_exits):
+    logits, conf, y, costs = random_outputs(n_exits, seed=version * 10 + n_exits)
+    got = EENetLoss(version, lam)(ExitOutputs(logits, conf), y, costs)["loss"]
+    leaves = logits + conf[:-1]
+    g_got = torch.autograd.grad(got, leaves)
+    ref = naive_eenet(logits, conf, y, costs, lam, version)
+    g_ref = torch.autograd.grad(ref, leaves)
+    torch.testing.assert_close(got, ref)
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_eenet_loss_is_finite_at_confidences_exactly_zero_and_one(version):
+    logits, conf, y, costs = random_outputs(3, dtype=torch.float32)
+    with torch.no_grad():
+        conf[0].copy_(torch.tensor([1e4, -1e4, 1e4, -1e4, 50.0]))  # sigmoid -> exactly 1 or 0
+        conf[1].copy_(torch.tensor([-1e4, 1e4, 200.0, -200.0, 0.0]))
+    h = [torch.sigmoid(z) for z in conf[:2]]
+    assert (h[0][:4] == torch.tensor([1.0, 0.0, 1.0, 0.0])).all()
+    assert (h[1][:4] == torch.tensor([0.0, 1.0, 1.0, 0.0])).all()
+    loss = EENetLoss(version, 1.0)(ExitOutputs(logits, conf), y, costs)["loss"]
+    grads = torch.autograd.grad(loss, logits + conf[:2])
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in grads)
+    # where h_0 == 1 exactly the mixture P_0 is p_0 alone: compare with the limit
+    ref = naive_eenet([lg.double() for lg in logits], [z.double() for z in conf], y,
+                      costs.double(), 1.0, version)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@given(st.integers(1, 5), st.integers(1, 6), st.integers(2, 7), st.integers(0, 10_000),
+       st.floats(0.1, 30.0))
+@settings(max_examples=60, deadline=None)
+def test_mixtures_are_distributions_and_costs_are_bounded(n_exits, b, k, seed, scale):
+    logits, conf, _, costs = random_outputs(n_exits, b, k, seed, torch.float32, scale)
+    for lp in mixture_log_probs(logits, conf):
+        torch.testing.assert_close(torch.logsumexp(lp, 1), torch.zeros(b), atol=1e-5, rtol=0)
+    for c in mixture_costs(conf, costs):
+        assert (c >= costs.min() - 1e-6).all() and (c <= costs.max() + 1e-6).all()
+
+
+def test_eenet_loss_rejects_bad_settings():
+    with pytest.raises(EENetError, match="lambda_coef must be >= 0"):
+        EENetLoss(2, -0.1)
+    with pytest.raises(EENetError, match="version must be 1 or 2"):
+        EENetLoss(3, 1.0)
+    with pytest.raises(EENetError, match="accepted: eenet_v1, eenet_v2, multi_ce"):
+        create_loss("eenet_v3")
+
+
+def test_multi_ce_equals_weighted_sum_of_cross_entropies():
+    logits, conf, y, costs = random_outputs(3)
+    w = [0.3, 0.6, 1.0]
+    got = MultiExitCE(weights=w)(ExitOutputs(logits, conf), y, costs)["loss"]
+    ref = 0
+    for wi, lg in zip(w, logits):
+        ref = ref + wi * torch.stack([-torch.log_softmax(lg[s], 0)[y[s]]
+                                      for s in range(len(y))]).mean()
+    torch.testing.assert_close(got, ref)
+
+
+def test_sdn_ramp_weights():
+    loss = MultiExitCE(weights="cost", ramp_epochs=4, ramp_start=0.01)
+    costs = torch.tensor([0.2, 0.6, 1.03])
+    loss.set_epoch(0)
+    assert loss.exit_weights(3, costs) == pytest.approx([0.01, 0.01, 1.0])
+    loss.set_epoch(2)
+    assert loss.exit_weights(3, costs) == pytest.approx([0.105, 0.305, 1.0])
+    loss.set_epoch(10)
+    assert loss.exit_weights(3, costs) == pytest.approx([0.2, 0.6, 1.0])
+    with pytest.raises(EENetError, match="2 weights for 3 exits"):
+        MultiExitCE(weights=[1, 1]).exit_weights(3, costs)
+
+
+def test_two_stage_switches_after_k_epochs():
+    logits, conf, y, costs = random_outputs(3)
+    out = ExitOutputs(logits, conf)
+    first, second = MultiExitCE(), EENetLoss(2, 1.0)
+    loss = TwoStageLoss(first, second, first_epochs=2)
+    for epoch, expected in [(0, first), (1, first), (2, second), (5, second)]:
+        loss.set_epoch(epoch)
+        torch.testing.assert_close(loss(out, y, costs)["loss"], expected(out, y, costs)["loss"])
+    loss.set_epoch(0)
+    assert loss.uses_confidence is False
+    loss.set_epoch(3)
+    assert loss.uses_confidence is True
