@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,29 @@ from eenet.training.module import EarlyExitModule
 
 log = logging.getLogger("eenet")
 
+# Lightning 2.6 on torch 2.14 warns about a torch-internal deprecation on every fit
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None
+                   ) -> DictConfig:
+    """The real ``conf/train.yaml`` composed with ``overrides``, outside ``@hydra.main``.
+
+    For tests and experiment scripts that call :func:`train` directly; Hydra's
+    runtime folder does not exist there, so ``output_dir`` is required unless an
+    override sets it.
+    """
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose(config_name="train", overrides=list(overrides))
+    if output_dir is not None:
+        with open_dict(cfg):
+            cfg.output_dir = str(output_dir)
+    return cfg
 
 
 def _instantiate(node, what: str, **kwargs):

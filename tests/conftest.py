@@ -26,18 +26,10 @@ def shared_data() -> Path:
 
 
 def compose_train_config(overrides: list[str], output_dir: Path):
-    """The real ``conf/train.yaml`` composed with Hydra's compose API, writing into ``output_dir``."""
-    from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
+    """The real ``conf/train.yaml`` with ``overrides``, writing into ``output_dir``."""
+    from eenet.train import compose_config
 
-    from eenet.train import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides), return_hydra_config=False)
-    with open_dict(cfg):
-        cfg.output_dir = str(output_dir)
-        cfg.data_root = str(SHARED_DATA)
-    return cfg
+    return compose_config([f"data_root={SHARED_DATA}", *overrides], output_dir)
 
 
 @pytest.fixture
