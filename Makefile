@@ -24,8 +24,9 @@ $(STAMP): constraints.txt setup.cfg pyproject.toml
 
 install: $(STAMP) ## create .venv and install the pinned dependencies (constraints.txt)
 
-demo: $(STAMP) ## train resnet20 + 2 exits on the bundled 8x8 digits and print the per-exit table
+demo: $(STAMP) ## train resnet20 + 2 exits on the bundled digits, calibrate on val, evaluate with real early exit
 	$(VENV)/bin/eenet-train hydra.run.dir=$(OUT)/demo trainer.enable_progress_bar=false
+	$(VENV)/bin/eenet-eval run=$(OUT)/demo tolerance=0.5 latency=true hydra.run.dir=$(OUT)/demo/eval
 
 test: $(STAMP) ## run the tests (slow ones excluded), about a few minutes on 2 cores
 	$(PY) -m pytest -m "not slow" -q

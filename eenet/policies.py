@@ -36,9 +36,9 @@ class ExitPolicy:
     """Base class. Subclasses define ``exit_score`` and the threshold range.
 
     Args:
-        thresholds: one shared threshold or one per early exit.
-        num_early_exits: N; needed when ``thresholds`` is a single value and
-            per-exit thresholds are read (``threshold_vector``).
+        thresholds: one shared threshold or one per early exit; ``inf`` (or the
+            string ``"inf"``, as JSON files hold it) means "never leave here",
+            ``-inf`` "always leave here".
     """
 
     name = "policy"
@@ -46,7 +46,7 @@ class ExitPolicy:
     valid_range: tuple[float, float] = (-math.inf, math.inf)
 
     def __init__(self, thresholds: float | Sequence[float] = 0.5):
-        if isinstance(thresholds, (int, float)):
+        if isinstance(thresholds, (int, float, str)):
             self.thresholds: float | list[float] = float(thresholds)
             values = [self.thresholds]
         else:
@@ -70,6 +70,10 @@ class ExitPolicy:
 
     def to_score_units(self, t: torch.Tensor) -> torch.Tensor:
         """Map thresholds in the user's units to score units (identity by default)."""
+        return t
+
+    def from_score_units(self, t: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`to_score_units`."""
         return t
 
     def initial_state(self, batch: int, device: torch.device) -> tuple:
@@ -144,6 +148,9 @@ class EntropyPolicy(ExitPolicy):
     def to_score_units(self, t):
         return -t
 
+    def from_score_units(self, t):
+        return -t
+
     def exit_score(self, logits, conf_logit, state):
         logp = F.log_softmax(logits.float(), dim=1)
         return (logp.exp() * logp).sum(dim=1), state  # = -H(p)
@@ -157,6 +164,9 @@ class PatiencePolicy(ExitPolicy):
 
     def to_score_units(self, t):
         return t - 0.5  # run length >= k  <=>  run length > k - 0.5
+
+    def from_score_units(self, t):
+        return t + 0.5
 
     def initial_state(self, batch, device):
         return (torch.full((batch,), -1, dtype=torch.long, device=device),

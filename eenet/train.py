@@ -33,7 +33,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from eenet.build import build_early_exit_network
 from eenet.cost import exit_cost_table
@@ -51,19 +51,18 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None
-                   ) -> DictConfig:
-    """The real ``conf/train.yaml`` composed with ``overrides``, outside ``@hydra.main``.
+def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None,
+                   config_name: str = "train") -> DictConfig:
+    """The real ``conf/<config_name>.yaml`` composed with ``overrides``, outside ``@hydra.main``.
 
     For tests and experiment scripts that call :func:`train` directly; Hydra's
     runtime folder does not exist there, so ``output_dir`` is required unless an
     override sets it.
     """
     from hydra import compose, initialize_config_dir
-    from omegaconf import open_dict
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name="train", overrides=list(overrides))
+        cfg = compose(config_name=config_name, overrides=list(overrides))
     if output_dir is not None:
         with open_dict(cfg):
             cfg.output_dir = str(output_dir)
@@ -114,6 +113,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
     out_dir = Path(cfg.output_dir)
+    if cfg.get("data_root"):  # saved configs must not depend on the folder they ran from
+        with open_dict(cfg):
+            cfg.data_root = str(Path(cfg.data_root).resolve())
 
     # 1. build and check everything; nothing is written before this is done
     datamodule = _instantiate(cfg.dataset.datamodule, "dataset")

@@ -1,0 +1,232 @@
+"""``eenet-eval``: calibrate exit thresholds on val, evaluate with real early exit on test.
+
+    eenet-eval run=RUN_DIR budget=0.5          # best accuracy at average cost fraction <= 0.5
+    eenet-eval run=RUN_DIR tolerance=0.3       # cheapest point within 0.3 accuracy points
+    eenet-eval run=RUN_DIR tolerance=1 policy=max_prob latency=true
+
+It loads a run written by ``eenet-train`` (``config.yaml`` and ``model.pt``,
+read with ``torch.load(..., weights_only=True)``), caches every exit's outputs
+on the validation split, chooses per-exit thresholds there
+(:mod:`eenet.inference.calibration`), then runs the test split through the
+dynamic engine (:mod:`eenet.inference.engine`), which really stops computing
+for samples that leave. Nothing is tuned on test: the test curve in the plot
+evaluates the validation-chosen threshold vectors, for reporting only.
+
+Writes into its own folder (``<run>/eval/<time>`` unless ``hydra.run.dir`` says
+otherwise): ``results.json`` (the training results' schema with test figures
+from the dynamic engine, plus ``calibration``), ``results.md``, ``curve.png``,
+``exits.png`` and, with ``latency=true``, ``latency.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from eenet.cost import CostTable, exit_cost_table
+from eenet.data.batching import make_loader
+from eenet.errors import EENetError
+from eenet.inference import Calibrator, DynamicEngine, cache_exit_outputs, exit_latency_table
+from eenet.models.early_exit import EarlyExitNetwork, load_state_dict_checked
+from eenet.plots import plot_curve, plot_exit_distribution
+from eenet.policies import create_policy
+from eenet.reporting import markdown_table
+from eenet.results import atomic_write_text, make_results, results_markdown, write_results
+from eenet.train import CONFIG_DIR, _instantiate, build_network, run_cli
+
+
+def load_run(run_dir: str | Path, data_root: str | None = None
+             ) -> tuple[DictConfig, Any, EarlyExitNetwork, CostTable]:
+    """Rebuild a trained run: its config, data module (set up), network (eval mode) and costs.
+
+    Args:
+        run_dir: a folder written by ``eenet-train``.
+        data_root: where the data is now, if it moved since training.
+    """
+    run_dir = Path(run_dir)
+    cfg_path, weights = run_dir / "config.yaml", run_dir / "model.pt"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise EENetError(f"{run_dir} is not a finished eenet-train run: {p.name} is missing")
+    cfg = OmegaConf.load(cfg_path)
+    if data_root:
+        old = str(cfg.get("data_root") or "")
+        root = cfg.dataset.datamodule.get("root")
+        if root and old and str(root).startswith(old):
+            cfg.dataset.datamodule.root = str(Path(data_root).resolve()) + str(root)[len(old):]
+        cfg.data_root = str(Path(data_root).resolve())
+    datamodule = _instantiate(cfg.dataset.datamodule, "dataset")
+    datamodule.setup("fit")
+    datamodule.setup("test")
+    input_size = tuple(datamodule.input_size)
+    net = build_network(cfg, input_size)
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated file or a pickle that is not plain tensors
+        raise EENetError(f"cannot load {weights} safely (weights_only=True): "
+                         f"{str(exc).splitlines()[0]}") from exc
+    load_state_dict_checked(net, state, what=str(weights))
+    net.eval()
+    return cfg, datamodule, net, exit_cost_table(net, input_size)
+
+
+def _split_stats(exits: torch.Tensor, correct: torch.Tensor, costs: torch.Tensor,
+                 n_exits: int) -> dict:
+    n = exits.numel()
+    return {"acc": float(correct.float().mean()), "avg_cost": float(costs[exits].double().mean()),
+            "exit_rates": (torch.bincount(exits, minlength=n_exits).double() / n).tolist(), "n": n}
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    """Calibrate on val for ``cfg.budget`` or ``cfg.tolerance``, evaluate on test; write the report."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    if cfg.run is None or cfg.run == "???":
+        raise EENetError("give the training run to evaluate: run=RUN_DIR")
+    train_cfg, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
+    out_dir = Path(cfg.output_dir)
+    costs = torch.tensor(cost.fractions)
+    n_exits = net.num_exits
+    bs = int(cfg.batch_size)
+
+    # 1. calibrate on the validation split only
+    val = cache_exit_outputs(net, make_loader(dm.val_dataset, bs, shuffle=False))
+    cal = Calibrator(val, cfg.policy, cost.fractions, grid=int(cfg.grid))
+    res = cal.calibrate(budget=cfg.get("budget"), tolerance=cfg.get("tolerance"))
+    policy = create_policy(cfg.policy, res.chosen.thresholds)
+
+    # 2. test with the dynamic engine: real early exit
+    engine = DynamicEngine(net, policy, cost.fractions)
+    preds, exits, ys = [], [], []
+    t0 = time.perf_counter()
+    for x, y in make_loader(dm.test_dataset, bs, shuffle=False):
+        out = engine(x)
+        preds.append(out.pred)
+        exits.append(out.exit)
+        ys.append(y)
+    engine_s = time.perf_counter() - t0
+    pred, exit_idx, y = torch.cat(preds), torch.cat(exits), torch.cat(ys)
+    test_stats = _split_stats(exit_idx, pred == y, costs, n_exits)
+
+    # 3. per-exit test accuracy and the test curve, from a static pass (reporting only)
+    test = cache_exit_outputs(net, make_loader(dm.test_dataset, bs, shuffle=False))
+    static_exits = policy.decide(test.outputs)
+    agree = float((static_exits == exit_idx).double().mean())
+    test_cal = Calibrator(test, cfg.policy, cost.fractions, grid=2)
+    to_score = cal.policy.to_score_units
+
+    def on_test(points):
+        vecs = torch.stack([to_score(torch.tensor([float(t) for t in p.thresholds]))
+                            for p in points])
+        a, c, _ = test_cal.evaluate(vecs)
+        return list(zip(c.tolist(), a.tolist()))
+
+    val_point = res.chosen
+    val_stats = {"acc": val_point.accuracy, "avg_cost": val_point.avg_cost,
+                 "exit_rates": val_point.exit_rates, "n": len(val),
+                 "exit_acc": val.correct.double().mean(0).tolist()}
+    test_stats["exit_acc"] = test.correct.double().mean(0).tolist()
+    final_test = _split_stats(torch.full_like(y, n_exits - 1), test.correct[:, -1], costs, n_exits)
+    calibration = res.to_dict()
+    calibration["test_curve"] = [{"avg_cost": c, "accuracy": a} for c, a in on_test(res.curve)]
+    calibration["final_exit_test"] = {"accuracy": final_test["acc"],
+                                      "avg_cost": final_test["avg_cost"]}
+    results = make_results(
+        dataset=train_cfg.dataset.name, backbone=train_cfg.backbone.name,
+        num_classes=net.num_classes, cost=cost, val=val_stats, test=test_stats,
+        policy={"name": cfg.policy, "thresholds": calibration["chosen"]["thresholds"]},
+        config=OmegaConf.to_container(train_cfg, resolve=True),
+        run=str(Path(cfg.run).resolve()), target=res.target, calibration=calibration,
+        engine={"batch_size": bs, "wall_s": engine_s, "agreement_with_static": agree})
+
+    # 4. write
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(out_dir, results)
+    curves = {"val (shared threshold)": [(p.avg_cost, p.accuracy) for p in res.curve],
+              "test (same thresholds)": on_test(res.curve),
+              "val Pareto (per-exit thresholds)": [(p.avg_cost, p.accuracy) for p in res.pareto]}
+    points = {f"chosen on val ({res.target['kind']})": (val_point.avg_cost, val_point.accuracy),
+              "chosen, on test": (test_stats["avg_cost"], test_stats["acc"]),
+              "final exit only (val)": (res.reference.avg_cost, res.reference.accuracy),
+              "final exit only (test)": (final_test["avg_cost"], final_test["acc"])}
+    title = f"{train_cfg.dataset.name} / {train_cfg.backbone.name}, policy {cfg.policy}"
+    plot_curve(out_dir / "curve.png", curves, points, title)
+    plot_exit_distribution(out_dir / "exits.png", {"val": val_point.exit_rates,
+                                                  "test": test_stats["exit_rates"]},
+                           net.exit_names(), title)
+    if cfg.get("latency"):
+        rows = exit_latency_table(net, tuple(dm.input_size), batch_sizes=(1, bs))
+        atomic_write_text(out_dir / "latency.json", json.dumps(rows, indent=2) + "\n")
+        results["latency"] = rows
+        write_results(out_dir, results)
+    if cfg.get("wandb"):
+        _log_wandb(cfg, results, out_dir)
+    return results
+
+
+def _log_wandb(cfg: DictConfig, results: dict, out_dir: Path) -> None:
+    """Plots, the per-exit table and the summary to a W&B run (offline without a key)."""
+    import wandb
+
+    from eenet.loggers import wandb_mode
+
+    run = wandb.init(project=cfg.wandb.get("project", "eenet"), dir=str(out_dir),
+                     mode=wandb_mode(cfg.wandb.get("offline")), job_type="eval",
+                     group=cfg.wandb.get("group"), config={"eval": OmegaConf.to_container(cfg),
+                                                          "train": results["config"]})
+    cols = ["exit", "stage", "macs", "cost_fraction", "val_accuracy", "test_accuracy",
+            "test_exit_rate"]
+    rows = [[e["name"], e["stage"], e["macs"], e["cost_fraction"], e["val_accuracy"],
+             e["test_accuracy"], r] for e, r in zip(results["exits"], results["test"]["exit_rates"])]
+    run.log({"eval/exits": wandb.Table(columns=cols, data=rows),
+             "eval/curve": wandb.Image(str(out_dir / "curve.png")),
+             "eval/exit_distribution": wandb.Image(str(out_dir / "exits.png")),
+             "eval/test_accuracy": results["test"]["accuracy"],
+             "eval/test_avg_cost": results["test"]["avg_cost_fraction"]})
+    run.finish()
+
+
+def report(results: dict) -> str:
+    """The printed report: per-exit table, calibration and engine lines."""
+    cal = results["calibration"]
+    t = results["target"]
+    target = (f"budget {t['value']}" if t["kind"] == "budget"
+              else f"tolerance {t['value']} points (val accuracy >= {100 * t['min_accuracy']:.2f}%)")
+    ch = cal["chosen"]
+    lines = [results_markdown(results), "",
+             f"Calibrated on val for {target}: {cal['message']}.",
+             f"Thresholds ({cal['policy']}): {ch['thresholds']}",
+             f"Final exit only: val {100 * cal['reference_final_exit']['accuracy']:.2f}%, "
+             f"test {100 * cal['final_exit_test']['accuracy']:.2f}%.",
+             f"Dynamic engine on test: batch {results['engine']['batch_size']}, "
+             f"{results['engine']['wall_s']:.2f} s, decisions equal to static path + policy "
+             f"for {100 * results['engine']['agreement_with_static']:.2f}% of samples."]
+    if "latency" in results:
+        rows = [[r["exit"], r["batch_size"], f"{r['ms_per_batch']:.3f}", f"{r['us_per_sample']:.1f}",
+                 f"{r['fraction_of_final']:.3f}"] for r in results["latency"]]
+        lines += ["", "Measured latency to reach and evaluate each exit:", "",
+                  markdown_table(["exit", "batch", "ms / batch", "us / sample",
+                                  "fraction of final"], rows)]
+    return "\n".join(lines)
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
+def _main(cfg: DictConfig) -> None:
+    results = run_cli(evaluate, cfg)
+    print(report(results))
+    print(f"\nWritten to {cfg.output_dir}: results.json, results.md, curve.png, exits.png")
+
+
+def main() -> None:
+    """Console entry point ``eenet-eval``."""
+    _main()
+
+
+if __name__ == "__main__":
+    main()

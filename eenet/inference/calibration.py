@@ -1,0 +1,335 @@
+"""Exit thresholds chosen on the validation split, for a cost budget or an accuracy tolerance.
+
+One static pass caches every exit's outputs on the validation split
+(:func:`cache_exit_outputs`). For a policy, every sample's scores s_i (see
+``eenet.policies``) and every exit's correctness are then fixed, and any
+threshold vector t = (t_0..t_{N-1}) is evaluated without running the network:
+the sample leaves at the first i with s_i > t_i, so
+
+    accuracy(t) = mean_b correct[b, exit_t(b)],   cost(t) = mean_b c[exit_t(b)].
+
+:meth:`Calibrator.evaluate` does this for T threshold vectors at once (a
+(T, B, N) comparison). Targets:
+
+- ``budget`` B: the highest accuracy with average cost fraction <= B;
+- ``tolerance`` D (accuracy points): the lowest average cost with accuracy >=
+  (accuracy of always taking the final exit) - D/100.
+
+Per-exit thresholds are searched over a grid of candidate values per exit
+(quantiles of that exit's scores on val, plus "never leave here" and "always
+leave here"): every combination when there are few (two exits: about 4,000),
+otherwise coordinate descent from several starting points (the best shared
+threshold, the final-exit-only point, the cheapest point), keeping the best. The shared-threshold sweep gives the accuracy-versus-cost curve and, with
+every point the search evaluated, the Pareto front. Thresholds are never tuned
+on the test split: the caller passes validation outputs, and ``eenet-eval``
+only evaluates the chosen thresholds on test.
+
+MSDNet (Huang et al., ICLR 2018) chooses thresholds for a budget from an
+assumed exit distribution; searching threshold vectors directly on validation
+outputs reaches any distribution the data allows.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+
+from eenet.errors import EENetError
+from eenet.models.early_exit import EarlyExitNetwork, ExitOutputs
+from eenet.policies import ExitPolicy, create_policy, first_exit
+
+
+@dataclass
+class CachedExits:
+    """Every exit's logits and confidence logits on one split, and the targets."""
+
+    logits: list[torch.Tensor]
+    conf_logits: list[torch.Tensor]
+    targets: torch.Tensor
+
+    @property
+    def outputs(self) -> ExitOutputs:
+        return ExitOutputs(self.logits, self.conf_logits)
+
+    @property
+    def correct(self) -> torch.Tensor:
+        """(B, N+1) bool: exit i predicts sample b correctly."""
+        return torch.stack([lg.argmax(1) for lg in self.logits], 1) == self.targets.unsqueeze(1)
+
+    def __len__(self) -> int:
+        return self.targets.numel()
+
+
+def cache_exit_outputs(net: EarlyExitNetwork, batches: Iterable, device: str | torch.device = "cpu"
+                       ) -> CachedExits:
+    """One static pass (eval mode) over ``(x, y)`` batches, keeping every exit's outputs."""
+    was_training = net.training
+    net.eval()
+    logits: list[list[torch.Tensor]] = []
+    conf: list[list[torch.Tensor]] = []
+    ys = []
+    try:
+        with torch.inference_mode():
+            for x, y in batches:
+                out = net(x.to(device))
+                if not logits:
+                    logits = [[] for _ in out.logits]
+                    conf = [[] for _ in out.conf_logits]
+                for i, (lg, z) in enumerate(zip(out.logits, out.conf_logits)):
+                    logits[i].append(lg.float().cpu())
+                    conf[i].append(z.float().cpu())
+                ys.append(y.cpu())
+    finally:
+        net.train(was_training)
+    if not ys:
+        raise EENetError("no batches to calibrate on (is the validation split empty?)")
+    return CachedExits([torch.cat(v) for v in logits], [torch.cat(v) for v in conf], torch.cat(ys))
+
+
+@dataclass
+class OperatingPoint:
+    """Thresholds (user units; ``inf``: never leave there) and what they give on a split."""
+
+    thresholds: list[float]
+    accuracy: float
+    avg_cost: float
+    exit_rates: list[float]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["thresholds"] = [json_float(t) for t in self.thresholds]
+        return d
+
+
+def json_float(v: float) -> float | str:
+    """JSON has no infinity: write ``"inf"`` / ``"-inf"`` (``float()`` reads them back)."""
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
+
+
+@dataclass
+class CalibrationResult:
+    """The chosen thresholds for a target, with the curve and the Pareto front on val."""
+
+    policy: str
+    target: dict
+    chosen: OperatingPoint
+    reference: OperatingPoint  # always the final exit
+    reachable: bool
+    message: str
+    curve: list[OperatingPoint] = field(default_factory=list)   # shared-threshold sweep
+    pareto: list[OperatingPoint] = field(default_factory=list)  # non-dominated points
+
+    def to_dict(self) -> dict:
+        return {"policy": self.policy, "target": self.target, "reachable": self.reachable,
+                "message": self.message, "chosen": self.chosen.to_dict(),
+                "reference_final_exit": self.reference.to_dict(),
+                "curve": [p.to_dict() for p in self.curve],
+                "pareto": [p.to_dict() for p in self.pareto]}
+
+
+class Calibrator:
+    """Evaluate and search exit thresholds of one policy on cached outputs.
+
+    Args:
+        cached: outputs of every exit on the validation split.
+        policy: policy name (``confidence``, ``max_prob``, ``entropy``, ``patience``).
+        cost_fractions: c_0..c_N.
+        grid: number of candidate thresholds per exit (quantiles of its scores).
+        exhaustive_limit: search every combination of candidates when there are at
+            most this many; coordinate descent from several starts otherwise.
+    """
+
+    def __init__(self, cached: CachedExits, policy: str, cost_fractions: Sequence[float],
+                 grid: int = 64, exhaustive_limit: int = 20_000):
+        self.exhaustive_limit = exhaustive_limit
+        self.policy: ExitPolicy = create_policy(policy, 0.5)
+        self.scores = self.policy.scores(cached.outputs)  # (B, N), score units
+        self.correct = cached.correct                     # (B, N+1)
+        self.costs = torch.tensor(list(cost_fractions), dtype=torch.float64)
+        self.n = self.scores.shape[1]
+        if self.costs.numel() != self.n + 1:
+            raise EENetError(f"{self.costs.numel()} cost fractions for {self.n + 1} exits")
+        self.candidates = [self._candidates(self.scores[:, i], grid) for i in range(self.n)]
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    def _candidates(self, s: torch.Tensor, grid: int) -> torch.Tensor:
+        if self.policy.name == "patience":  # run lengths are integers 1..N
+            vals = torch.arange(1, self.n + 1, dtype=torch.float32) - 0.5
+        else:
+            q = torch.quantile(s.float(), torch.linspace(0, 1, grid))
+            # just below each quantile, so that the quantile's own sample leaves too
+            vals = torch.nextafter(q, torch.tensor(-math.inf))
+        inf = torch.tensor([math.inf, -math.inf])
+        return torch.unique(torch.cat([vals, inf]))
+
+    def evaluate(self, thresholds: torch.Tensor, chunk: int = 256
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Accuracy (T,), average cost (T,) and exit rates (T, N+1) of T threshold vectors.
+
+        ``thresholds`` is (T, N) in score units.
+        """
+        accs, costs, rates = [], [], []
+        correct = self.correct.to(torch.float32)
+        b = self.scores.shape[0]
+        for start in range(0, thresholds.shape[0], chunk):
+            t = thresholds[start:start + chunk].to(self.scores.dtype)
+            exits = first_exit(self.scores, t.unsqueeze(1))                  # (t, B)
+            onehot = torch.nn.functional.one_hot(exits, self.n + 1).to(torch.float32)
+            counts = onehot.sum(1)                                            # (t, N+1)
+            accs.append((onehot * correct).sum((1, 2)).double() / b)
+            costs.append(counts.double() @ self.costs / b)
+            rates.append(counts.double() / b)
+        return torch.cat(accs), torch.cat(costs), torch.cat(rates)
+
+    def point(self, thresholds: torch.Tensor) -> OperatingPoint:
+        """The operating point of one threshold vector (score units)."""
+        acc, cost, rates = self.evaluate(thresholds.view(1, -1))
+        user = self.policy.from_score_units(thresholds.view(-1).double()).tolist()
+        return OperatingPoint(user, float(acc[0]), float(cost[0]), rates[0].tolist())
+
+    # -- search ------------------------------------------------------------------------------
+
+    def shared_sweep(self) -> torch.Tensor:
+        """(T, N) threshold vectors that use one value for every exit."""
+        vals = torch.unique(torch.cat(self.candidates))
+        return vals.view(-1, 1).expand(-1, self.n).clone()
+
+    @staticmethod
+    def _best(acc: torch.Tensor, cost: torch.Tensor, kind: str, value: float) -> tuple[int, bool]:
+        """Index of the best point for the target, and whether it meets it.
+
+        Budget: the highest accuracy with cost <= value, ties to the lowest cost.
+        Tolerance: the lowest cost with accuracy >= value, ties to the highest accuracy.
+        When no point meets the target: the cheapest (budget) or most accurate (tolerance).
+        """
+        inf = torch.tensor(math.inf, dtype=torch.float64)
+        acc, cost = acc.double(), cost.double()
+        if kind == "budget":
+            feasible = cost <= value + 1e-12
+            if not feasible.any():
+                return int(torch.argmin(cost)), False
+            top = torch.where(feasible, acc, -inf).max()
+            tied = feasible & (acc >= top - 1e-12)
+            return int(torch.argmin(torch.where(tied, cost, inf))), True
+        feasible = acc >= value - 1e-12
+        if not feasible.any():
+            return int(torch.argmax(acc)), False
+        low = torch.where(feasible, cost, inf).min()
+        tied = feasible & (cost <= low + 1e-12)
+        return int(torch.argmax(torch.where(tied, acc, -inf))), True
+
+    def _descend(self, start: torch.Tensor, kind: str, value: float, rounds: int = 8
+                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Coordinate descent over per-exit thresholds; returns the best vector and all tried."""
+        cur = start.clone()
+        tried = [cur.view(1, -1)]
+        acc, cost, _ = self.evaluate(cur.view(1, -1))
+        best_key = self._key(float(acc[0]), float(cost[0]), kind, value)
+        for _ in range(rounds):
+            improved = False
+            for i in range(self.n):
+                cand = cur.view(1, -1).repeat(len(self.candidates[i]), 1)
+                cand[:, i] = self.candidates[i]
+                tried.append(cand)
+                acc, cost, _ = self.evaluate(cand)
+                j, _ = self._best(acc, cost, kind, value)
+                key = self._key(float(acc[j]), float(cost[j]), kind, value)
+                if key > best_key:
+                    best_key, cur, improved = key, cand[j].clone(), True
+            if not improved:
+                break
+        return cur, tried
+
+    @staticmethod
+    def _key(acc: float, cost: float, kind: str, value: float) -> tuple:
+        if kind == "budget":
+            ok = cost <= value + 1e-12
+            return (1, acc, -cost) if ok else (0, -cost, acc)
+        ok = acc >= value - 1e-12
+        return (1, -cost, acc) if ok else (0, acc, -cost)
+
+    def calibrate(self, budget: float | None = None, tolerance: float | None = None
+                  ) -> CalibrationResult:
+        """Thresholds for a cost ``budget`` or an accuracy ``tolerance`` (in accuracy points)."""
+        if (budget is None) == (tolerance is None):
+            raise EENetError("give exactly one calibration target: budget=B (average cost "
+                             "fraction) or tolerance=D (accuracy points below the final exit)")
+        never = torch.full((self.n,), math.inf)
+        always_first = torch.full((self.n,), -math.inf)
+        reference = self.point(never)
+        if budget is not None:
+            if not budget > 0:
+                raise EENetError(f"budget must be an average cost fraction > 0, got {budget}")
+            kind, value = "budget", float(budget)
+            target = {"kind": "budget", "value": value}
+        else:
+            if not tolerance >= 0:
+                raise EENetError(f"tolerance must be >= 0 accuracy points, got {tolerance}")
+            kind, value = "tolerance", reference.accuracy - float(tolerance) / 100
+            target = {"kind": "tolerance", "value": float(tolerance),
+                      "min_accuracy": value, "final_exit_accuracy": reference.accuracy}
+
+        shared = self.shared_sweep()
+        acc, cost, _ = self.evaluate(shared)
+        j, _ = self._best(acc, cost, kind, value)
+        pool = [shared]
+        best, best_key = None, None
+        if math.prod(len(c) for c in self.candidates) <= self.exhaustive_limit:
+            # few exits: try every combination of candidate thresholds
+            every = torch.cartesian_prod(*self.candidates).view(-1, self.n)
+            a, c, _ = self.evaluate(every)
+            k, _ = self._best(a, c, kind, value)
+            pool.append(every)
+            best = every[k]
+            best_key = self._key(float(a[k]), float(c[k]), kind, value)
+        else:
+            for s in (shared[j], never, always_first):
+                vec, tried = self._descend(s, kind, value)
+                pool.extend(tried)
+                a, c, _ = self.evaluate(vec.view(1, -1))
+                key = self._key(float(a[0]), float(c[0]), kind, value)
+                if best_key is None or key > best_key:
+                    best, best_key = vec, key
+        chosen = self.point(best)
+        reachable = best_key[0] == 1
+        if reachable:
+            message = (f"{kind} target met on val: accuracy {100 * chosen.accuracy:.2f}% at "
+                       f"average cost fraction {chosen.avg_cost:.4f}")
+        elif kind == "budget":
+            message = (f"budget {value} is unreachable: the cheapest point costs "
+                       f"{chosen.avg_cost:.4f} (every sample at the first exit); returning it")
+        else:
+            message = (f"tolerance unreachable: best accuracy {100 * chosen.accuracy:.2f}% < "
+                       f"{100 * value:.2f}%; returning the most accurate point")
+        everything = torch.cat(pool)
+        a_all, c_all, _ = self.evaluate(everything)
+        front = pareto_indices(a_all, c_all)
+        return CalibrationResult(
+            policy=self.policy.name, target=target, chosen=chosen, reference=reference,
+            reachable=reachable, message=message,
+            curve=[self.point(shared[k]) for k in pareto_indices(acc, cost, keep_all=True)],
+            pareto=[self.point(everything[k]) for k in front])
+
+
+def pareto_indices(acc: torch.Tensor, cost: torch.Tensor, keep_all: bool = False) -> list[int]:
+    """Indices of the non-dominated points (lower cost, higher accuracy), by increasing cost.
+
+    With ``keep_all`` every distinct (cost, accuracy) point is kept, sorted by cost
+    (the raw curve for plots).
+    """
+    pts = sorted(range(len(acc)), key=lambda k: (float(cost[k]), -float(acc[k])))
+    out, best_acc, seen = [], -1.0, set()
+    for k in pts:
+        key = (round(float(cost[k]), 12), round(float(acc[k]), 12))
+        if keep_all:
+            if key not in seen:
+                seen.add(key)
+                out.append(k)
+        elif float(acc[k]) > best_acc + 1e-12:
+            best_acc = float(acc[k])
+            out.append(k)
+    return out

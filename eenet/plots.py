@@ -1,0 +1,65 @@
+"""Figures of an evaluation: accuracy versus average cost, and the exit distribution.
+
+Matplotlib with the Agg backend (no screen needed); every function writes a PNG
+and returns its path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def plot_curve(path: str | Path, curves: dict[str, Sequence[tuple[float, float]]],
+               points: dict[str, tuple[float, float]], title: str = "") -> Path:
+    """Accuracy (%) against average cost fraction: lines for ``curves``, markers for ``points``.
+
+    Both take ``(avg_cost, accuracy)`` pairs with accuracy in [0, 1].
+    """
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for label, pts in curves.items():
+        if pts:
+            xs, ys = zip(*sorted(pts))
+            ax.plot(xs, [100 * y for y in ys], marker=".", markersize=3, linewidth=1.2, label=label)
+    markers = iter(["*", "o", "s", "D", "^", "v"])
+    for label, (x, y) in points.items():
+        ax.plot([x], [100 * y], linestyle="none", marker=next(markers), markersize=9, label=label)
+    ax.set_xlabel("average cost fraction (fvcore MACs / plain backbone)")
+    ax.set_ylabel("accuracy (%)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_exit_distribution(path: str | Path, rates: dict[str, Sequence[float]],
+                           exit_names: Sequence[str], title: str = "") -> Path:
+    """Grouped bars: the share of samples leaving at each exit, per split or setting."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8))
+    n = len(rates)
+    width = 0.8 / max(n, 1)
+    for k, (label, r) in enumerate(rates.items()):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(exit_names))]
+        bars = ax.bar(xs, [100 * v for v in r], width=width, label=label)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(range(len(exit_names)), exit_names)
+    ax.set_ylabel("samples leaving (%)")
+    ax.set_ylim(0, 105)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

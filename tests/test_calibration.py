@@ -1,0 +1,142 @@
+"""Threshold calibration against brute force and the policies' own decisions."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from eenet.errors import EENetError
+from eenet.inference import CachedExits, Calibrator, pareto_indices
+from eenet.policies import create_policy
+
+
+def synthetic(n_exits=3, b=400, k=5, seed=0):
+    """Exits that get better with depth, with confidences loosely tied to correctness."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, k, (b,), generator=g)
+    logits, conf = [], []
+    for i in range(n_exits):
+        strength = 1.0 + 1.5 * i
+        lg = torch.randn(b, k, generator=g)
+        lg[torch.arange(b), y] += strength * torch.rand(b, generator=g) * 2
+        logits.append(lg)
+        correct = (lg.argmax(1) == y).float()
+        conf.append(2 * correct - 1 + torch.randn(b, generator=g))
+    conf[-1] = torch.full((b,), math.inf)
+    costs = [0.2 + 0.8 * i / (n_exits - 1) for i in range(n_exits)]
+    costs[-1] += 0.03
+    return CachedExits(logits, conf, y), costs
+
+
+@pytest.mark.parametrize("policy", ["confidence", "max_prob", "entropy", "patience"])
+def test_evaluate_equals_the_policy_decisions(policy):
+    cached, costs = synthetic()
+    cal = Calibrator(cached, policy, costs, grid=8)
+    vecs = torch.cartesian_prod(*cal.candidates)[:50]
+    acc, cost, rates = cal.evaluate(vecs)
+    correct = cached.correct
+    for t in range(len(vecs)):
+        user = cal.policy.from_score_units(vecs[t].double()).tolist()
+        exits = create_policy(policy, user).decide(cached.outputs)
+        assert float(acc[t]) == pytest.approx(correct[torch.arange(len(exits)), exits].float().mean())
+        assert float(cost[t]) == pytest.approx(torch.tensor(costs)[exits].mean().item())
+        assert rates[t].tolist() == pytest.approx(
+            (torch.bincount(exits, minlength=3).double() / len(exits)).tolist())
+
+
+def brute_force(cal, kind, value):
+    best = None
+    for vec in itertools.product(*[c.tolist() for c in cal.candidates]):
+        a, c, _ = cal.evaluate(torch.tensor([vec]))
+        a, c = float(a[0]), float(c[0])
+        if kind == "budget" and c <= value + 1e-12:
+            key = (a, -c)
+        elif kind == "tolerance" and a >= value - 1e-12:
+            key = (-c, a)
+        else:
+            continue
+        best = max(best, key) if best else key
+    return best
+
+
+@pytest.mark.parametrize("policy", ["confidence", "max_prob"])
+@pytest.mark.parametrize("budget", [0.35, 0.6, 0.9])
+def test_budget_finds_the_best_accuracy_within_budget(policy, budget):
+    cached, costs = synthetic(seed=1)
+    cal = Calibrator(cached, policy, costs, grid=12)
+    res = cal.calibrate(budget=budget)
+    assert res.reachable and res.chosen.avg_cost <= budget + 1e-12
+    acc, neg_cost = brute_force(cal, "budget", budget)
+    assert res.chosen.accuracy == pytest.approx(acc)
+    assert res.chosen.avg_cost == pytest.approx(-neg_cost)
+
+
+@pytest.mark.parametrize("tolerance", [0.0, 1.0, 5.0])
+def test_tolerance_finds_the_cheapest_point_within_tolerance(tolerance):
+    cached, costs = synthetic(seed=2)
+    cal = Calibrator(cached, "confidence", costs, grid=12)
+    res = cal.calibrate(tolerance=tolerance)
+    final_acc = cached.correct[:, -1].double().mean().item()
+    assert res.reference.accuracy == pytest.approx(final_acc)
+    assert res.chosen.accuracy >= final_acc - tolerance / 100 - 1e-12
+    neg_cost, acc = brute_force(cal, "tolerance", final_acc - tolerance / 100)
+    assert res.chosen.avg_cost == pytest.approx(-neg_cost)
+    assert res.chosen.accuracy == pytest.approx(acc)
+
+
+def test_coordinate_descent_with_many_exits_is_valid_and_beats_one_shared_threshold():
+    cached, costs = synthetic(n_exits=5, b=600, seed=3)
+    cal = Calibrator(cached, "confidence", costs, grid=24, exhaustive_limit=0)
+    res = cal.calibrate(tolerance=1.0)
+    assert res.chosen.accuracy >= res.reference.accuracy - 0.01 - 1e-12
+    acc, cost, _ = cal.evaluate(cal.shared_sweep())
+    shared_ok = cost[acc >= res.reference.accuracy - 0.01 - 1e-12]
+    assert res.chosen.avg_cost <= float(shared_ok.min()) + 1e-12
+    assert len(res.chosen.thresholds) == 4
+
+
+def test_unreachable_budget_says_so_and_returns_the_cheapest_point():
+    cached, costs = synthetic(seed=4)
+    res = Calibrator(cached, "max_prob", costs, grid=8).calibrate(budget=0.1)
+    assert not res.reachable and "unreachable" in res.message
+    assert res.chosen.avg_cost == pytest.approx(costs[0])  # every sample at the first exit
+    assert res.chosen.exit_rates[0] == pytest.approx(1.0)
+
+
+def test_pareto_front_is_non_dominated_and_contains_the_chosen_point():
+    cached, costs = synthetic(seed=5)
+    res = Calibrator(cached, "confidence", costs, grid=12).calibrate(budget=0.7)
+    pts = [(p.avg_cost, p.accuracy) for p in res.pareto]
+    assert pts == sorted(pts)
+    assert all(a2 > a1 for (_, a1), (_, a2) in zip(pts, pts[1:]))
+    assert (res.chosen.avg_cost, res.chosen.accuracy) in pts or any(
+        c <= res.chosen.avg_cost and a >= res.chosen.accuracy for c, a in pts)
+    acc = torch.tensor([0.5, 0.6, 0.55, 0.9])
+    cost = torch.tensor([0.1, 0.3, 0.4, 0.8])
+    assert pareto_indices(acc, cost) == [0, 1, 3]
+
+
+def test_calibration_input_errors():
+    cached, costs = synthetic()
+    cal = Calibrator(cached, "confidence", costs, grid=8)
+    with pytest.raises(EENetError, match="exactly one calibration target"):
+        cal.calibrate()
+    with pytest.raises(EENetError, match="exactly one calibration target"):
+        cal.calibrate(budget=0.5, tolerance=1)
+    with pytest.raises(EENetError, match="tolerance must be >= 0"):
+        cal.calibrate(tolerance=-1)
+    with pytest.raises(EENetError, match="2 cost fractions for 3 exits"):
+        Calibrator(cached, "confidence", costs[:2])
+
+
+def test_thresholds_round_trip_through_json_strings():
+    cached, costs = synthetic()
+    res = Calibrator(cached, "entropy", costs, grid=8).calibrate(tolerance=50)
+    d = res.to_dict()
+    policy = create_policy("entropy", d["chosen"]["thresholds"])
+    exits = policy.decide(cached.outputs)
+    rates = (torch.bincount(exits, minlength=3).double() / len(exits)).tolist()
+    assert rates == pytest.approx(res.chosen.exit_rates)

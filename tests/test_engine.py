@@ -1,0 +1,169 @@
+"""The dynamic engine equals the static path + policy, and really skips computation."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.flop_counter import FlopCounterMode
+
+from eenet.build import build_early_exit_network
+from eenet.cost import exit_cost_table
+from eenet.errors import EENetError
+from eenet.inference import DynamicEngine, exit_latency_table
+from eenet.models import ExitBlock, create_backbone
+from eenet.policies import POLICIES, create_policy
+
+
+def make_net(name="resnet20", stages=(0, 2, 5), preblock="pool", seed=0):
+    torch.manual_seed(seed)
+    b = create_backbone(name, num_classes=5, in_chans=1)
+    net = build_early_exit_network(b, functools.partial(ExitBlock, preblock=preblock), "explicit",
+                                   stages=list(stages), input_size=(1, 12, 12))
+    # random BatchNorm statistics, so eval mode differs from train mode
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net.eval()
+
+
+NET = make_net()
+COSTS = exit_cost_table(NET).fractions
+
+
+def thresholds_for(name, data, n):
+    if name == "patience":
+        return [data.draw(st.integers(1, 3)) for _ in range(n)]
+    lo, hi = {"confidence": (0.0, 1.0), "max_prob": (0.2, 1.0), "entropy": (0.0, 1.7)}[name]
+    return [data.draw(st.floats(lo, hi, exclude_min=True, exclude_max=True)) for _ in range(n)]
+
+
+@given(st.sampled_from(sorted(POLICIES)), st.integers(1, 40), st.integers(0, 10_000), st.data())
+@settings(max_examples=40, deadline=None)
+def test_dynamic_equals_static_then_policy(name, batch, seed, data):
+    policy = create_policy(name, thresholds_for(name, data, NET.num_exits - 1))
+    x = torch.randn(batch, 1, 12, 12, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        static = NET(x)
+    exits = policy.decide(static)
+    expected_pred = torch.stack(static.logits, 1)[torch.arange(batch), exits].argmax(1)
+    out = DynamicEngine(NET, policy, COSTS, keep_logits=True)(x)
+    assert torch.equal(out.exit, exits)
+    assert torch.equal(out.pred, expected_pred)
+    torch.testing.assert_close(out.cost, torch.tensor(COSTS)[exits])
+    chosen = torch.stack(static.logits, 1)[torch.arange(batch), exits]
+    torch.testing.assert_close(out.logits, chosen, rtol=1e-4, atol=1e-5)
+
+
+class CallCounter:
+    def __init__(self, modules):
+        self.calls = {name: 0 for name in modules}
+        self.rows = {name: 0 for name in modules}
+        for name, m in modules.items():
+            m.register_forward_hook(self._hook(name))
+
+    def reset(self):
+        self.calls = dict.fromkeys(self.calls, 0)
+        self.rows = dict.fromkeys(self.rows, 0)
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            self.calls[name] += 1
+            self.rows[name] += inputs[0].shape[0]
+        return hook
+
+
+def counted_net():
+    net = make_net(stages=(1, 4))
+    mods = {f"stage{k}": s for k, s in enumerate(net.backbone.stages)}
+    mods.update({f"exit{j}": e for j, e in enumerate(net.exits)})
+    mods["head"] = net.backbone.head.fc
+    return net, CallCounter(mods)
+
+
+def median_thresholds(net, x, name="max_prob"):
+    """Per-exit thresholds at the median score, so about half of the batch leaves at each exit."""
+    with torch.no_grad():
+        scores = create_policy(name, 0.5).scores(net(x))
+    return scores.median(0).values.tolist()
+
+
+def test_later_stages_do_not_run_when_every_sample_has_left():
+    net, counter = counted_net()
+    engine = DynamicEngine(net, create_policy("confidence", [-math.inf, math.inf]))  # all leave at 0
+    out = engine(torch.randn(16, 1, 12, 12))
+    assert (out.exit == 0).all()
+    assert counter.calls["stage0"] == counter.calls["stage1"] == counter.calls["exit0"] == 1
+    assert all(counter.calls[f"stage{k}"] == 0 for k in range(2, 9))
+    assert counter.calls["exit1"] == counter.calls["head"] == 0
+
+
+def test_later_stages_run_only_on_the_samples_that_remain():
+    net, counter = counted_net()
+    x = torch.randn(64, 1, 12, 12)
+    policy = create_policy("max_prob", median_thresholds(net, x))
+    counter.reset()
+    out = DynamicEngine(net, policy)(x)
+    n0 = int((out.exit == 0).sum())
+    n1 = int((out.exit == 1).sum())
+    assert 0 < n0 < 64, "the test needs a split batch; change the thresholds"
+    assert counter.rows["stage2"] == 64 - n0          # after exit 0, only the rest goes on
+    assert counter.rows["stage5"] == 64 - n0 - n1     # after exit 1, fewer still
+    assert counter.rows["head"] == int((out.exit == 2).sum())
+
+
+def test_batch_of_one_both_ways():
+    net, counter = counted_net()
+    x = torch.randn(1, 1, 12, 12)
+    early = DynamicEngine(net, create_policy("confidence", [-math.inf, math.inf]))(x)
+    assert early.exit.tolist() == [0] and counter.calls["stage8"] == 0
+    late = DynamicEngine(net, create_policy("confidence", [math.inf, math.inf]))(x)
+    assert late.exit.tolist() == [2] and counter.calls["stage8"] == 1
+    with torch.no_grad():
+        torch.testing.assert_close(late.pred, net.backbone(x).argmax(1))
+
+
+def test_engine_refuses_training_mode_and_bad_shapes():
+    net = make_net().train()
+    engine = DynamicEngine(net, create_policy("confidence", 0.5))
+    with pytest.raises(EENetError, match="eval mode only"):
+        engine(torch.randn(2, 1, 12, 12))
+    net.eval()
+    with pytest.raises(EENetError, match=r"expected \(batch, 1, H, W\)"):
+        engine(torch.randn(2, 3, 12, 12))
+
+
+def test_dynamic_run_executes_the_flops_the_cost_table_charges():
+    """torch's FlopCounterMode sees what really ran: it must match the per-exit table."""
+    net = make_net(stages=(1, 4))
+    x = torch.randn(32, 1, 12, 12)
+    th = median_thresholds(net, x)
+    out = DynamicEngine(net, create_policy("max_prob", th))(x)
+    assert len(set(out.exit.tolist())) == 3
+    # matmul/conv MACs per exit from the static path, one sample at a time
+    per_exit = []
+    for i in range(net.num_exits):
+        policy = create_policy("max_prob", [math.inf] * i + [-math.inf] * (net.num_exits - 1 - i))
+        counter = FlopCounterMode(display=False)
+        with counter:
+            DynamicEngine(net, policy)(x[:1])
+        per_exit.append(counter.get_total_flops())
+    counter = FlopCounterMode(display=False)
+    with counter:
+        DynamicEngine(net, create_policy("max_prob", th))(x)
+    expected = sum(per_exit[int(e)] for e in out.exit)
+    assert counter.get_total_flops() == expected
+    assert per_exit[0] < per_exit[1] < per_exit[2]
+
+
+def test_latency_table_has_every_exit_and_batch_size():
+    rows = exit_latency_table(make_net(stages=(1, 4)), (1, 12, 12), batch_sizes=(1, 8), repeats=3)
+    assert [(r["exit"], r["batch_size"]) for r in rows] == [
+        ("exit0", 1), ("exit1", 1), ("exit2", 1), ("exit0", 8), ("exit1", 8), ("exit2", 8)]
+    assert all(r["ms_per_batch"] > 0 for r in rows)
+    assert rows[2]["fraction_of_final"] == 1.0
