@@ -131,7 +131,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
                              optimizer=_instantiate(cfg.optimizer, "optimizer"),
                              scheduler=_instantiate(cfg.scheduler, "scheduler")
                              if cfg.get("scheduler") else None,
-                             policy=policy)
+                             policy=policy,
+                             confidence_lr_scale=float(cfg.get("confidence_lr_scale", 1.0)))
     log.info("exits after stages %s\n%s", net.exit_stages, cost.to_markdown())
 
     # 2. train

@@ -18,6 +18,7 @@ from typing import Callable, Sequence
 import lightning as L
 import torch
 
+from eenet.errors import EENetError
 from eenet.losses import ExitLoss
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.policies import ConfidencePolicy, ExitPolicy
@@ -36,11 +37,16 @@ class EarlyExitModule(L.LightningModule):
         optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (a Hydra partial).
         scheduler: ``scheduler(optimizer) -> LRScheduler`` or ``None``.
         policy: exit policy for the thresholded metrics (default: confidence > 0.5).
+        confidence_lr_scale: learning-rate factor for the confidence heads' parameters
+            (a separate parameter group). Under Adam every weight of a head moves by
+            about lr per step, so the logit of a head reading thousands of features
+            can move by lr times their L1 norm per step and saturate the sigmoid for
+            every sample (h_i = 1 everywhere, no routing); a small factor bounds that.
     """
 
     def __init__(self, net: EarlyExitNetwork, loss: ExitLoss, cost_fractions: Sequence[float],
                  optimizer: Callable | None = None, scheduler: Callable | None = None,
-                 policy: ExitPolicy | None = None):
+                 policy: ExitPolicy | None = None, confidence_lr_scale: float = 1.0):
         super().__init__()
         if len(cost_fractions) != net.num_exits:
             raise ValueError(f"{len(cost_fractions)} cost fractions for {net.num_exits} exits")
@@ -50,6 +56,9 @@ class EarlyExitModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.policy = policy or ConfidencePolicy(0.5)
+        if not confidence_lr_scale > 0:
+            raise EENetError(f"confidence_lr_scale must be > 0, got {confidence_lr_scale}")
+        self.confidence_lr_scale = float(confidence_lr_scale)
         # one metric object per stage ("train" cannot be a ModuleDict key: Module.train exists)
         self.train_metrics = ExitMetrics(list(cost_fractions), self.policy)
         self.val_metrics = ExitMetrics(list(cost_fractions), self.policy)
@@ -104,7 +113,16 @@ class EarlyExitModule(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured")
-        opt = self.optimizer_factory(params=self.parameters())
+        conf = [p for n, p in self.net.named_parameters() if ".confidence." in n]
+        rest = [p for n, p in self.net.named_parameters() if ".confidence." not in n]
+        if self.confidence_lr_scale == 1.0 or not conf:
+            params = self.parameters()
+        else:
+            base = self.optimizer_factory(params=[torch.zeros(1, requires_grad=True)])
+            lr = base.param_groups[0]["lr"]
+            params = [{"params": rest},
+                      {"params": conf, "lr": lr * self.confidence_lr_scale}]
+        opt = self.optimizer_factory(params=params)
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt,

@@ -1,0 +1,117 @@
+"""Thresholds for an accuracy tolerance on MNIST: calibrated on val, evaluated on test.
+
+resnet20 with 2 exits (EENets' ``fine`` placement, ``plain`` exit pre-blocks) is
+trained on MNIST (../shared/data) for 5 epochs; since thresholds are chosen
+after training, every exit is trained fully (``--loss multi_ce``, BranchyNet's
+loss; any Core loss can be given). For each exit policy, thresholds are
+calibrated on the validation split for a tolerance of 0.3 accuracy points
+below the model's own final exit; the policy with the lowest validation cost
+that meets the tolerance is chosen (on val), and only that one is evaluated on
+test, with the dynamic engine. The reference is the same resnet20 trained
+without exits by the same recipe (reused from ``mnist_core.py`` when present).
+
+Target: test accuracy within 0.3 points of the plain backbone at an average
+cost fraction of at most 0.25. The whole validation Pareto curve is saved as
+JSON (``mnist_budget.json``) and PNG (``mnist_budget.png``).
+
+    python experiments/mnist_budget.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from eenet.eval import evaluate, load_run
+from eenet.inference import Calibrator, cache_exit_outputs
+from eenet.data.batching import make_loader
+from eenet.reporting import markdown_table, save_report
+from eenet.train import compose_config, train
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+RUNS = HERE / "runs"
+POLICIES = ("confidence", "max_prob", "entropy", "patience")
+
+
+def train_run(name: str, overrides: list[str], args) -> Path:
+    out = RUNS / "mnist_budget" / name
+    if (out / "model.pt").is_file() and not args.retrain:
+        print(f"reusing {out}")
+        return out
+    base = ["dataset=mnist", f"data_root={args.data}", "backbone=resnet20", "exit=plain",
+            "optimizer=adam", "scheduler=cosine", f"trainer.max_epochs={args.epochs}",
+            "trainer.enable_progress_bar=false", "logger=csv", "threads=2", f"seed={args.seed}"]
+    train(compose_config([*base, *overrides], output_dir=out))
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--loss", default="multi_ce")
+    p.add_argument("--tolerance", type=float, default=0.3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrain", action="store_true")
+    args = p.parse_args()
+
+    core_plain = RUNS / "mnist_core" / "plain"
+    if (core_plain / "model.pt").is_file() and json.loads(
+            (core_plain / "results.json").read_text())["epochs"] == args.epochs:
+        plain_dir = core_plain
+    else:
+        plain_dir = train_run("plain", ["placement.method=explicit", "placement.stages=[]",
+                                        "loss=eenet_v2"], args)
+    ee_dir = train_run("ee", ["placement.method=fine", "placement.num_exits=2",
+                              f"loss={args.loss}"], args)
+    plain = json.loads((plain_dir / "results.json").read_text())
+    plain_acc = plain["test"]["accuracy"]
+
+    # choose the policy on val only
+    _, dm, net, cost = load_run(ee_dir)
+    val = cache_exit_outputs(net, make_loader(dm.val_dataset, 512, shuffle=False))
+    per_policy = {}
+    for policy in POLICIES:
+        res = Calibrator(val, policy, cost.fractions).calibrate(tolerance=args.tolerance)
+        per_policy[policy] = res
+        print(f"val, {policy}: {res.message}")
+    ok = {k: r for k, r in per_policy.items() if r.reachable}
+    best = min(ok, key=lambda k: ok[k].chosen.avg_cost)
+
+    out = ee_dir / "eval_budget"
+    results = evaluate(compose_config([f"run={ee_dir}", f"tolerance={args.tolerance}",
+                                       f"policy={best}", "latency=false"],
+                                      output_dir=out, config_name="eval"))
+    shutil.copy(out / "curve.png", HERE / "mnist_budget.png")
+    t = results["test"]
+    drop = 100 * (plain_acc - t["accuracy"])
+    meets = drop <= args.tolerance and t["avg_cost_fraction"] <= 0.25
+    rows = [["plain resnet20 (no exits)", "-", "-", f"{100 * plain_acc:.2f}", "-", "1.000", "-"]]
+    for k, r in per_policy.items():
+        rows.append([f"resnet20 + 2 exits, {k}", f"{100 * r.chosen.accuracy:.2f}",
+                     f"{r.chosen.avg_cost:.4f}",
+                     f"{100 * t['accuracy']:.2f}" if k == best else "(not run on test)",
+                     f"{drop:+.2f}" if k == best else "",
+                     f"{t['avg_cost_fraction']:.4f}" if k == best else "",
+                     " / ".join(f"{100 * x:.1f}" for x in t["exit_rates"]) if k == best else ""])
+    table = markdown_table(["model / policy", "val acc %", "val cost", "test acc %",
+                            "drop vs plain (points)", "test avg cost", "test exit rates %"], rows)
+    print(f"\nMNIST, {args.epochs} epochs, tolerance {args.tolerance} points calibrated on val; "
+          f"policy chosen on val: {best}; test with the dynamic engine\n")
+    print(table)
+    print(f"\ntarget (drop <= {args.tolerance} points vs plain, avg cost <= 0.25): "
+          f"{'met' if meets else 'NOT met'}")
+    path = save_report(__file__, {
+        "plain_run": str(plain_dir), "ee_run": str(ee_dir), "plain_test_accuracy": plain_acc,
+        "chosen_policy": best, "test": t, "drop_points": drop, "meets_target": meets,
+        "val_calibration": {k: r.to_dict() for k, r in per_policy.items()},
+        "eval_results": str(out / "results.json"), "exits": results["exits"],
+        "table": table, "settings": vars(args)})
+    print(f"saved {path} and {HERE / 'mnist_budget.png'}")
+
+
+if __name__ == "__main__":
+    main()
