@@ -33,7 +33,9 @@ MAC_CONVENTION = "MACs as counted by fvcore (one fused multiply-add = one flop)"
 
 def macs_by_module(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
     """fvcore MACs of ``model`` for one input of ``input_size``, per module name (eval mode)."""
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore's import warns about torch.jit.script
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
 
     was_training = model.training
     model.eval()
@@ -113,6 +115,12 @@ class CostTable:
         d = asdict(self)
         d["input_size"] = list(self.input_size)
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "CostTable":
+        return cls(backbone_macs=int(d["backbone_macs"]), input_size=tuple(d["input_size"]),
+                   exits=[ExitCost(**e) for e in d["exits"]],
+                   convention=d.get("convention", MAC_CONVENTION))
 
     def to_markdown(self) -> str:
         lines = [f"Backbone: {self.backbone_macs / 1e6:.3f} M MACs for input {tuple(self.input_size)} "

@@ -36,11 +36,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from eenet.build import build_early_exit_network
-from eenet.cost import exit_cost_table
+from eenet.cost import CostTable, exit_cost_table
 from eenet.errors import EENetError
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.policies import create_policy
 from eenet.results import atomic_write_text, make_results, results_markdown, write_results
+from eenet.training.checkpoint import EpochSeed, SafeCheckpointIO, safe_torch_load
 from eenet.training.module import EarlyExitModule
 
 log = logging.getLogger("eenet")
@@ -82,15 +83,38 @@ def _instantiate(node, what: str, **kwargs):
         raise
 
 
-def build_network(cfg: DictConfig, input_size: tuple[int, int, int]) -> EarlyExitNetwork:
-    """Backbone + exit block + placement from the config."""
+def build_network(cfg: DictConfig, input_size: tuple[int, int, int],
+                  stages: list[int] | None = None) -> EarlyExitNetwork:
+    """Backbone + exit block + placement from the config (or at the given ``stages``)."""
     backbone = _instantiate(cfg.backbone, "backbone")
     exit_block = _instantiate(cfg.exit, "exit")
     p = cfg.placement
+    if stages is not None:
+        return build_early_exit_network(backbone, exit_block, placement="explicit", stages=stages,
+                                        input_size=input_size)
     stages = list(p.stages) if p.get("stages") is not None else None
     return build_early_exit_network(backbone, exit_block, placement=p.method,
                                     num_exits=int(p.num_exits), stages=stages,
                                     input_size=input_size)
+
+
+def _process_rank() -> int:
+    """This process's rank as set by the DDP launcher (0 before the launch and when alone)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+def _resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
+    """The checkpoint to resume from (``ckpt_path=`` or ``resume=true``), checked to load safely."""
+    path = cfg.get("ckpt_path")
+    if cfg.get("resume") and not path:
+        path = out_dir / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            raise EENetError(f"resume=true but {path} does not exist; resume the run in its own "
+                             f"folder: hydra.run.dir=<the run's output folder>")
+    if path:
+        safe_torch_load(path)  # a bad or unsafe checkpoint stops here, before anything is written
+        return str(path)
+    return None
 
 
 def _config_dict(cfg: DictConfig) -> dict:
@@ -99,8 +123,7 @@ def _config_dict(cfg: DictConfig) -> dict:
 
 def _load_best(module: EarlyExitModule, ckpt_path: str | None) -> None:
     if ckpt_path and Path(ckpt_path).is_file():
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        module.load_state_dict(ckpt["state_dict"])
+        module.load_state_dict(safe_torch_load(ckpt_path)["state_dict"])
 
 
 def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
@@ -117,13 +140,23 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
         with open_dict(cfg):
             cfg.data_root = str(Path(cfg.data_root).resolve())
 
+    rank = _process_rank()
+    devices = cfg.trainer.get("devices", 1)
+    if not cfg.get("threads") and isinstance(devices, int) and devices > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
+
     # 1. build and check everything; nothing is written before this is done
     datamodule = _instantiate(cfg.dataset.datamodule, "dataset")
     datamodule.prepare_data()
     datamodule.setup("fit")
     input_size = tuple(datamodule.input_size)
-    net = build_network(cfg, input_size)
-    cost = exit_cost_table(net, input_size)
+    cost_file = out_dir / "cost.json"
+    if rank > 0 and cost_file.is_file():  # DDP: rank 0 traced the costs before the launch
+        cost = CostTable.from_dict(json.loads(cost_file.read_text()))
+        net = build_network(cfg, input_size, stages=[e.stage for e in cost.exits[:-1]])
+    else:
+        net = build_network(cfg, input_size)
+        cost = exit_cost_table(net, input_size)
     loss = _instantiate(cfg.loss, "loss")
     policy = create_policy(cfg.policy.name, cfg.policy.thresholds)
     policy.threshold_vector(net.num_exits - 1)  # checks the count of per-exit thresholds
@@ -132,19 +165,22 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
                              scheduler=_instantiate(cfg.scheduler, "scheduler")
                              if cfg.get("scheduler") else None,
                              policy=policy,
-                             confidence_lr_scale=float(cfg.get("confidence_lr_scale", 1.0)))
+                             confidence_lr_scale=float(cfg.get("confidence_lr_scale", 1.0)),
+                             sync_batchnorm=bool(cfg.get("sync_batchnorm", True)))
+    ckpt_path = _resume_path(cfg, out_dir)
     log.info("exits after stages %s\n%s", net.exit_stages, cost.to_markdown())
 
     # 2. train
-    out_dir.mkdir(parents=True, exist_ok=True)
     config = _config_dict(cfg)
-    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    atomic_write_text(out_dir / "cost.json", json.dumps(cost.to_dict(), indent=2) + "\n")
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(cost_file, json.dumps(cost.to_dict(), indent=2) + "\n")
     loggers = [lg for lg in (_instantiate(v, "logger") for v in (cfg.get("logger") or {}).values())
                if lg is not None]
     for lg in loggers:
         lg.log_hyperparams(config)
-    callbacks = []
+    callbacks: list = [EpochSeed(int(cfg.seed))]
     ckpt_cb = None
     if cfg.checkpoint.enabled:
         ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(
@@ -153,8 +189,9 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
         callbacks.append(ckpt_cb)
     trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", logger=loggers or False,
                                       callbacks=callbacks, default_root_dir=str(out_dir),
-                                      enable_checkpointing=ckpt_cb is not None)
-    trainer.fit(module, datamodule=datamodule)
+                                      enable_checkpointing=ckpt_cb is not None,
+                                      plugins=[SafeCheckpointIO()])
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     # 3. evaluate the checkpoint chosen on val, on val and on test
     if ckpt_cb is not None:
@@ -163,18 +200,21 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
     trainer.test(module, datamodule=datamodule, verbose=False)
     val, test = module.last_metrics["val"], module.last_metrics["test"]
 
-    # 4. write
-    tmp = out_dir / ".model.pt.tmp"
-    torch.save(net.state_dict(), tmp)
-    os.replace(tmp, out_dir / "model.pt")
+    # 4. write (one process)
     results = make_results(
         dataset=cfg.dataset.name, backbone=cfg.backbone.name, num_classes=net.num_classes,
         cost=cost, val=val, test=test, policy=policy.describe(), config=config,
         splits=getattr(datamodule, "split_sizes", None),
-        epochs=trainer.current_epoch, best_checkpoint=ckpt_cb.best_model_path if ckpt_cb else None)
-    write_results(out_dir, results)
-    for lg in loggers:
-        _log_results_table(lg, results)
+        epochs=trainer.current_epoch, best_checkpoint=ckpt_cb.best_model_path if ckpt_cb else None,
+        val_loss=val["loss"], test_loss=test["loss"], resumed_from=ckpt_path,
+        world_size=trainer.world_size)
+    if trainer.is_global_zero:
+        tmp = out_dir / ".model.pt.tmp"
+        torch.save(net.state_dict(), tmp)
+        os.replace(tmp, out_dir / "model.pt")
+        write_results(out_dir, results)
+        for lg in loggers:
+            _log_results_table(lg, results)
     return results, {"datamodule": datamodule, "net": net, "module": module,
                      "trainer": trainer, "cost": cost}
 
@@ -206,8 +246,9 @@ def run_cli(fn, cfg: DictConfig):
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
     results, _ = run_cli(train, cfg)
-    print(results_markdown(results))
-    print(f"\nResults written to {cfg.output_dir}/results.json")
+    if _process_rank() == 0:
+        print(results_markdown(results))
+        print(f"\nResults written to {cfg.output_dir}/results.json")
     return results["test"]["accuracy"]
 
 

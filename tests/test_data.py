@@ -148,7 +148,8 @@ def write_imagefolder(root: Path, sizes=None, classes=("cat", "ant", "bee"), per
 
 def test_registry_names_and_info():
     assert list_datasets() == sorted(["digits", "mnist", "fashion_mnist", "cifar10", "cifar100",
-                                      "svhn", "imagefolder"])
+                                      "svhn", "imagefolder", "kws12_subset", "speech_commands",
+                                      "vww"])
     assert DATASET_INFO["cifar100"] == {"num_classes": 100, "in_chans": 3, "size": (32, 32)}
     assert DATASET_INFO["mnist"]["in_chans"] == 1
 

@@ -17,8 +17,12 @@ from eenet.models import (EarlyExitNetwork, ExitBlock, create_backbone, list_bac
 from eenet.models.placement import PHI, cost_targets
 from eenet.models.torchvision_resnet import TorchvisionResNet
 
+# backbones that need 32x32 test inputs (they reduce by 32 or require >= 32x32), with the
+# constructor arguments that keep them cheap there
 SMALL = {"resnet18": dict(small_input=True), "resnet34": dict(small_input=True),
-         "resnet50": dict(small_input=True)}
+         "resnet50": dict(small_input=True), "vgg11_bn": dict(small_input=True),
+         "vgg16_bn": dict(small_input=True), "densenet121": {}, "cifar_vgg11_bn": {},
+         "cifar_vgg16_bn": {}}
 
 
 def make_backbone(name: str, in_chans: int = 3, num_classes: int = 7, size=(16, 16)):

@@ -8,19 +8,28 @@ call builds one batch::
 
     loader = make_loader(InMemoryBatchDataset(images, labels, BatchTransform(mean, std)),
                          batch_size=128, shuffle=True)
+
+Reproducible epochs: :class:`EpochBatchSampler` draws each epoch's order from
+(seed, epoch) and gives every batch its own augmentation seed, so epoch e
+yields the same batches however the run got there (straight through, or
+killed and resumed from a checkpoint). Under DDP it gives rank r the samples
+r, r+W, ... of every GLOBAL batch, and the augmentation is drawn for the whole
+global batch, so W processes see exactly the batches one process would.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from eenet.errors import EENetError
 
-__all__ = ["AUGMENTATIONS", "BatchTransform", "InMemoryBatchDataset", "make_loader", "to_float"]
+__all__ = ["AUGMENTATIONS", "BatchRequest", "BatchTransform", "EpochBatchSampler",
+           "InMemoryBatchDataset", "make_loader", "to_float"]
 
 #: Augmentation names accepted by :class:`BatchTransform`.
 AUGMENTATIONS = ("crop", "hflip")
@@ -180,6 +189,17 @@ class InMemoryBatchDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def _request(self, req: "BatchRequest") -> tuple[torch.Tensor, torch.Tensor]:
+        """A rank's share of a global batch; augmentation drawn for the whole global batch."""
+        index = torch.as_tensor(req.indices, dtype=torch.int64)
+        x, y = self.images[index], self.labels[index]
+        if not isinstance(self.transform, BatchTransform):
+            return (self.transform(x) if self.transform is not None else to_float(x)), y
+        g = torch.Generator().manual_seed(req.seed)
+        params = self.transform.sample_params(req.global_size, g)
+        pos = torch.as_tensor(req.positions, dtype=torch.int64)
+        return self.transform.apply(x, {k: v[pos] for k, v in params.items()}), y
+
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state["generator"] = None  # workers use their own per-worker RNG
@@ -190,8 +210,10 @@ class InMemoryBatchDataset(Dataset):
             return None
         return self.generator
 
-    def __getitem__(self, indices: Sequence[int] | torch.Tensor | int
+    def __getitem__(self, indices: "BatchRequest | Sequence[int] | torch.Tensor | int"
                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(indices, BatchRequest):
+            return self._request(indices)
         single = isinstance(indices, int)
         index = torch.as_tensor([indices] if single else indices, dtype=torch.int64)
         x, y = self.images[index], self.labels[index]
@@ -199,8 +221,83 @@ class InMemoryBatchDataset(Dataset):
         return (x[0], y[0]) if single else (x, y)
 
 
+@dataclass
+class BatchRequest:
+    """One rank's share of a global batch.
+
+    Attributes:
+        indices: the samples of this rank.
+        positions: their positions in the global batch.
+        global_size: the global batch's size.
+        seed: the augmentation seed of the global batch.
+    """
+
+    indices: list[int]
+    positions: list[int]
+    global_size: int
+    seed: int
+
+
+def _mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64-style), stable across processes and runs."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h & 0x7FFFFFFFFFFFFFFF
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of indices whose order and augmentation depend only on (seed, epoch, batch).
+
+    Args:
+        n: data set size.
+        batch_size: the GLOBAL batch size (summed over ranks).
+        shuffle: a fresh permutation each epoch (else sequential).
+        seed: base seed.
+        drop_last: drop a last batch smaller than ``batch_size``.
+        rank: this process's rank; world_size: number of processes. Rank r gets
+            positions r, r + W, ... of every global batch.
+        epoch_fn: returns the current epoch when iteration starts (e.g. the
+            trainer's); otherwise the value of :meth:`set_epoch` is used.
+    """
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int = 0,
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1, epoch_fn=None):
+        self.n, self.batch_size, self.shuffle = n, batch_size, shuffle
+        self.seed, self.drop_last = int(seed), drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch_fn = epoch_fn
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def _current_epoch(self) -> int:
+        return int(self.epoch_fn()) if self.epoch_fn is not None else self.epoch
+
+    def __len__(self) -> int:
+        full, rest = divmod(self.n, self.batch_size)
+        return full if (self.drop_last or rest == 0) else full + 1
+
+    def __iter__(self):
+        epoch = self._current_epoch()
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_mix(self.seed, epoch))
+            order = torch.randperm(self.n, generator=g)
+        else:
+            order = torch.arange(self.n)
+        for b in range(len(self)):
+            batch = order[b * self.batch_size:(b + 1) * self.batch_size]
+            positions = list(range(self.rank, len(batch), self.world_size))
+            yield BatchRequest(indices=batch[positions].tolist(), positions=positions,
+                               global_size=len(batch), seed=_mix(self.seed, epoch, b))
+
+
 def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: int = 0,
-                drop_last: bool = False, generator: torch.Generator | None = None) -> DataLoader:
+                drop_last: bool = False, generator: torch.Generator | None = None,
+                seed: int | None = None, rank: int = 0, world_size: int = 1,
+                epoch_fn=None) -> DataLoader:
     """A DataLoader that asks ``dataset`` for whole batches (lists of indices).
 
     Args:
@@ -209,13 +306,19 @@ def make_loader(dataset: Dataset, batch_size: int, shuffle: bool, num_workers: i
         shuffle: random order (``RandomSampler``) instead of sequential.
         num_workers: worker processes (persistent when > 0).
         drop_last: drop the last incomplete batch.
-        generator: generator for the shuffling (the global torch RNG when ``None``).
+        generator: draws the base seed when ``seed`` is not given (the global torch
+            RNG when ``None``), so ``seed_everything`` makes the order reproducible.
+        seed: base seed of :class:`EpochBatchSampler` (order and augmentation).
+        rank, world_size: this process's share of every global batch (DDP).
+        epoch_fn: returns the current epoch (see :class:`EpochBatchSampler`).
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise EENetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise EENetError(f"num_workers must be an integer >= 0, got {num_workers!r}")
-    base = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
-    return DataLoader(dataset, batch_size=None,
-                      sampler=BatchSampler(base, batch_size=batch_size, drop_last=drop_last),
-                      num_workers=num_workers, persistent_workers=num_workers > 0)
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+    sampler = EpochBatchSampler(len(dataset), batch_size, shuffle, seed=seed, drop_last=drop_last,
+                                rank=rank, world_size=world_size, epoch_fn=epoch_fn)
+    return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=num_workers,
+                      persistent_workers=num_workers > 0)

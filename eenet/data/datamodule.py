@@ -19,6 +19,7 @@ from YAML::
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import lightning as L
@@ -69,6 +70,7 @@ class ClassificationDataModule(L.LightningDataModule):
             carved from them; for quick runs.
         test_subset: keep only n test samples, chosen the same way.
         image_size: ``[H, W]`` to resize images to (``imagefolder`` only).
+        drop_last: drop the last training batch when it is smaller than ``batch_size``.
 
     Shuffling and augmentation of the training batches use the global torch RNG
     (per worker when ``num_workers > 0``), so ``lightning.seed_everything`` makes
@@ -80,7 +82,7 @@ class ClassificationDataModule(L.LightningDataModule):
                  val_size: float | int = 0.1, split_seed: int = 0, batch_size: int = 128,
                  eval_batch_size: int | None = None, num_workers: int = 0,
                  train_subset: int | None = None, test_subset: int | None = None,
-                 image_size: Sequence[int] | None = None) -> None:
+                 image_size: Sequence[int] | None = None, drop_last: bool = False) -> None:
         super().__init__()
         name = str(name)
         if name not in DATASETS:
@@ -123,6 +125,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size) if eval_batch_size is not None else None
         self.num_workers = int(num_workers)
+        self.drop_last = bool(drop_last)
         self.train_subset = _optional_count(train_subset, "train_subset")
         self.test_subset = _optional_count(test_subset, "test_subset")
         # Validates mean/std lengths against each other and the augmentation names.
@@ -233,20 +236,36 @@ class ClassificationDataModule(L.LightningDataModule):
         """The data set's own test split (not augmented)."""
         return self._datasets("test")
 
+    def _loader(self, dataset, batch_size: int, shuffle: bool, drop_last: bool) -> DataLoader:
+        """A loader for this process: under DDP its share of every global batch.
+
+        The order and augmentation of epoch e depend only on (run seed, e): the
+        run's seed is ``lightning.seed_everything``'s (``PL_GLOBAL_SEED``), the
+        epoch is read from the trainer when an epoch's iteration starts.
+        """
+        trainer = getattr(self, "trainer", None)
+        rank, world, epoch_fn = 0, 1, None
+        if trainer is not None:
+            rank, world = trainer.global_rank, trainer.world_size
+            epoch_fn = lambda: trainer.current_epoch  # noqa: E731
+        seed = int(os.environ.get("PL_GLOBAL_SEED", self.split_seed))
+        return make_loader(dataset, batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                           drop_last=drop_last, seed=seed, rank=rank, world_size=world,
+                           epoch_fn=epoch_fn)
+
     def train_dataloader(self) -> DataLoader:
-        """Shuffled, augmented training batches."""
-        return make_loader(self.train_dataset, self.batch_size, shuffle=True,
-                           num_workers=self.num_workers)
+        """Shuffled, augmented training batches (``batch_size`` is the global batch)."""
+        return self._loader(self.train_dataset, self.batch_size, True, self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in a fixed order, no augmentation."""
-        return make_loader(self.val_dataset, self.eval_batch_size or self.batch_size,
-                           shuffle=False, num_workers=self.num_workers)
+        return self._loader(self.val_dataset, self.eval_batch_size or self.batch_size, False,
+                            False)
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in a fixed order, no augmentation."""
-        return make_loader(self.test_dataset, self.eval_batch_size or self.batch_size,
-                           shuffle=False, num_workers=self.num_workers)
+        return self._loader(self.test_dataset, self.eval_batch_size or self.batch_size, False,
+                            False)
 
     def predict_dataloader(self) -> DataLoader:
         """Same as :meth:`test_dataloader`."""

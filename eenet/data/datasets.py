@@ -2,7 +2,8 @@
 
 Every loader returns ``(images, labels)``: ``images`` a ``(N, C, H, W)`` tensor
 (uint8 for every data set but ``digits``, whose 0..16 grey levels come back as
-float32 in [0, 1]) and ``labels`` an int64 ``(N,)`` tensor.
+float32 in [0, 1], and the keyword-spotting sets, whose 1x49x10 MFCC images
+are float32 on an int8 grid) and ``labels`` an int64 ``(N,)`` tensor.
 
 Before anything is read the files a data set needs are checked, so a missing
 file is reported in one line that names the data set, the root and the missing
@@ -15,7 +16,9 @@ what torchvision 0.29 itself requires:
 - ``cifar10``: ``root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}``;
 - ``cifar100``: ``root/cifar-100-python/{train, test, meta}``;
 - ``svhn``: ``root/train_32x32.mat`` or ``root/test_32x32.mat`` (one per split);
-- ``imagefolder``: ``root/train/<class>/*`` and ``root/test/<class>/*``.
+- ``imagefolder``: ``root/train/<class>/*`` and ``root/test/<class>/*``;
+- ``kws12_subset``, ``speech_commands``: see :mod:`eenet.data.audio`;
+  ``vww``: see :mod:`eenet.data.vww`.
 
 MNIST and Fashion-MNIST are read by torchvision's own classes. CIFAR and SVHN
 are read here from the same on-disk files (python pickle batches, ``.mat``),
@@ -34,6 +37,9 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
+from eenet.data.audio import (load_kws12_subset, load_speech_commands, missing_kws12_subset,
+                              missing_speech_commands)
+from eenet.data.vww import load_vww, missing_vww
 from eenet.errors import EENetError, unknown_name
 
 __all__ = [
@@ -55,6 +61,11 @@ DATASET_INFO: dict[str, dict[str, Any]] = {
     "cifar100": {"num_classes": 100, "in_chans": 3, "size": (32, 32)},
     "svhn": {"num_classes": 10, "in_chans": 3, "size": (32, 32)},
     "imagefolder": {"num_classes": None, "in_chans": 3, "size": None},
+    "kws12_subset": {"num_classes": 12, "in_chans": 1, "size": (49, 10),
+                     "note": "small real subset (1,000 clips of MLPerf Tiny's evaluation set), "
+                             "not the full Speech Commands; fixed stratified 70/30 split"},
+    "speech_commands": {"num_classes": 12, "in_chans": 1, "size": (49, 10)},
+    "vww": {"num_classes": 2, "in_chans": 3, "size": (96, 96)},
 }
 
 #: File name endings that count as images in an image folder (as torchvision's ImageFolder).
@@ -133,6 +144,12 @@ def missing_files(name: str, root: str | os.PathLike | None, train: bool = True)
         wanted = [f"cifar-100-python/{f}" for f in _CIFAR100_FILES]
     elif name == "svhn":
         wanted = ["train_32x32.mat" if train else "test_32x32.mat"]
+    elif name == "kws12_subset":
+        return missing_kws12_subset(base)
+    elif name == "speech_commands":
+        return missing_speech_commands(base)
+    elif name == "vww":
+        return missing_vww(base)
     else:  # imagefolder
         missing = []
         for split in ("train", "test"):
@@ -426,6 +443,9 @@ DATASETS: dict[str, Callable[..., tuple[torch.Tensor, torch.Tensor]]] = {
     "cifar100": _cifar("cifar100", "CIFAR100", "cifar-100-python", "fine_labels"),
     "svhn": _load_svhn,
     "imagefolder": _load_imagefolder,
+    "kws12_subset": load_kws12_subset,
+    "speech_commands": load_speech_commands,
+    "vww": load_vww,
 }
 
 _OPTIONS: dict[str, tuple[str, ...]] = {
@@ -433,6 +453,9 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "cifar100": ("verify_md5",),
     "svhn": ("verify_md5",),
     "imagefolder": ("image_size", "max_per_class", "channels"),
+    "kws12_subset": ("features",),
+    "speech_commands": ("max_per_class", "quantize", "drop_validation_list"),
+    "vww": ("image_size", "max_per_class"),
 }
 
 
@@ -460,11 +483,13 @@ def load_split(name: str, root: str | os.PathLike | None, train: bool, download:
         download: fetch missing files with torchvision (needs network); when false,
             missing files raise :class:`EENetError` before torchvision is called.
         **options: per data set: ``verify_md5`` (cifar10, cifar100, svhn);
-            ``image_size``, ``max_per_class``, ``channels`` (imagefolder).
+            ``image_size``, ``max_per_class``, ``channels`` (imagefolder); ``features``
+            (kws12_subset); ``max_per_class``, ``quantize``, ``drop_validation_list``
+            (speech_commands); ``image_size``, ``max_per_class`` (vww).
 
     Returns:
         ``(images, labels)``: images ``(N, C, H, W)`` uint8 (float32 in [0, 1] for
-        ``digits``), labels int64 ``(N,)``.
+        ``digits``; float32 MFCC for ``kws12_subset``, ``speech_commands``), labels int64 ``(N,)``.
 
     Raises:
         EENetError: unknown name or option, missing or unreadable files, failed download.

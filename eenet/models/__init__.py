@@ -3,7 +3,9 @@
 Plain PyTorch; nothing here knows about Lightning, Hydra or fvcore.
 """
 
-from eenet.models import mlperf_tiny, resnet_cifar, torchvision_resnet  # noqa: F401  (registration)
+from eenet.models import (  # noqa: F401  (registration)
+    cifar_vgg_densenet, mlperf_tiny, resnet_cifar, torchvision_densenet, torchvision_mobilenet,
+    torchvision_resnet, torchvision_vgg)
 from eenet.models.early_exit import EarlyExitNetwork, ExitOutputs, load_state_dict_checked
 from eenet.models.exits import ExitBlock
 from eenet.models.placement import place_exits

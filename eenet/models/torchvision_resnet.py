@@ -15,13 +15,12 @@ without max-pooling, the usual adaptation for 32x32 images.
 
 from __future__ import annotations
 
-import torch
 import torchvision
 from torch import nn
 
-from eenet.errors import EENetError
 from eenet.models.registry import register_backbone
 from eenet.models.staged import ClassifierHead, StagedBackbone
+from eenet.models.torchvision_common import adapt_first_conv, default_hw, load_torchvision_model
 
 
 class TorchvisionResNet(StagedBackbone):
@@ -51,34 +50,12 @@ class TorchvisionResNet(StagedBackbone):
 def _build(arch: str, num_classes: int = 1000, in_chans: int = 3, weights: str | None = None,
            small_input: bool = False, input_size: tuple[int, int] | None = None,
            **kwargs) -> TorchvisionResNet:
-    ctor = getattr(torchvision.models, arch)
-    if weights:
-        try:
-            model = ctor(weights=weights, **kwargs)
-        except (OSError, RuntimeError) as exc:  # URLError is an OSError
-            raise EENetError(f"could not load torchvision weights '{weights}' for {arch} "
-                             f"(they are downloaded on first use; is the network reachable?): {exc}"
-                             ) from exc
-        except ValueError as exc:
-            raise EENetError(f"unknown torchvision weights '{weights}' for {arch}: {exc}") from exc
-        if num_classes != model.fc.out_features:
-            model.fc = nn.Linear(model.fc.in_features, num_classes)
-    else:
-        model = ctor(weights=None, num_classes=num_classes, **kwargs)
-    if in_chans != 3 or small_input:
-        old = model.conv1
-        k, s, p = (3, 1, 1) if small_input else (7, 2, 3)
-        conv = nn.Conv2d(in_chans, old.out_channels, k, s, p, bias=False)
-        if weights and not small_input:
-            with torch.no_grad():  # keep pretrained filters: average over RGB, repeat per channel
-                conv.weight.copy_(old.weight.mean(1, keepdim=True).repeat(1, in_chans, 1, 1)
-                                  * (3.0 / in_chans))
-        model.conv1 = conv
-        if small_input:
-            model.maxpool = nn.Identity()
-    if input_size is None and small_input:
-        input_size = (32, 32)
-    return TorchvisionResNet(model, in_chans=in_chans, input_size=input_size)
+    model = load_torchvision_model(arch, weights, num_classes, "fc", **kwargs)
+    adapt_first_conv(model, "conv1", in_chans, pretrained=bool(weights), small_input=small_input)
+    if small_input:
+        model.maxpool = nn.Identity()
+    hw = default_hw(input_size, small_input)
+    return TorchvisionResNet(model, in_chans=in_chans, input_size=hw)
 
 
 @register_backbone

@@ -5,7 +5,8 @@ exits (``eenet.losses``). The module receives built objects, as in the
 lightning-hydra-template: the network, the loss, the per-exit cost fractions
 (from ``eenet.cost``), and optimizer / scheduler factories (Hydra partials).
 
-Logged keys (torchmetrics, one metric object per stage): ``{stage}/loss``,
+Logged keys (torchmetrics, one metric object per stage, reduced across
+processes under DDP): ``{stage}/loss`` (epoch mean; ``train/loss_step`` too),
 ``{stage}/exit{i}/acc``, ``{stage}/mixture_acc``, ``{stage}/expected_cost``,
 and under the exit policy ``{stage}/exit{i}/rate``, ``{stage}/acc``,
 ``{stage}/avg_cost``.
@@ -17,12 +18,14 @@ from typing import Callable, Sequence
 
 import lightning as L
 import torch
+from torchmetrics import MeanMetric
 
 from eenet.errors import EENetError
 from eenet.losses import ExitLoss
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.policies import ConfidencePolicy, ExitPolicy
 from eenet.training.metrics import ExitMetrics, flat_log_dict
+from eenet.training.sync_bn import convert_batchnorm
 
 STAGES = ("train", "val", "test")
 
@@ -42,11 +45,15 @@ class EarlyExitModule(L.LightningModule):
             about lr per step, so the logit of a head reading thousands of features
             can move by lr times their L1 norm per step and saturate the sigmoid for
             every sample (h_i = 1 everywhere, no routing); a small factor bounds that.
+        sync_batchnorm: on several processes, normalise with the global batch's
+            statistics (``eenet.training.sync_bn``), so W processes train what one
+            process trains with the same global batch.
     """
 
     def __init__(self, net: EarlyExitNetwork, loss: ExitLoss, cost_fractions: Sequence[float],
                  optimizer: Callable | None = None, scheduler: Callable | None = None,
-                 policy: ExitPolicy | None = None, confidence_lr_scale: float = 1.0):
+                 policy: ExitPolicy | None = None, confidence_lr_scale: float = 1.0,
+                 sync_batchnorm: bool = True):
         super().__init__()
         if len(cost_fractions) != net.num_exits:
             raise ValueError(f"{len(cost_fractions)} cost fractions for {net.num_exits} exits")
@@ -63,7 +70,17 @@ class EarlyExitModule(L.LightningModule):
         self.train_metrics = ExitMetrics(list(cost_fractions), self.policy)
         self.val_metrics = ExitMetrics(list(cost_fractions), self.policy)
         self.test_metrics = ExitMetrics(list(cost_fractions), self.policy)
+        # epoch mean of the loss over every sample, reduced across processes
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
         self.last_metrics: dict[str, dict] = {}
+        self.sync_batchnorm = sync_batchnorm
+
+    def setup(self, stage: str) -> None:
+        if self.sync_batchnorm and self.trainer.world_size > 1:
+            on_gpu = self.trainer.strategy.root_device.type == "cuda"
+            convert_batchnorm(self.net, use_torch_sync=on_gpu)
 
     def stage_metrics(self, stage: str) -> ExitMetrics:
         return getattr(self, f"{stage}_metrics")
@@ -78,11 +95,17 @@ class EarlyExitModule(L.LightningModule):
         x, y = batch
         out = self.net(x)
         parts = self.loss_fn(out, y, self.cost_fractions)
+        loss = parts["loss"]
+        if not torch.isfinite(loss):
+            raise EENetError(
+                f"non-finite {stage} loss ({loss.item()}) at epoch {self.current_epoch}, "
+                f"global step {self.global_step}: training stopped; the last good checkpoint "
+                f"is kept (lower the learning rate or lambda, or check the inputs)")
         self.stage_metrics(stage).update(out, y)
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", parts["loss"], on_step=on_step, on_epoch=True,
-                 prog_bar=True, batch_size=y.shape[0], sync_dist=not on_step)
-        return parts["loss"]
+        getattr(self, f"{stage}_loss").update(loss.detach(), y.shape[0])
+        if stage == "train":
+            self.log("train/loss_step", loss, prog_bar=True, batch_size=y.shape[0])
+        return loss
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
@@ -96,9 +119,13 @@ class EarlyExitModule(L.LightningModule):
     def _epoch_end(self, stage: str) -> None:
         values = self.stage_metrics(stage).compute()
         self.stage_metrics(stage).reset()
+        loss_metric = getattr(self, f"{stage}_loss")
+        values["loss"] = float(loss_metric.compute())
+        loss_metric.reset()
         self.last_metrics[stage] = values
         logged = flat_log_dict(stage, values)
         self.log(f"{stage}/acc", logged.pop(f"{stage}/acc"), prog_bar=True)
+        self.log(f"{stage}/loss", logged.pop(f"{stage}/loss"), prog_bar=True)
         self.log_dict(logged)
 
     def on_train_epoch_end(self) -> None:

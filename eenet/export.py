@@ -1,0 +1,265 @@
+"""``eenet-export``: an early-exit network as ONNX segments plus a JSON manifest.
+
+    eenet-export run=RUN_DIR eval=RUN_DIR/eval/<time>/results.json out=DIR
+    eenet-export run=RUN_DIR policy=max_prob thresholds=[0.9,0.8] out=DIR
+
+The network is cut where :meth:`EarlyExitNetwork.segments` cuts it, so that a
+runner can stop per sample exactly as the PyTorch dynamic engine
+(``eenet/inference/engine.py``) does. For N early exits (exits 0..N-1, the
+final exit N), the output folder holds::
+
+    segment_0.onnx   stem + stages up to exit 0's stage  x (B, C, H, W) -> features
+    exit_0.onnx      exit 0's head                        features -> logits (B, K), conf_logit (B,)
+    segment_j.onnx   the stages after exit j-1 up to exit j
+    exit_j.onnx      exit j's head
+    segment_N.onnx   the remaining stages
+    final.onnx       the final exit, the backbone's head  features -> logits (B, K)
+    manifest.json    what to run in which order, the policy, costs, preprocessing
+    onnx_runner.py   a copy of :mod:`eenet.onnx_runner` (numpy + onnxruntime only)
+
+The last segment and the final exit are separate files, so every piece is
+"segment, then head" and the only special case is that the final head releases
+every sample (h_N = 1, so it has no confidence output). Every file has a
+dynamic batch axis (axis 0) and is exported in eval mode (BatchNorm uses its
+running statistics). Each piece is checked against PyTorch with onnxruntime
+after export.
+
+``manifest.json`` (``format: eenet-onnx-segments``, ``format_version: 1``)::
+
+    eenet_version, opset, input_size [C, H, W] (float32, NCHW),
+    num_classes, num_exits (N + 1: the final exit counts), exit_stages,
+    pieces: [{exit, segment, head, outputs}, ...]        in running order
+    policy: {name, thresholds: one per early exit, in the user's units,
+             "inf" / "-inf" as strings since JSON has no infinity, rule}
+    cost: the eenet.cost table {backbone_macs, input_size, convention, exits:
+          [{name, stage, head_macs, macs, cost_fraction}]}; MACs as counted by
+          fvcore (one fused multiply-add = one flop), exit heads included
+    preprocessing: {mean, std, rule} or null
+    runner: "onnx_runner.py"
+
+The exporter is PyTorch's TorchScript-based one (``dynamo=False``): the
+torch.export-based exporter needs ``onnxscript``, which eenet does not require.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+import eenet
+from eenet.cost import CostTable, exit_cost_table
+from eenet.errors import EENetError
+from eenet.eval import load_run
+from eenet.inference.calibration import json_float
+from eenet.models.early_exit import EarlyExitNetwork
+from eenet.policies import ExitPolicy, create_policy
+from eenet.results import atomic_write_text
+from eenet.train import CONFIG_DIR, run_cli
+
+MANIFEST = "manifest.json"
+FORMAT = "eenet-onnx-segments"
+FORMAT_VERSION = 1
+RULES = {
+    "confidence": "leave at exit i when sigmoid(conf_logit_i) > t_i",
+    "max_prob": "leave at exit i when max_k softmax(logits_i)[k] > t_i",
+    "entropy": "leave at exit i when the entropy of softmax(logits_i) < t_i",
+    "patience": "leave at exit i when exits i-t_i+1..i all predict the same class",
+}
+
+
+class _FinalExit(nn.Module):
+    """The final exit's logits, as :meth:`EarlyExitNetwork.final_exit` computes them."""
+
+    def __init__(self, net: EarlyExitNetwork):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net.final_exit(x)[0]
+
+
+def _export(module: nn.Module, x: torch.Tensor, path: Path, input_name: str,
+            output_names: Sequence[str], opset: int) -> None:
+    extra = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
+    axes = {name: {0: "batch"} for name in (input_name, *output_names)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
+        torch.onnx.export(module, (x,), str(path), input_names=[input_name],
+                          output_names=list(output_names), dynamic_axes=axes,
+                          opset_version=opset, do_constant_folding=True, **extra)
+
+
+def _check(path: Path, x: torch.Tensor, expected: Sequence[torch.Tensor]) -> None:
+    """Run one exported piece with onnxruntime and compare it with PyTorch's outputs."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    for g, e in zip(got, expected):
+        e = e.numpy()
+        if g.shape != e.shape or not np.allclose(g, e, rtol=1e-3, atol=1e-4):
+            diff = np.abs(g - e).max() if g.shape == e.shape else f"shape {g.shape} != {e.shape}"
+            raise RuntimeError(f"{path.name} differs from PyTorch after export: {diff}")
+
+
+def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: str | Path,
+                    policy: ExitPolicy, cost_table: CostTable | None = None, opset: int = 17,
+                    mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                    check: bool = True) -> Path:
+    """Write the ONNX pieces of ``net`` and ``manifest.json`` into ``out_dir``; return the manifest.
+
+    Args:
+        net: the early-exit network (put in eval mode for the export, then restored).
+        input_size: ``(C, H, W)`` of one input.
+        out_dir: output folder, created if needed.
+        policy: exit policy and thresholds written into the manifest.
+        cost_table: per-exit MACs (traced with fvcore when not given).
+        opset: ONNX opset.
+        mean, std: per-channel normalisation of the inputs, recorded when given.
+        check: run every piece with onnxruntime and compare it with PyTorch.
+    """
+    n_early = net.num_exits - 1
+    policy.threshold_vector(n_early)  # checks the number of thresholds
+    t = policy.thresholds
+    thresholds = list(t) if isinstance(t, list) else [t] * n_early
+    input_size = tuple(int(v) for v in input_size)
+    if (mean is None) != (std is None):
+        raise EENetError("give both mean and std for the preprocessing, or neither")
+    cost = cost_table if cost_table is not None else exit_cost_table(net, input_size)
+    if len(cost.exits) != net.num_exits:
+        raise EENetError(f"the cost table has {len(cost.exits)} exits, the network "
+                         f"{net.num_exits}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    pieces = []
+    was_training = net.training
+    net.eval()
+    try:
+        x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+        net.check_input(x)
+        with torch.no_grad():
+            for j, (modules, exit_block) in enumerate(net.segments()):
+                final = exit_block is None
+                segment = nn.Sequential(*modules)
+                head = _FinalExit(net) if final else exit_block
+                names = {"exit": j, "segment": f"segment_{j}.onnx",
+                         "head": "final.onnx" if final else f"exit_{j}.onnx",
+                         "outputs": ["logits"] if final else ["logits", "conf_logit"]}
+                y = segment(x)
+                _export(segment, x, out / names["segment"], "x", ["features"], opset)
+                _export(head, y, out / names["head"], "features", names["outputs"], opset)
+                if check:
+                    head_out = head(y)
+                    _check(out / names["segment"], x, [y])
+                    _check(out / names["head"], y, [head_out] if final else list(head_out))
+                pieces.append(names)
+                x = y
+    finally:
+        net.train(was_training)
+
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "eenet_version": eenet.__version__,
+        "opset": opset,
+        "input_size": list(input_size),
+        "num_classes": net.num_classes,
+        "num_exits": net.num_exits,
+        "exit_stages": net.exit_stage_indices(),
+        "pieces": pieces,
+        "policy": {"name": policy.name, "thresholds": [json_float(float(v)) for v in thresholds],
+                   "rule": RULES.get(policy.name, "")},
+        "cost": cost.to_dict(),
+        "preprocessing": None if mean is None else {
+            "mean": [float(v) for v in mean], "std": [float(v) for v in std],
+            "rule": "x = (image - mean) / std per channel, image in [0, 1] (uint8 / 255)"},
+        "runner": "onnx_runner.py",
+    }
+    shutil.copyfile(Path(__file__).with_name("onnx_runner.py"), out / "onnx_runner.py")
+    path = out / MANIFEST
+    atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def _policy_from(cfg: DictConfig) -> ExitPolicy:
+    """The policy from ``eval=RESULTS_JSON`` or from ``policy=`` / ``thresholds=``."""
+    if cfg.get("eval"):
+        if cfg.get("policy") is not None or cfg.get("thresholds") is not None:
+            raise EENetError("give either eval=RESULTS_JSON or policy=/thresholds=, not both")
+        path = Path(cfg.eval)
+        if not path.is_file():
+            raise EENetError(f"eval results {path} not found: give the results.json of eenet-eval")
+        try:
+            results = json.loads(path.read_text())
+            name, thresholds = results["policy"]["name"], results["policy"]["thresholds"]
+        except (ValueError, KeyError, TypeError):
+            raise EENetError(f"{path} is not an eenet-eval results.json (no policy with "
+                             "name and thresholds)") from None
+        run = results.get("run")
+        if run and Path(run).resolve() != Path(cfg.run).resolve():
+            print(f"warning: {path} was calibrated for the run {run}, not {cfg.run}",
+                  file=sys.stderr)
+    elif cfg.get("thresholds") is None:
+        raise EENetError("give the thresholds: eval=RESULTS_JSON (from eenet-eval) or "
+                         "thresholds=T, or one per early exit: thresholds=[t0,t1]")
+    else:
+        name = cfg.get("policy") or "confidence"
+        thresholds = cfg.thresholds
+        if OmegaConf.is_config(thresholds):
+            thresholds = OmegaConf.to_container(thresholds)
+    try:
+        return create_policy(name, thresholds)
+    except EENetError:
+        raise
+    except (TypeError, ValueError):
+        raise EENetError(f"thresholds must be numbers (or inf / -inf), "
+                         f"got {thresholds!r}") from None
+
+
+def export_run(cfg: DictConfig) -> Path:
+    """Load the run, take the policy and write the export; returns the manifest's path."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    if not cfg.get("run"):
+        raise EENetError("give the training run to export: run=RUN_DIR")
+    policy = _policy_from(cfg)
+    _, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.run) / "onnx"
+    return export_segments(net, tuple(dm.input_size), out, policy, cost, opset=int(cfg.opset),
+                           mean=getattr(dm, "mean", None), std=getattr(dm, "std", None),
+                           check=bool(cfg.check))
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+def _main(cfg: DictConfig) -> None:
+    path = run_cli(export_run, cfg)
+    m = json.loads(path.read_text())
+    files = [f for p in m["pieces"] for f in (p["segment"], p["head"])]
+    print(f"Exported {m['num_exits']} exits ({m['num_exits'] - 1} early) to {path.parent}: "
+          f"{', '.join(files)}, {path.name}, {m['runner']}")
+    print(f"Policy {m['policy']['name']}, thresholds {m['policy']['thresholds']}; "
+          f"cost fractions {[round(e['cost_fraction'], 4) for e in m['cost']['exits']]}")
+
+
+def main() -> None:
+    """Console entry point ``eenet-export``."""
+    # fvcore's import scripts its focal loss, which torch reports as deprecated: not the
+    # user's business, and a user's mistake must stay one line on stderr
+    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+    _main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Resume after a crash, atomic checkpoints, safe loading, non-finite loss guard."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from eenet.errors import EENetError
+from eenet.train import train
+from eenet.training.checkpoint import SafeCheckpointIO, safe_torch_load
+from eenet.training.module import EarlyExitModule
+
+BASE = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "logger=none",
+        "dataset.datamodule.augment=[crop]", "threads=1"]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_at(monkeypatch, global_step: int):
+    original = EarlyExitModule.training_step
+
+    def step(self, batch, batch_idx):
+        if self.global_step == global_step:
+            raise Crash(f"simulated crash at step {global_step}")
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(EarlyExitModule, "training_step", step)
+
+
+def test_crash_then_resume_equals_an_uninterrupted_run(train_config, tmp_path, monkeypatch):
+    straight, _ = train(train_config(BASE, output_dir=tmp_path / "straight"))
+    crashed = tmp_path / "crashed"
+    # digits: 1,221 training samples, batch 128 -> 10 steps per epoch; crash mid-epoch 2
+    crash_at(monkeypatch, 25)
+    with pytest.raises(Crash):
+        train(train_config(BASE, output_dir=crashed))
+    monkeypatch.undo()
+    assert (crashed / "checkpoints" / "last.ckpt").is_file()
+    assert not (crashed / "results.json").exists()
+    resumed, _ = train(train_config(BASE + ["resume=true"], output_dir=crashed))
+    assert resumed["resumed_from"].endswith("last.ckpt")
+    for split in ("val", "test"):
+        assert resumed[split] == straight[split]
+    assert resumed["val_loss"] == pytest.approx(straight["val_loss"], rel=1e-6)
+    w1 = torch.load(tmp_path / "straight" / "model.pt", weights_only=True)
+    w2 = torch.load(crashed / "model.pt", weights_only=True)
+    assert all(torch.allclose(w1[k].float(), w2[k].float(), atol=1e-6) for k in w1)
+
+
+def test_resume_without_a_checkpoint_is_a_clear_error(train_config, tmp_path):
+    with pytest.raises(EENetError, match="resume=true but .*last.ckpt does not exist"):
+        train(train_config(BASE + ["resume=true"], output_dir=tmp_path / "new"))
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
+        train_config, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    from eenet import losses
+
+    original = losses.EENetLoss.forward
+
+    def forward(self, outputs, target, cost_fractions):
+        parts = original(self, outputs, target, cost_fractions)
+        if torch.is_grad_enabled():  # training steps only
+            if getattr(self, "_train_calls", 0) == 14:
+                parts["loss"] = parts["loss"] * float("nan")
+            self._train_calls = getattr(self, "_train_calls", 0) + 1
+        return parts
+
+    monkeypatch.setattr(losses.EENetLoss, "forward", forward)
+    with pytest.raises(EENetError, match=r"non-finite train loss \(nan\) at epoch 1, global step 14"):
+        train(train_config(BASE, output_dir=out))
+    last = out / "checkpoints" / "last.ckpt"
+    ckpt = safe_torch_load(last)
+    assert ckpt["epoch"] == 0  # the checkpoint of the last finished epoch
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values() if v.is_floating_point())
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    io = SafeCheckpointIO()
+    path = tmp_path / "ckpts" / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, path)
+    good = path.read_bytes()
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, path)
+    assert path.read_bytes() == good
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary left behind
+    assert torch.equal(io.load_checkpoint(path)["state_dict"]["w"], torch.ones(3))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_from_a_malicious_checkpoint_is_refused_before_anything_runs(train_config, tmp_path):
+    marker = tmp_path / "payload_ran"
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": _Payload(marker)}))
+    out = tmp_path / "run"
+    with pytest.raises(EENetError, match="cannot load .*evil.ckpt safely"):
+        train(train_config(BASE + [f"ckpt_path={evil}"], output_dir=out))
+    assert not marker.exists()
+    assert not out.exists()
