@@ -21,6 +21,7 @@ from the dynamic engine, plus ``calibration``), ``results.md``, ``curve.png``,
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from eenet.plots import plot_curve, plot_exit_distribution
 from eenet.policies import create_policy
 from eenet.reporting import markdown_table
 from eenet.results import atomic_write_text, make_results, results_markdown, write_results
-from eenet.train import CONFIG_DIR, _instantiate, build_network, run_cli
+from eenet.train import CONFIG_DIR, _instantiate, build_network, check_group_overrides, run_cli
 
 
 def load_run(run_dir: str | Path, data_root: str | None = None
@@ -225,6 +226,7 @@ def _main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Console entry point ``eenet-eval``."""
+    check_group_overrides(sys.argv[1:])
     _main()
 
 

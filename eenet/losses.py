@@ -53,6 +53,9 @@ class ExitLoss(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def check(self, num_exits: int) -> None:
+        """Raise an EENetError if the loss cannot serve a network with ``num_exits`` exits."""
+
     def forward(self, outputs, target: torch.Tensor, cost_fractions: torch.Tensor) -> dict:
         raise NotImplementedError
 
@@ -159,6 +162,10 @@ class MultiExitCE(ExitLoss):
         self.ramp_start = float(ramp_start)
         self.epoch = 0
 
+    def check(self, num_exits: int) -> None:
+        if isinstance(self.weights, list) and len(self.weights) != num_exits:
+            raise EENetError(f"multi_ce has {len(self.weights)} weights for {num_exits} exits")
+
     def exit_weights(self, n_exits: int, cost_fractions: torch.Tensor) -> list[float]:
         if self.weights is None:
             target = [1.0] * n_exits
@@ -197,6 +204,10 @@ class TwoStageLoss(ExitLoss):
     @property
     def uses_confidence(self) -> bool:  # type: ignore[override]
         return self.current.uses_confidence
+
+    def check(self, num_exits: int) -> None:
+        self.first.check(num_exits)
+        self.second.check(num_exits)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,16 @@ def _process_rank() -> int:
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
 
 
+def check_output_dir(out_dir: Path) -> None:
+    """The output folder can be created and written to (checked before anything is written)."""
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".eenet-write-check-"):
+            pass
+    except OSError as exc:
+        raise EENetError(f"output folder {out_dir} is not writable: {exc.strerror or exc}") from exc
+
+
 def _resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
     """The checkpoint to resume from (``ckpt_path=`` or ``resume=true``), checked to load safely."""
     path = cfg.get("ckpt_path")
@@ -158,6 +169,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
         net = build_network(cfg, input_size)
         cost = exit_cost_table(net, input_size)
     loss = _instantiate(cfg.loss, "loss")
+    loss.check(net.num_exits)
     policy = create_policy(cfg.policy.name, cfg.policy.thresholds)
     policy.threshold_vector(net.num_exits - 1)  # checks the count of per-exit thresholds
     module = EarlyExitModule(net, loss, cost.fractions,
@@ -168,6 +180,8 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
                              confidence_lr_scale=float(cfg.get("confidence_lr_scale", 1.0)),
                              sync_batchnorm=bool(cfg.get("sync_batchnorm", True)))
     ckpt_path = _resume_path(cfg, out_dir)
+    if rank == 0:
+        check_output_dir(out_dir)
     log.info("exits after stages %s\n%s", net.exit_stages, cost.to_markdown())
 
     # 2. train
@@ -252,8 +266,33 @@ def _main(cfg: DictConfig) -> float | None:
     return results["test"]["accuracy"]
 
 
+def check_group_overrides(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
+    """One-line error for ``group=option`` when ``conf/<group>/<option>.yaml`` does not exist.
+
+    Hydra reports that itself, over several lines; checking first keeps every
+    user mistake to one line (``HYDRA_FULL_ERROR=1`` skips the check).
+    """
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    root = Path(config_dir)
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        key, value = arg.split("=", 1)
+        key = key.lstrip("+~")
+        group = root / key
+        if "." in key or "/" in key or not group.is_dir() or "," in value or value in ("null", ""):
+            continue
+        if not (group / f"{value}.yaml").is_file():
+            accepted = sorted(p.stem for p in group.glob("*.yaml"))
+            print(f"error: unknown {key} '{value}'; accepted: {', '.join(accepted)}",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
 def main() -> None:
     """Console entry point ``eenet-train``."""
+    check_group_overrides(sys.argv[1:])
     _main()
 
 

@@ -1,0 +1,232 @@
+"""Bad configurations and inputs, as a table: one clear line, exit code 2, earlier outputs untouched.
+
+Every row goes through the real entry points (``run_cli(train, cfg)`` /
+``run_cli(evaluate, cfg)``, what ``eenet-train`` and ``eenet-eval`` call after
+Hydra composed the config), a few through the command line itself.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from eenet.errors import EENetError
+from eenet.eval import evaluate
+from eenet.train import compose_config, run_cli, train
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
+         f"data_root={SHARED}"]
+
+TRAIN_ROWS = [
+    ("unknown backbone name", ["backbone.name=resnet21"], "unknown backbone 'resnet21'; accepted:"),
+    ("unknown dataset name", ["dataset.datamodule.name=mnist2"], "unknown dataset 'mnist2'; accepted:"),
+    ("unknown exit pre-block", ["exit.preblock=maxpool"], "unknown exit preblock 'maxpool'; accepted:"),
+    ("unknown confidence input", ["exit.confidence_input=mlp"], "unknown exit confidence_input 'mlp'"),
+    ("unknown placement", ["placement.method=uniform"], "unknown exit placement 'uniform'; accepted:"),
+    ("too many exits", ["placement.num_exits=9"], "9 exits do not fit with placement 'fine'"),
+    ("exit stage out of range", ["placement.method=explicit", "placement.stages=[12]"],
+     "exit stage 12 is out of range"),
+    ("exit stages not increasing", ["placement.method=explicit", "placement.stages=[3,1]"],
+     "strictly increasing"),
+    ("negative lambda", ["loss.lambda_coef=-1"], "lambda_coef must be >= 0"),
+    ("unknown EENet loss version", ["loss.version=3"], "version must be 1 or 2"),
+    ("threshold above 1", ["policy.thresholds=1.5"], "confidence threshold 1.5 is outside (0, 1)"),
+    ("threshold of 0", ["policy.thresholds=0.0"], "confidence threshold 0.0 is outside (0, 1)"),
+    ("wrong number of thresholds", ["policy.thresholds=[0.5,0.5,0.5]"],
+     "3 thresholds given for 2 early exits"),
+    ("unknown policy", ["policy.name=softmax"], "unknown exit policy 'softmax'; accepted:"),
+    ("data root without the files", ["dataset=mnist", "data_root=/nonexistent/eenet"],
+     "train-images-idx3-ubyte"),
+    ("validation fraction out of range", ["dataset.datamodule.val_size=1.5"], "val_size=1.5 is out of range"),
+    ("batch size 0", ["dataset.datamodule.batch_size=0"], "batch_size must be an integer >= 1"),
+    ("mean/std for the wrong channel count", ["dataset.datamodule.mean=[0.1,0.2]",
+                                              "dataset.datamodule.std=[0.3,0.3]"],
+     "has 1 channel(s) but mean/std have 2 values"),
+    ("unknown augmentation", ["dataset.datamodule.augment=[rotate]"], "unknown augmentation(s) rotate"),
+    ("confidence learning-rate factor 0", ["confidence_lr_scale=0"], "confidence_lr_scale must be > 0"),
+    ("resume without a checkpoint", ["resume=true"], "resume=true but"),
+    ("multi_ce weights of the wrong length", ["loss=multi_ce", "loss.weights=[1,1]"],
+     "multi_ce has 2 weights for 3 exits"),
+]
+
+
+def _earlier_run(folder: Path) -> dict[str, bytes]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text('{"earlier": true}\n')
+    (folder / "model.pt").write_bytes(b"weights of an earlier run")
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def _expect_one_line_exit(fn, cfg, capsys, message):
+    with pytest.raises(SystemExit) as code:
+        run_cli(fn, cfg)
+    assert code.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert message in err[0], err[0]
+
+
+@pytest.mark.parametrize("name,overrides,message", TRAIN_ROWS, ids=[r[0] for r in TRAIN_ROWS])
+def test_train_rows(tmp_path, capsys, monkeypatch, name, overrides, message):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    out = tmp_path / "run"
+    before = _earlier_run(out)
+    cfg = compose_config(QUICK + overrides, output_dir=out)
+    _expect_one_line_exit(train, cfg, capsys, message)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_corrupt_data_file(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for f in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+              "t10k-labels-idx1-ubyte"):
+        (raw / f).write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 60)  # a header and nothing else
+    cfg = compose_config(QUICK + ["dataset=mnist", f"data_root={tmp_path / 'data'}"],
+                         output_dir=tmp_path / "run")
+    _expect_one_line_exit(train, cfg, capsys, "could not read dataset 'mnist'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_output_folder_that_cannot_be_written(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    if os.geteuid() == 0:  # root ignores permission bits: block the folder with a file instead
+        blocker = tmp_path / "blocked"
+        blocker.write_text("a file where the folder should be")
+        out = blocker / "run"
+    else:
+        ro = tmp_path / "readonly"
+        ro.mkdir()
+        ro.chmod(0o500)
+        out = ro / "run"
+    cfg = compose_config(QUICK, output_dir=out)
+    _expect_one_line_exit(train, cfg, capsys, "is not writable")
+
+
+def test_truncated_checkpoint_to_resume_from(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(100)}}, ckpt)
+    ckpt.write_bytes(ckpt.read_bytes()[:200])
+    cfg = compose_config(QUICK + [f"ckpt_path={ckpt}"], output_dir=tmp_path / "run")
+    _expect_one_line_exit(train, cfg, capsys, "cannot load")
+    assert not (tmp_path / "run").exists()
+
+
+# ---- eenet-eval --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    train(compose_config(["trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                          "logger=none", "checkpoint.enabled=false"], output_dir=out))
+    return out
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _copy_run(src: Path, dst: Path) -> Path:
+    dst.mkdir()
+    (dst / "config.yaml").write_text((src / "config.yaml").read_text())
+    return dst
+
+
+EVAL_ROWS = [
+    ("no calibration target", [], "give exactly one calibration target"),
+    ("two calibration targets", ["budget=0.5", "tolerance=1"], "give exactly one calibration target"),
+    ("budget of 0", ["budget=0"], "budget must be an average cost fraction > 0"),
+    ("negative tolerance", ["tolerance=-1"], "tolerance must be >= 0 accuracy points"),
+    ("unknown policy", ["tolerance=1", "policy=softmax"], "unknown exit policy 'softmax'"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,message", EVAL_ROWS, ids=[r[0] for r in EVAL_ROWS])
+def test_eval_rows(digits_run, tmp_path, capsys, monkeypatch, name, overrides, message):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = compose_config([f"run={digits_run}", *overrides], output_dir=tmp_path / "eval",
+                         config_name="eval")
+    _expect_one_line_exit(evaluate, cfg, capsys, message)
+    assert not (tmp_path / "eval").exists()
+
+
+def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    cfg = compose_config([f"run={tmp_path}", "tolerance=1"], output_dir=tmp_path / "eval",
+                         config_name="eval")
+    _expect_one_line_exit(evaluate, cfg, capsys, "is not a finished eenet-train run")
+
+
+def test_eval_refuses_a_pickle_that_would_run_code(digits_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    run = _copy_run(digits_run, tmp_path / "evil")
+    marker = tmp_path / "payload_ran"
+    (run / "model.pt").write_bytes(pickle.dumps({"w": _Payload(marker)}))
+    cfg = compose_config([f"run={run}", "tolerance=1"], output_dir=tmp_path / "eval",
+                         config_name="eval")
+    _expect_one_line_exit(evaluate, cfg, capsys, "cannot load")
+    assert not marker.exists()
+
+
+def test_eval_of_weights_that_do_not_match_the_config(digits_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    run = _copy_run(digits_run, tmp_path / "mismatch")
+    state = torch.load(digits_run / "model.pt", weights_only=True)
+    state["exits.0.classifier.weight"] = torch.zeros(3, 3)
+    torch.save(state, run / "model.pt")
+    cfg = compose_config([f"run={run}", "tolerance=1"], output_dir=tmp_path / "eval",
+                         config_name="eval")
+    _expect_one_line_exit(evaluate, cfg, capsys, "shape mismatch: exits.0.classifier.weight")
+
+
+# ---- the command line itself -------------------------------------------------------------------
+
+CLI_ROWS = [
+    ("unknown config group option", ["eenet.train", "backbone=resnet21"], "error: unknown backbone 'resnet21'"),
+    ("unknown loss group option", ["eenet.train", "loss=focal"], "error: unknown loss 'focal'"),
+    ("eval of a missing run", ["eenet.eval", "run=/nonexistent/run", "tolerance=1",
+                               "hydra.run.dir=EVAL"], "is not a finished eenet-train run"),
+]
+
+
+@pytest.mark.parametrize("name,args,message", CLI_ROWS, ids=[r[0] for r in CLI_ROWS])
+def test_cli_rows(tmp_path, name, args, message):
+    args = [a.replace("EVAL", str(tmp_path / "eval")) for a in args]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    env.pop("HYDRA_FULL_ERROR", None)
+    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=300)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_model_and_engine_inputs_of_the_wrong_shape():
+    from eenet.inference import DynamicEngine
+    from eenet.policies import create_policy
+    from eenet.train import build_network
+
+    net = build_network(compose_config(QUICK, output_dir="unused"), (1, 8, 8)).eval()
+    with pytest.raises(EENetError, match=r"expected \(batch, 1, 8, 8\)"):
+        net(torch.zeros(2, 3, 8, 8))
+    engine = DynamicEngine(net, create_policy("confidence", 0.5))
+    with pytest.raises(EENetError, match=r"expected \(batch, 1, 8, 8\)"):
+        engine(torch.zeros(2, 1, 9, 9))
+    net.train()
+    with pytest.raises(EENetError, match="eval mode only"):
+        engine(torch.zeros(2, 1, 8, 8))
