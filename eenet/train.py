@@ -137,8 +137,11 @@ def _load_best(module: EarlyExitModule, ckpt_path: str | None) -> None:
         module.load_state_dict(safe_torch_load(ckpt_path)["state_dict"])
 
 
-def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
+def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, dict[str, Any]]:
     """Train, evaluate and write a run; returns ``(results, objects)``.
+
+    ``extra_callbacks`` are added to the Lightning trainer's callbacks (probes,
+    custom logging) for callers that use ``train`` as a library function.
 
     ``objects`` holds the built ``datamodule``, ``net``, ``module``, ``trainer``
     and ``cost`` table for callers that want to go on with them.
@@ -194,7 +197,7 @@ def train(cfg: DictConfig) -> tuple[dict, dict[str, Any]]:
                if lg is not None]
     for lg in loggers:
         lg.log_hyperparams(config)
-    callbacks: list = [EpochSeed(int(cfg.seed))]
+    callbacks: list = [EpochSeed(int(cfg.seed)), *(extra_callbacks or [])]
     ckpt_cb = None
     if cfg.checkpoint.enabled:
         ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(
