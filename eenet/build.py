@@ -12,9 +12,11 @@ from typing import Callable, Sequence
 from torch import nn
 
 from eenet.cost import backbone_cost
+from eenet.errors import EENetError
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.models.placement import place_exits
 from eenet.models.staged import StagedBackbone
+from eenet.models.trecx import MitigatedFinalHead
 
 ExitFactory = Callable[..., nn.Module]
 
@@ -22,7 +24,8 @@ ExitFactory = Callable[..., nn.Module]
 def build_early_exit_network(backbone: StagedBackbone, exit_block: ExitFactory,
                              placement: str = "fine", num_exits: int = 2,
                              stages: Sequence[int] | None = None,
-                             input_size: tuple[int, int, int] | None = None) -> EarlyExitNetwork:
+                             input_size: tuple[int, int, int] | None = None,
+                             mitigation: str | None = None) -> EarlyExitNetwork:
     """Attach exits to ``backbone``.
 
     Args:
@@ -33,6 +36,8 @@ def build_early_exit_network(backbone: StagedBackbone, exit_block: ExitFactory,
         num_exits: number of early exits for a distribution.
         stages: stage indices for ``explicit``.
         input_size: input ``(C, H, W)``; the backbone's default when omitted.
+        mitigation: ``trecx`` or ``concat`` to let the final exit use the first early
+            exit (T-RecX's overthinking mitigation, :mod:`eenet.models.trecx`); None for none.
     """
     input_size = tuple(input_size or backbone.default_input_size)
     if input_size[0] != backbone.in_chans:
@@ -47,4 +52,12 @@ def build_early_exit_network(backbone: StagedBackbone, exit_block: ExitFactory,
     exits = [exit_block(in_channels=shapes[s][0], num_classes=backbone.num_classes,
                         in_size=tuple(shapes[s][1:])) for s in positions]
     fixed = any(getattr(e, "preblock", "pool") == "plain" for e in exits)
-    return EarlyExitNetwork(backbone, exits, positions, input_size, fixed_size=fixed)
+    final_head, carry = None, None
+    if mitigation:
+        if not exits:
+            raise EENetError(f"mitigation '{mitigation}' needs an early exit")
+        final_head = MitigatedFinalHead(mitigation, backbone.head, exits[0],
+                                        backbone.stage_info[-1].channels, backbone.num_classes)
+        carry = 0 if final_head.needs_carry else None
+    return EarlyExitNetwork(backbone, exits, positions, input_size, fixed_size=fixed,
+                            final_head=final_head, carry_exit=carry)

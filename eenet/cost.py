@@ -140,7 +140,8 @@ def exit_cost_table(net: EarlyExitNetwork, input_size: tuple[int, ...] | None = 
     stem = m.get("backbone.stem", 0)
     stage_macs = [m.get(f"backbone.stages.{k}", 0) for k in range(net.backbone.num_stages)]
     head_macs = [m.get(f"exits.{j}", 0) for j in range(len(net.exits))]
-    head_macs.append(m.get("backbone.head", 0))  # the final exit is the backbone's head
+    # the final exit is the backbone's head, plus the mitigation head when there is one
+    head_macs.append(m.get("backbone.head", 0) + m.get("final_head", 0))
     rows, paid_heads = [], 0
     for i, (stage, head) in enumerate(zip(net.exit_stage_indices(), head_macs)):
         paid_heads += head

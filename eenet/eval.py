@@ -38,6 +38,7 @@ from eenet.models.early_exit import EarlyExitNetwork, load_state_dict_checked
 from eenet.plots import plot_curve, plot_exit_distribution
 from eenet.policies import create_policy
 from eenet.reporting import markdown_table
+from eenet.training.metrics import overthinking_counts
 from eenet.results import atomic_write_text, make_results, results_markdown, write_results
 from eenet.train import CONFIG_DIR, _instantiate, build_network, check_group_overrides, run_cli
 
@@ -133,6 +134,9 @@ def evaluate(cfg: DictConfig) -> dict:
                  "exit_rates": val_point.exit_rates, "n": len(val),
                  "exit_acc": val.correct.double().mean(0).tolist()}
     test_stats["exit_acc"] = test.correct.double().mean(0).tolist()
+    over, oracle = overthinking_counts(test.correct)
+    test_stats["overthinking"] = (over.double() / len(test)).tolist()
+    test_stats["oracle_acc"] = float(oracle) / len(test)
     final_test = _split_stats(torch.full_like(y, n_exits - 1), test.correct[:, -1], costs, n_exits)
     calibration = res.to_dict()
     calibration["test_curve"] = [{"avg_cost": c, "accuracy": a} for c, a in on_test(res.curve)]

@@ -136,6 +136,10 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
     input_size = tuple(int(v) for v in input_size)
     if (mean is None) != (std is None):
         raise EENetError("give both mean and std for the preprocessing, or neither")
+    if getattr(net, "carry_exit", None) is not None:
+        raise EENetError("this network carries an early exit's features to the final exit "
+                         "(mitigation 'concat'), which the segment export does not support; "
+                         "use mitigation 'trecx' (nothing is carried) or none")
     cost = cost_table if cost_table is not None else exit_cost_table(net, input_size)
     if len(cost.exits) != net.num_exits:
         raise EENetError(f"the cost table has {len(cost.exits)} exits, the network "
@@ -152,8 +156,10 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
         with torch.no_grad():
             for j, (modules, exit_block) in enumerate(net.segments()):
                 final = exit_block is None
-                segment = nn.Sequential(*modules)
-                head = _FinalExit(net) if final else exit_block
+                # wrappers in eval mode: the exporter restores a wrapper's mode afterwards,
+                # which would switch the wrapped network's dropout and BatchNorm to training
+                segment = nn.Sequential(*modules).eval()
+                head = _FinalExit(net).eval() if final else exit_block
                 names = {"exit": j, "segment": f"segment_{j}.onnx",
                          "head": "final.onnx" if final else f"exit_{j}.onnx",
                          "outputs": ["logits"] if final else ["logits", "conf_logit"]}

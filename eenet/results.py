@@ -48,9 +48,12 @@ def make_results(dataset: str, backbone: str, num_classes: int, cost: CostTable,
     """
     exits = []
     for i, e in enumerate(cost.exits):
-        exits.append({"name": e.name, "stage": e.stage, "macs": e.macs, "head_macs": e.head_macs,
-                      "cost_fraction": e.cost_fraction,
-                      "val_accuracy": val["exit_acc"][i], "test_accuracy": test["exit_acc"][i]})
+        row = {"name": e.name, "stage": e.stage, "macs": e.macs, "head_macs": e.head_macs,
+               "cost_fraction": e.cost_fraction,
+               "val_accuracy": val["exit_acc"][i], "test_accuracy": test["exit_acc"][i]}
+        if "overthinking" in test:
+            row["test_overthinking"] = test["overthinking"][i]
+        exits.append(row)
     out = {
         "dataset": dataset,
         "backbone": backbone,
@@ -65,7 +68,7 @@ def make_results(dataset: str, backbone: str, num_classes: int, cost: CostTable,
         "val": {"accuracy": val["acc"], "avg_cost_fraction": val["avg_cost"],
                 "exit_rates": val["exit_rates"], "n": val["n"]},
     }
-    for key in ("mixture_acc", "expected_cost"):
+    for key in ("mixture_acc", "expected_cost", "oracle_acc"):
         if key in test:
             out["test"][key] = test[key]
     out.update(extra)
@@ -95,6 +98,11 @@ def results_markdown(results: dict) -> str:
     if "mixture_acc" in t:
         lines.append(f"EENet mixture P_0: test accuracy {100 * t['mixture_acc']:.2f}%, "
                      f"expected cost E[C_0] {t['expected_cost']:.3f}.")
+    if "oracle_acc" in t:
+        over = [f"{e['name']} {100 * e['test_overthinking']:.2f}%" for e in results["exits"][:-1]
+                if "test_overthinking" in e]
+        lines.append(f"Overthinking (right at the exit, wrong at the final exit): "
+                     f"{', '.join(over) or '-'}; oracle accuracy {100 * t['oracle_acc']:.2f}%.")
     return "\n".join(lines)
 
 

@@ -90,13 +90,14 @@ def build_network(cfg: DictConfig, input_size: tuple[int, int, int],
     backbone = _instantiate(cfg.backbone, "backbone")
     exit_block = _instantiate(cfg.exit, "exit")
     p = cfg.placement
+    mitigation = cfg.get("mitigation")
     if stages is not None:
         return build_early_exit_network(backbone, exit_block, placement="explicit", stages=stages,
-                                        input_size=input_size)
+                                        input_size=input_size, mitigation=mitigation)
     stages = list(p.stages) if p.get("stages") is not None else None
     return build_early_exit_network(backbone, exit_block, placement=p.method,
                                     num_exits=int(p.num_exits), stages=stages,
-                                    input_size=input_size)
+                                    input_size=input_size, mitigation=mitigation)
 
 
 def _process_rank() -> int:

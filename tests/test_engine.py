@@ -167,3 +167,65 @@ def test_latency_table_has_every_exit_and_batch_size():
         ("exit0", 1), ("exit1", 1), ("exit2", 1), ("exit0", 8), ("exit1", 8), ("exit2", 8)]
     assert all(r["ms_per_batch"] > 0 for r in rows)
     assert rows[2]["fraction_of_final"] == 1.0
+
+
+# ---- T-RecX: the final exit helped by the early exit -------------------------------------------
+
+def trecx_net(mode, seed=0):
+    from eenet.models.trecx import TRecXExit
+
+    torch.manual_seed(seed)
+    b = create_backbone("resnet8_tiny", num_classes=6, in_chans=3)
+    net = build_early_exit_network(b, functools.partial(TRecXExit, width=64), "explicit",
+                                   stages=[0], input_size=(3, 16, 16), mitigation=mode)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return net
+
+
+@pytest.mark.parametrize("mode", [None, "trecx", "concat"])
+def test_mitigated_networks_dynamic_equals_static(mode):
+    net = trecx_net(mode).eval()
+    with torch.no_grad():  # a trained-looking final head: not the zero initialisation
+        if net.final_head is not None:
+            net.final_head.fc.weight.normal_()
+    x = torch.randn(40, 3, 16, 16)
+    th = median_thresholds(net, x)
+    policy = create_policy("max_prob", th)
+    with torch.no_grad():
+        static = net(x)
+    out = DynamicEngine(net, policy, exit_cost_table(net).fractions, keep_logits=True)(x)
+    assert torch.equal(out.exit, policy.decide(static))
+    assert 0 < int((out.exit == 1).sum()) < 40
+    chosen = torch.stack(static.logits, 1)[torch.arange(40), out.exit]
+    torch.testing.assert_close(out.logits, chosen, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["trecx", "concat"])
+def test_mitigation_starts_as_the_plain_final_exit_and_trains_every_parameter(mode):
+    net = trecx_net(mode).train()
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 6, (8,))
+    out = net(x)
+    torch.testing.assert_close(out.logits[-1], net.backbone.head(net.backbone.forward_features(x)))
+    from eenet.losses import MultiExitCE
+
+    MultiExitCE(weights=[0.5, 1.0])(out, y, torch.tensor([0.5, 1.1]))["loss"].backward()
+    for n, p in net.named_parameters():
+        if ".confidence." in n:
+            continue  # multi_ce does not train confidence heads
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    if mode == "trecx":  # the depthwise filters are shared, not copied
+        assert net.final_head.tied[0] is net.exits[0].depthwise
+        names = [n for n, _ in net.named_parameters()]
+        assert not any(n.startswith("final_head.tied") for n in names)
+
+
+def test_trecx_mitigation_needs_matching_width():
+    from eenet.models.trecx import TRecXExit
+
+    b = create_backbone("resnet8_tiny", num_classes=6, in_chans=3)
+    with pytest.raises(EENetError, match="set exit.width=64"):
+        build_early_exit_network(b, TRecXExit, "explicit", stages=[0], input_size=(3, 16, 16),
+                                 mitigation="trecx")

@@ -319,3 +319,29 @@ def test_cli_mistake_found_after_loading_the_run_is_one_line(digits_run, tmp_pat
                cwd=tmp_path)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: 3 thresholds given for 2 early exits"
+
+
+def test_export_of_a_network_with_dropout_in_its_head_and_keras_same_padding(tmp_path):
+    """DS-CNN: dropout before its pooling (eval mode must survive export) and Keras 'same'
+    padding on a 49x10 input (the traced padding arithmetic must give 25 rows, not 24)."""
+    import functools
+
+    from eenet.build import build_early_exit_network
+    from eenet.inference import DynamicEngine
+    from eenet.models import create_backbone
+    from eenet.models.trecx import TRecXExit
+    from eenet.onnx_runner import OnnxEarlyExitRunner
+    from eenet.policies import create_policy
+
+    torch.manual_seed(0)
+    b = create_backbone("dscnn_kws", num_classes=12, in_chans=1)
+    net = build_early_exit_network(b, functools.partial(TRecXExit, width=64), "explicit",
+                                   stages=[1], input_size=(1, 49, 10)).eval()
+    policy = create_policy("max_prob", [0.2])
+    manifest = export_segments(net, (1, 49, 10), tmp_path / "onnx", policy)  # checks every piece
+    assert not net.training
+    x = torch.randn(16, 1, 49, 10)
+    pred, exit_idx, _ = OnnxEarlyExitRunner(manifest)(x.numpy())
+    out = DynamicEngine(net, policy)(x)
+    assert torch.equal(torch.as_tensor(exit_idx), out.exit)
+    assert torch.equal(torch.as_tensor(pred), out.pred)

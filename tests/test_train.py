@@ -153,9 +153,6 @@ def test_every_experiment_config_runs(train_config, experiment, tmp_path):
         with_subsets = [f"experiment={experiment}", "debug=fdr", "logger=none",
                         "trainer.enable_progress_bar=false", "dataset.datamodule.train_subset=600",
                         "dataset.datamodule.val_size=100", "dataset.datamodule.test_subset=100"]
-        if cfg.dataset.datamodule.name == "imagefolder":
-            pytest.skip("decoding a whole ImageFolder is too slow for fast_dev_run; "
-                        "covered by the slow tests")
         cfg = train_config(with_subsets)
     results, _ = train(cfg)
     assert results["test"]["n"] > 0

@@ -252,10 +252,12 @@ class Calibrator:
         ok = acc >= value - 1e-12
         return (1, -cost, acc) if ok else (0, acc, -cost)
 
-    def calibrate(self, budget: float | None = None, tolerance: float | None = None
-                  ) -> CalibrationResult:
-        """Thresholds for a cost ``budget`` or an accuracy ``tolerance`` (in accuracy points)."""
-        if (budget is None) == (tolerance is None):
+    def calibrate(self, budget: float | None = None, tolerance: float | None = None,
+                  min_accuracy: float | None = None) -> CalibrationResult:
+        """Thresholds for a cost ``budget``, an accuracy ``tolerance`` (accuracy points below
+        the final exit) or an absolute ``min_accuracy`` (a fraction, e.g. a reference model's
+        validation accuracy minus a tolerance)."""
+        if sum(v is not None for v in (budget, tolerance, min_accuracy)) != 1:
             raise EENetError("give exactly one calibration target: budget=B (average cost "
                              "fraction) or tolerance=D (accuracy points below the final exit)")
         never = torch.full((self.n,), math.inf)
@@ -266,6 +268,12 @@ class Calibrator:
                 raise EENetError(f"budget must be an average cost fraction > 0, got {budget}")
             kind, value = "budget", float(budget)
             target = {"kind": "budget", "value": value}
+        elif min_accuracy is not None:
+            if not 0 <= min_accuracy <= 1:
+                raise EENetError(f"min_accuracy must be a fraction in [0, 1], got {min_accuracy}")
+            kind, value = "tolerance", float(min_accuracy)
+            target = {"kind": "min_accuracy", "value": value, "min_accuracy": value,
+                      "final_exit_accuracy": reference.accuracy}
         else:
             if not tolerance >= 0:
                 raise EENetError(f"tolerance must be >= 0 accuracy points, got {tolerance}")

@@ -82,14 +82,16 @@ class DynamicEngine:
         out_logits = None
         remaining = torch.arange(b, device=device)
         state = self.policy.initial_state(b, device)
+        carried = None  # an early exit's features for the final exit (T-RecX mitigation)
         for j, (modules, exit_block) in enumerate(self._segments):
             for m in modules:
                 x = m(x)
             if exit_block is None:  # the final exit takes everything that is left
-                logits, _ = self.net.final_exit(x)
+                logits, _ = self.net.final_exit(x, carried)
                 leave = None
             else:
-                logits, z = exit_block(x)
+                logits, z, c = self.net.run_exit(j, exit_block, x)
+                carried = c if c is not None else carried
                 score, state = self.policy.exit_score(logits, z, state)
                 leave = score > self.thresholds[j]
             if out_logits is None and self.keep_logits:
@@ -111,5 +113,7 @@ class DynamicEngine:
             if ids.numel():
                 x, remaining = x[stay], remaining[stay]
                 state = tuple(s[stay] for s in state)
+                if carried is not None:
+                    carried = carried[stay]
         return DynamicOutput(pred=pred, exit=exit_idx, cost=self.costs.to(device)[exit_idx],
                              logits=out_logits)

@@ -22,11 +22,15 @@ from eenet.models.early_exit import EarlyExitNetwork
 
 def run_to_exit(net: EarlyExitNetwork, x: torch.Tensor, exit_index: int) -> torch.Tensor:
     """Run the segments up to ``exit_index`` with every exit head on the way; its logits."""
-    logits = None
+    logits, carried = None, None
     for j, (modules, exit_block) in enumerate(net.segments()):
         for m in modules:
             x = m(x)
-        logits = exit_block(x)[0] if exit_block is not None else net.final_exit(x)[0]
+        if exit_block is None:
+            logits = net.final_exit(x, carried)[0]
+        else:
+            logits, _, c = net.run_exit(j, exit_block, x)
+            carried = c if c is not None else carried
         if j == exit_index:
             break
     return logits

@@ -9,6 +9,11 @@ Exits are numbered 0..N: 0..N-1 are the early exits in stage order and N is the
 final exit, which is the backbone's own classifier. Its confidence is h_N = 1:
 EENets' recursion (Demir & Akbas, eq. for P_i, C_i) ends with P_N = p_N, so a
 sample that reaches the final exit always leaves there.
+
+Optionally the final exit is helped by an early exit (T-RecX's overthinking
+mitigation, ``eenet.models.trecx``): a ``final_head`` adds logits computed from
+the last stage's output and, when ``carry_exit`` is set, from that early exit's
+pre-block features, which both paths carry along with the samples that go on.
 """
 
 from __future__ import annotations
@@ -52,10 +57,14 @@ class EarlyExitNetwork(nn.Module):
             checked, the spatial size when ``fixed_size`` is true.
         fixed_size: whether the network only accepts ``input_size`` (true when
             an exit flattens a feature map).
+        final_head: optional module ``(last stage output, carried) -> logits`` added to
+            the backbone classifier's logits at the final exit.
+        carry_exit: index of the early exit whose pre-block features ``final_head`` reads.
     """
 
     def __init__(self, backbone: StagedBackbone, exits: list[nn.Module], exit_stages: list[int],
-                 input_size: tuple[int, int, int], fixed_size: bool = False):
+                 input_size: tuple[int, int, int], fixed_size: bool = False,
+                 final_head: nn.Module | None = None, carry_exit: int | None = None):
         super().__init__()
         if len(exits) != len(exit_stages):
             raise ValueError("one exit per exit stage")
@@ -65,6 +74,10 @@ class EarlyExitNetwork(nn.Module):
         self.input_size = tuple(int(v) for v in input_size)
         self.fixed_size = fixed_size
         self._exit_after = {s: j for j, s in enumerate(self.exit_stages)}
+        self.final_head = final_head
+        if carry_exit is not None and not 0 <= carry_exit < len(exits):
+            raise EENetError(f"carry_exit {carry_exit} is not an early exit (0..{len(exits) - 1})")
+        self.carry_exit = carry_exit
 
     @property
     def num_exits(self) -> int:
@@ -90,10 +103,26 @@ class EarlyExitNetwork(nn.Module):
             raise EENetError(f"input of shape {tuple(x.shape)} does not fit this network: "
                              f"expected {expected}")
 
-    def final_exit(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_exit(self, j: int, exit_block: nn.Module, x: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Early exit ``j`` on stage output ``x``: ``(logits, confidence logits, carried)``.
+
+        ``carried`` is the exit's pre-block features when it is the ``carry_exit``, else None.
+        """
+        if j == self.carry_exit:
+            f = exit_block.pre(x)
+            logits, z = exit_block.predict(f)
+            return logits, z, f
+        logits, z = exit_block(x)
+        return logits, z, None
+
+    def final_exit(self, x: torch.Tensor, carried: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """The final exit on the last stage's output: the backbone's head, h_N = 1."""
         head = self.backbone.head
         logits = head.fc(head.pool(x))
+        if self.final_head is not None:
+            logits = logits + self.final_head(x, carried)
         return logits, torch.full(logits.shape[:1], float("inf"), dtype=logits.dtype,
                                   device=logits.device)
 
@@ -118,10 +147,15 @@ class EarlyExitNetwork(nn.Module):
         """Static path: every stage and every exit; returns all exits' outputs."""
         self.check_input(x)
         logits, conf = [], []
-        for modules, exit_block in self.segments():
+        carried = None
+        for j, (modules, exit_block) in enumerate(self.segments()):
             for m in modules:
                 x = m(x)
-            out = exit_block(x) if exit_block is not None else self.final_exit(x)
+            if exit_block is None:
+                out = self.final_exit(x, carried)
+            else:
+                *out, c = self.run_exit(j, exit_block, x)
+                carried = c if c is not None else carried
             logits.append(out[0])
             conf.append(out[1])
         return ExitOutputs(logits, conf)

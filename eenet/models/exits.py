@@ -105,10 +105,12 @@ class ExitBlock(nn.Module):
         self.num_features = features
         self.preblock = preblock
 
+    def predict(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two heads on pre-block features ``f``: ``(logits (B, K), confidence logits (B,))``."""
+        logits = self.classifier(f)
+        c = prediction_stats(logits) if self.confidence_input == "stats" else f
+        return logits, self.confidence(c).squeeze(1)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Return ``(logits (B, K), confidence logits (B,))``."""
-        f = self.pre(x)
-        logits = self.classifier(f)
-        if self.confidence_input == "stats":
-            f = prediction_stats(logits)
-        return logits, self.confidence(f).squeeze(1)
+        return self.predict(self.pre(x))

@@ -127,7 +127,9 @@ class SamePad2d(nn.Module):
     @staticmethod
     def amounts(n: int, k: int, s: int) -> tuple[int, int]:
         """``(before, after)`` padding of one axis."""
-        total = max((-(-n // s) - 1) * s + k - n, 0)
+        # ceil(n / s) written as (n + s - 1) // s: with -(-n // s) the traced ONNX
+        # graph truncates the negative division toward zero and pads one row short
+        total = max(((n + s - 1) // s - 1) * s + k - n, 0)
         return total // 2, total - total // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,12 @@ From the static path (all exits) it accumulates, for a split:
   E[C_0] (``expected_cost``), see ``eenet.losses``;
 - under an exit policy (default: confidence > 0.5), each exit's exit rate
   (``exit{i}/rate``), the resulting accuracy (``acc``) and average cost
-  fraction (``avg_cost``).
+  fraction (``avg_cost``);
+- overthinking (Kaya, Hong & Dumitras, "Shallow-Deep Networks", ICML 2019):
+  per exit, the share of samples it classifies correctly while the final exit
+  gets them wrong ("destructive overthinking", ``exit{i}/overthinking``), and
+  the accuracy of an oracle that picks, per sample, any exit that is right
+  (``oracle_acc``).
 
 States are sums, reduced across processes by torchmetrics under DDP.
 """
@@ -21,6 +26,12 @@ from torchmetrics import Metric
 
 from eenet.losses import mixture_costs, mixture_log_probs
 from eenet.policies import ExitPolicy
+
+
+def overthinking_counts(correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """From (B, N+1) per-exit correctness: per exit, samples right there but wrong at the
+    final exit (destructive overthinking), and samples some exit gets right (oracle)."""
+    return (correct & ~correct[:, -1:]).sum(0), correct.any(1).sum()
 
 
 class ExitMetrics(Metric):
@@ -41,6 +52,8 @@ class ExitMetrics(Metric):
         self.add_state("policy_correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("mixture_correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("expected_cost", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("overthink", torch.zeros(n, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("oracle_correct", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("total", torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     @torch.no_grad()
@@ -50,6 +63,9 @@ class ExitMetrics(Metric):
         preds = torch.stack([lg.argmax(1) for lg in logits], 1)  # (B, N+1)
         correct = preds == target.unsqueeze(1)
         self.exit_correct += correct.sum(0)
+        over, oracle = overthinking_counts(correct)
+        self.overthink += over
+        self.oracle_correct += oracle
         chosen = self.policy.decide(type(outputs)(logits, conf))
         self.exit_count += torch.bincount(chosen, minlength=self.num_exits)
         self.policy_correct += correct.gather(1, chosen.unsqueeze(1)).sum()
@@ -68,6 +84,8 @@ class ExitMetrics(Metric):
             "avg_cost": float((self.exit_count.double() * self.costs).sum()) / n,
             "exit_acc": (self.exit_correct.double() / n).tolist(),
             "exit_rates": rates,
+            "overthinking": (self.overthink.double() / n).tolist(),
+            "oracle_acc": float(self.oracle_correct) / n,
             "n": int(self.total),
         }
         if self.mixture:
@@ -84,6 +102,8 @@ def flat_log_dict(stage: str, values: dict) -> dict[str, float]:
             out.update({f"{stage}/exit{i}/acc": a for i, a in enumerate(v)})
         elif key == "exit_rates":
             out.update({f"{stage}/exit{i}/rate": r for i, r in enumerate(v)})
+        elif key == "overthinking":
+            out.update({f"{stage}/exit{i}/overthinking": r for i, r in enumerate(v[:-1])})
         elif key != "n":
             out[f"{stage}/{key}"] = v
     return out
