@@ -40,9 +40,10 @@ from eenet.build import build_early_exit_network
 from eenet.cost import CostTable, exit_cost_table
 from eenet.errors import EENetError
 from eenet.models.early_exit import EarlyExitNetwork
+from eenet.models.weights import load_backbone_weights, state_hash
 from eenet.policies import create_policy
 from eenet.results import atomic_write_text, make_results, results_markdown, write_results
-from eenet.training.checkpoint import EpochSeed, SafeCheckpointIO, safe_torch_load
+from eenet.training.checkpoint import EpochSeed, EpochTimer, SafeCheckpointIO, safe_torch_load
 from eenet.training.module import EarlyExitModule
 
 log = logging.getLogger("eenet")
@@ -51,6 +52,7 @@ log = logging.getLogger("eenet")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+MODES = ("joint", "posttrain", "mixed")
 
 
 def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None,
@@ -86,8 +88,15 @@ def _instantiate(node, what: str, **kwargs):
 
 def build_network(cfg: DictConfig, input_size: tuple[int, int, int],
                   stages: list[int] | None = None) -> EarlyExitNetwork:
-    """Backbone + exit block + placement from the config (or at the given ``stages``)."""
-    backbone = _instantiate(cfg.backbone, "backbone")
+    """Backbone + exit block + placement from the config (or at the given ``stages``).
+
+    ``backbone.checkpoint`` (a run folder, its model.pt or a backbone state_dict) is
+    loaded into the backbone before the exits are attached.
+    """
+    bcfg = OmegaConf.create({k: v for k, v in cfg.backbone.items() if k != "checkpoint"})
+    backbone = _instantiate(bcfg, "backbone")
+    if cfg.backbone.get("checkpoint"):
+        load_backbone_weights(backbone, cfg.backbone.checkpoint)
     exit_block = _instantiate(cfg.exit, "exit")
     p = cfg.placement
     mitigation = cfg.get("mitigation")
@@ -182,7 +191,17 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
                              if cfg.get("scheduler") else None,
                              policy=policy,
                              confidence_lr_scale=float(cfg.get("confidence_lr_scale", 1.0)),
-                             sync_batchnorm=bool(cfg.get("sync_batchnorm", True)))
+                             sync_batchnorm=bool(cfg.get("sync_batchnorm", True)),
+                             freeze_backbone=cfg.get("mode", "joint") == "posttrain",
+                             targets=cfg.get("targets", "labels"))
+    mode = cfg.get("mode", "joint")
+    if mode not in MODES:
+        raise EENetError(f"unknown mode '{mode}'; accepted: {', '.join(MODES)}")
+    if mode in ("posttrain", "mixed") and not (cfg.backbone.get("checkpoint")
+                                                or cfg.backbone.get("weights")):
+        raise EENetError(f"mode={mode} starts from a trained backbone: give backbone.checkpoint="
+                         f"<run folder or state_dict> (or backbone.weights= for torchvision)")
+    backbone_hash = state_hash(net.backbone)
     ckpt_path = _resume_path(cfg, out_dir)
     if rank == 0:
         check_output_dir(out_dir)
@@ -198,7 +217,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
                if lg is not None]
     for lg in loggers:
         lg.log_hyperparams(config)
-    callbacks: list = [EpochSeed(int(cfg.seed)), *(extra_callbacks or [])]
+    epoch_timer = EpochTimer()
+    callbacks: list = [EpochSeed(int(cfg.seed)), epoch_timer, *(extra_callbacks or [])]
     ckpt_cb = None
     if cfg.checkpoint.enabled:
         ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(
@@ -225,7 +245,9 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
         splits=getattr(datamodule, "split_sizes", None),
         epochs=trainer.current_epoch, best_checkpoint=ckpt_cb.best_model_path if ckpt_cb else None,
         val_loss=val["loss"], test_loss=test["loss"], resumed_from=ckpt_path,
-        world_size=trainer.world_size)
+        world_size=trainer.world_size, mode=mode, targets=cfg.get("targets", "labels"),
+        backbone_hash_before=backbone_hash, backbone_hash_after=state_hash(net.backbone),
+        train_epoch_seconds=epoch_timer.seconds)
     if trainer.is_global_zero:
         tmp = out_dir / ".model.pt.tmp"
         torch.save(net.state_dict(), tmp)

@@ -75,3 +75,22 @@ class EpochSeed(L.Callback):
         random.seed(s)
         np.random.seed(s)
         torch.manual_seed(s)
+
+
+class EpochTimer(L.Callback):
+    """Wall-clock seconds of every training epoch (training steps and data loading only)."""
+
+    def __init__(self):
+        self.seconds: list[float] = []
+        self._start = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        import time
+
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        import time
+
+        if self._start is not None:
+            self.seconds.append(time.perf_counter() - self._start)

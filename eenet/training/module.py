@@ -48,12 +48,19 @@ class EarlyExitModule(L.LightningModule):
         sync_batchnorm: on several processes, normalise with the global batch's
             statistics (``eenet.training.sync_bn``), so W processes train what one
             process trains with the same global batch.
+        freeze_backbone: post-training (PTEENet): the backbone's parameters do not
+            train and it stays in eval mode while the exits train, so its BatchNorm
+            running statistics do not move either (PTEENet's code left it in train
+            mode, and they drifted). The final exit is the backbone's own classifier.
+        targets: ``labels``, or ``backbone`` to train the exits to agree with the
+            final exit's own predictions (no labels needed; PTEENet).
     """
 
     def __init__(self, net: EarlyExitNetwork, loss: ExitLoss, cost_fractions: Sequence[float],
                  optimizer: Callable | None = None, scheduler: Callable | None = None,
                  policy: ExitPolicy | None = None, confidence_lr_scale: float = 1.0,
-                 sync_batchnorm: bool = True):
+                 sync_batchnorm: bool = True, freeze_backbone: bool = False,
+                 targets: str = "labels"):
         super().__init__()
         if len(cost_fractions) != net.num_exits:
             raise ValueError(f"{len(cost_fractions)} cost fractions for {net.num_exits} exits")
@@ -76,6 +83,26 @@ class EarlyExitModule(L.LightningModule):
         self.test_loss = MeanMetric()
         self.last_metrics: dict[str, dict] = {}
         self.sync_batchnorm = sync_batchnorm
+        if targets not in ("labels", "backbone"):
+            raise EENetError(f"unknown targets '{targets}'; accepted: labels, backbone")
+        self.targets = targets
+        self.freeze_backbone = freeze_backbone
+        if freeze_backbone:
+            for p in self.net.backbone.parameters():
+                p.requires_grad_(False)
+            self.net.backbone.eval()
+
+    # Lightning sets modes by assignment as well as by .train(), so both are covered:
+    # a frozen backbone stays in eval mode and its BatchNorm statistics do not move.
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_backbone:
+            self.net.backbone.eval()
+        return self
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self.freeze_backbone and any(m.training for m in self.net.backbone.modules()):
+            self.net.backbone.eval()
 
     def setup(self, stage: str) -> None:
         if self.sync_batchnorm and self.trainer.world_size > 1:
@@ -94,7 +121,8 @@ class EarlyExitModule(L.LightningModule):
     def _step(self, batch, stage: str) -> torch.Tensor:
         x, y = batch
         out = self.net(x)
-        parts = self.loss_fn(out, y, self.cost_fractions)
+        target = out.logits[-1].detach().argmax(1) if self.targets == "backbone" else y
+        parts = self.loss_fn(out, target, self.cost_fractions)
         loss = parts["loss"]
         if not torch.isfinite(loss):
             raise EENetError(
@@ -140,10 +168,11 @@ class EarlyExitModule(L.LightningModule):
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ValueError("no optimizer configured")
-        conf = [p for n, p in self.net.named_parameters() if ".confidence." in n]
-        rest = [p for n, p in self.net.named_parameters() if ".confidence." not in n]
+        trainable = [(n, p) for n, p in self.net.named_parameters() if p.requires_grad]
+        conf = [p for n, p in trainable if ".confidence." in n]
+        rest = [p for n, p in trainable if ".confidence." not in n]
         if self.confidence_lr_scale == 1.0 or not conf:
-            params = self.parameters()
+            params = [p for _, p in trainable]
         else:
             base = self.optimizer_factory(params=[torch.zeros(1, requires_grad=True)])
             lr = base.param_groups[0]["lr"]
