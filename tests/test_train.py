@@ -154,8 +154,21 @@ def test_every_experiment_config_runs(train_config, experiment, tmp_path):
                         "trainer.enable_progress_bar=false", "dataset.datamodule.train_subset=600",
                         "dataset.datamodule.val_size=100", "dataset.datamodule.test_subset=100"]
         cfg = train_config(with_subsets)
+    if cfg.get("mode") in ("posttrain", "mixed") and not cfg.backbone.get("checkpoint"):
+        # post-training starts from a trained backbone: give it one (random weights suffice here)
+        from omegaconf import open_dict
+
+        from eenet.train import build_network
+
+        ckpt = tmp_path / "backbone.pt"
+        net = build_network(cfg, tuple([cfg.dataset.in_chans, *cfg.dataset.image_size]), stages=[])
+        torch.save(net.backbone.state_dict(), ckpt)
+        with open_dict(cfg):
+            cfg.backbone.checkpoint = str(ckpt)
     results, _ = train(cfg)
     assert results["test"]["n"] > 0
+    if cfg.get("mode") == "posttrain":
+        assert results["backbone_hash_before"] == results["backbone_hash_after"]
 
 
 def test_wandb_offline_run_without_key_or_mode(train_config, tmp_path, monkeypatch):

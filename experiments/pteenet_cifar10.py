@@ -1,0 +1,133 @@
+"""PTEENet on CIFAR-10 (JPEG): exits post-trained on a frozen resnet20, a lambda sweep.
+
+Lahiany & Aperstein, "PTEENet: Post-Trained Early-Exit Neural Networks
+Augmentation for Inference Cost Optimization", IEEE Access 2022.
+
+1. resnet20 without exits is trained on CIFAR-10 (JPEG) (Adam, cosine, crop +
+   flip); its test accuracy and epochs are recorded.
+2. PTEENet branches (2 x [3x3 conv, BN, ReLU], pooling, confidence and
+   classifier heads; ``conf/exit/pteenet.yaml``) are attached after the stages
+   chosen by EENets' ``linear`` distribution (3 exits) and post-trained on the
+   frozen backbone (``mode=posttrain``): one epoch of multi_ce, then eenet_v2
+   with lambda in the sweep. The backbone's state hash is printed before and
+   after; the final exit is the backbone's own classifier.
+3. For every lambda, confidence thresholds are calibrated on the validation
+   split for a tolerance of 1 point below the final exit (= the backbone) and
+   evaluated on test with the dynamic engine (``eenet-eval``).
+4. One epoch of joint training of the same network (``mode=mixed``: backbone and
+   branches train) is timed against the post-training epochs, in the same run.
+
+Targets: test accuracy within 1 point of the backbone at an average cost
+fraction of at most 0.6; backbone hash unchanged; post-training epochs at least
+2x faster than a joint-training epoch.
+
+    python experiments/pteenet_cifar10.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+from eenet.eval import evaluate
+from eenet.reporting import markdown_table, save_report
+from eenet.train import compose_config, train
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+RUNS = HERE / "runs" / "pteenet_cifar10"
+
+
+def run(name: str, overrides: list[str], args, force: bool = False) -> dict:
+    out = RUNS / name
+    if (out / "results.json").is_file() and not (args.retrain or force):
+        print(f"reusing {out}", flush=True)
+        return json.loads((out / "results.json").read_text())
+    base = ["dataset=cifar10_jpeg", f"data_root={args.data}", "backbone=resnet20",
+            "trainer.enable_progress_bar=false", "logger=csv", "threads=2", f"seed={args.seed}"]
+    t0 = time.time()
+    results, _ = train(compose_config([*base, *overrides], output_dir=out))
+    results["wall_s"] = time.time() - t0
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(DATA))
+    p.add_argument("--backbone-epochs", type=int, default=30)
+    p.add_argument("--post-epochs", type=int, default=8)
+    p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
+    p.add_argument("--tolerance", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retrain", action="store_true")
+    args = p.parse_args()
+
+    plain = run("backbone", ["placement.method=explicit", "placement.stages=[]", "loss=multi_ce",
+                             f"trainer.max_epochs={args.backbone_epochs}"], args)
+    backbone_acc = plain["exits"][-1]["test_accuracy"]
+    branches = ["exit=pteenet", "placement.method=linear", "placement.num_exits=3",
+                f"backbone.checkpoint={RUNS / 'backbone'}", "loss=two_stage", "loss.first_epochs=1"]
+    rows, sweep = [], []
+    for lam in args.lambdas:
+        r = run(f"post_lambda_{lam:g}", branches + [
+            "mode=posttrain", f"loss.second.lambda_coef={lam}",
+            f"trainer.max_epochs={args.post_epochs}"], args)
+        ev = evaluate(compose_config([f"run={RUNS / f'post_lambda_{lam:g}'}",
+                                      f"tolerance={args.tolerance}", "policy=confidence"],
+                                     output_dir=RUNS / f"post_lambda_{lam:g}" / "eval",
+                                     config_name="eval"))
+        t = ev["test"]
+        drop = 100 * (backbone_acc - t["accuracy"])
+        entry = {"lambda": lam, "test_accuracy": t["accuracy"], "avg_cost": t["avg_cost_fraction"],
+                 "exit_rates": t["exit_rates"], "drop_points": drop,
+                 "meets_target": drop <= args.tolerance and t["avg_cost_fraction"] <= 0.6,
+                 "thresholds": ev["policy"]["thresholds"],
+                 "backbone_hash_before": r["backbone_hash_before"],
+                 "backbone_hash_after": r["backbone_hash_after"],
+                 "hash_unchanged": r["backbone_hash_before"] == r["backbone_hash_after"],
+                 "exit_stages": [e["stage"] for e in r["exits"]],
+                 "exit_test_accuracy": [e["test_accuracy"] for e in r["exits"]],
+                 "post_epoch_seconds": r["train_epoch_seconds"],
+                 "calibration_message": ev["calibration"]["message"]}
+        sweep.append(entry)
+        print(f"lambda {lam:g}: backbone hash {r['backbone_hash_before'][:16]}... -> "
+              f"{r['backbone_hash_after'][:16]}... ({'unchanged' if entry['hash_unchanged'] else 'CHANGED'})",
+              flush=True)
+        rows.append([f"{lam:g}", f"{100 * t['accuracy']:.2f}", f"{drop:+.2f}",
+                     f"{t['avg_cost_fraction']:.3f}",
+                     " / ".join(f"{100 * x:.1f}" for x in t["exit_rates"]),
+                     "unchanged" if entry["hash_unchanged"] else "CHANGED"])
+
+    # one epoch of joint training of the same network, timed in this run
+    joint = run("joint_epoch", branches + ["mode=mixed", "loss.second.lambda_coef=1.0",
+                                           "trainer.max_epochs=1", "checkpoint.enabled=false"],
+                args, force=True)
+    post_epoch = statistics.median(s for e in sweep for s in e["post_epoch_seconds"])
+    joint_epoch = joint["train_epoch_seconds"][0]
+    speedup = joint_epoch / post_epoch
+    table = markdown_table(["lambda", "test acc %", "drop vs backbone (points)",
+                            "avg cost fraction", "exit rates %", "backbone hash"], rows)
+    print(f"\nCIFAR-10 (JPEG) test set. resnet20 without exits: {100 * backbone_acc:.2f}% after "
+          f"{args.backbone_epochs} epochs. PTEENet branches after stages "
+          f"{sweep[0]['exit_stages'][:-1]}, post-trained {args.post_epochs} epochs; confidence "
+          f"thresholds calibrated on val for a tolerance of {args.tolerance} point\n")
+    print(table)
+    print(f"\npost-training epoch {post_epoch:.1f} s (median) vs joint-training epoch "
+          f"{joint_epoch:.1f} s: {speedup:.2f}x faster (target >= 2x)")
+    met = [e["lambda"] for e in sweep if e["meets_target"]]
+    print(f"target (drop <= {args.tolerance} point at avg cost <= 0.6) met for lambda: {met or 'none'}")
+    path = save_report(__file__, {
+        "backbone": {"test_accuracy": backbone_acc, "epochs": args.backbone_epochs,
+                     "epoch_seconds": plain.get("train_epoch_seconds")},
+        "sweep": sweep, "post_epoch_median_s": post_epoch, "joint_epoch_s": joint_epoch,
+        "posttrain_speedup": speedup, "target_met_for": met, "table": table,
+        "settings": vars(args)})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
