@@ -11,7 +11,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 1000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-all experiments-core clean
+.PHONY: help install demo test test-slow test-all experiments-core tables clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -40,6 +40,14 @@ test-all: $(STAMP) ## run every test
 experiments-core: $(STAMP) ## Core acceptance: MNIST lambda sweep and training-throughput benchmark
 	$(PY) experiments/mnist_core.py --data $(DATA_ROOT)
 	$(PY) experiments/bench_train.py --data $(DATA_ROOT)
+
+SMOKE ?=
+TABLE_ARGS ?=
+table-%: $(STAMP) ## paper tables: table-eenets, table-baselines, table-pteenet, table-trecx (SMOKE=1: tiny data)
+	SMOKE=$(SMOKE) $(PY) -m eenet.tables $* --data $(DATA_ROOT) $(TABLE_ARGS)
+
+tables: $(STAMP) ## every paper table (SMOKE=1 runs each pipeline on tiny data in a few minutes)
+	SMOKE=$(SMOKE) $(PY) -m eenet.tables all --data $(DATA_ROOT) $(TABLE_ARGS)
 
 clean: ## remove outputs, multirun folders and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .hypothesis

@@ -3,6 +3,7 @@
     eenet-eval run=RUN_DIR budget=0.5          # best accuracy at average cost fraction <= 0.5
     eenet-eval run=RUN_DIR tolerance=0.3       # cheapest point within 0.3 accuracy points
     eenet-eval run=RUN_DIR tolerance=1 policy=max_prob latency=true
+    eenet-eval run=RUN_DIR min_accuracy=0.84   # e.g. a model without exits' val accuracy - 1 point
 
 It loads a run written by ``eenet-train`` (``config.yaml`` and ``model.pt``,
 read with ``torch.load(..., weights_only=True)``), caches every exit's outputs
@@ -100,7 +101,8 @@ def evaluate(cfg: DictConfig) -> dict:
     # 1. calibrate on the validation split only
     val = cache_exit_outputs(net, make_loader(dm.val_dataset, bs, shuffle=False))
     cal = Calibrator(val, cfg.policy, cost.fractions, grid=int(cfg.grid))
-    res = cal.calibrate(budget=cfg.get("budget"), tolerance=cfg.get("tolerance"))
+    res = cal.calibrate(budget=cfg.get("budget"), tolerance=cfg.get("tolerance"),
+                        min_accuracy=cfg.get("min_accuracy"))
     policy = create_policy(cfg.policy, res.chosen.thresholds)
 
     # 2. test with the dynamic engine: real early exit
@@ -201,8 +203,12 @@ def report(results: dict) -> str:
     """The printed report: per-exit table, calibration and engine lines."""
     cal = results["calibration"]
     t = results["target"]
-    target = (f"budget {t['value']}" if t["kind"] == "budget"
-              else f"tolerance {t['value']} points (val accuracy >= {100 * t['min_accuracy']:.2f}%)")
+    if t["kind"] == "budget":
+        target = f"budget {t['value']}"
+    elif t["kind"] == "min_accuracy":
+        target = f"val accuracy >= {100 * t['min_accuracy']:.2f}%"
+    else:
+        target = f"tolerance {t['value']} points (val accuracy >= {100 * t['min_accuracy']:.2f}%)"
     ch = cal["chosen"]
     lines = [results_markdown(results), "",
              f"Calibrated on val for {target}: {cal['message']}.",

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from eenet.build import build_early_exit_network
 from eenet.cost import CostTable, exit_cost_table
+from eenet.data.batching import make_loader
 from eenet.errors import EENetError
+from eenet.inference import anytime_view, cache_exit_outputs
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.models.weights import load_backbone_weights, state_hash
 from eenet.policies import create_policy
@@ -156,6 +159,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
     ``objects`` holds the built ``datamodule``, ``net``, ``module``, ``trainer``
     and ``cost`` table for callers that want to go on with them.
     """
+    started = time.time()
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -213,8 +217,13 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         atomic_write_text(cost_file, json.dumps(cost.to_dict(), indent=2) + "\n")
-    loggers = [lg for lg in (_instantiate(v, "logger") for v in (cfg.get("logger") or {}).values())
-               if lg is not None]
+    group = _sweep_group()
+    loggers = []
+    for key, node in (cfg.get("logger") or {}).items():
+        extra = {"group": group} if key == "wandb" and group and not node.get("group") else {}
+        lg = _instantiate(node, "logger", **extra)
+        if lg is not None:
+            loggers.append(lg)
     for lg in loggers:
         lg.log_hyperparams(config)
     epoch_timer = EpochTimer()
@@ -248,6 +257,12 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
         world_size=trainer.world_size, mode=mode, targets=cfg.get("targets", "labels"),
         backbone_hash_before=backbone_hash, backbone_hash_after=state_hash(net.backbone),
         train_epoch_seconds=epoch_timer.seconds)
+    if trainer.is_global_zero and cfg.get("anytime", True) and net.num_exits > 1:
+        # the anytime / budget view and the accuracy-versus-cost curve (rank 0, full splits)
+        val_cache = cache_exit_outputs(net, make_loader(datamodule.val_dataset, 512, shuffle=False))
+        test_cache = cache_exit_outputs(net, make_loader(datamodule.test_dataset, 512, shuffle=False))
+        results["anytime"] = anytime_view(val_cache, test_cache, cfg.policy.name, cost.fractions)
+    results["wall_s"] = time.time() - started
     if trainer.is_global_zero:
         tmp = out_dir / ".model.pt.tmp"
         torch.save(net.state_dict(), tmp)
@@ -259,10 +274,36 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
                      "trainer": trainer, "cost": cost}
 
 
+def _sweep_group() -> str | None:
+    """Under ``-m``, the sweep folder's name: W&B groups the runs of one sweep by it."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+
+
 def _log_results_table(logger, results: dict) -> None:
-    """Send the per-exit results as a table to loggers that take tables (W&B)."""
+    """Per-exit table, accuracy-versus-cost curve and exit histogram to W&B."""
     if not hasattr(logger, "log_table"):
         return
+    import wandb
+
+    run = logger.experiment
+    if "anytime" in results:
+        curve = wandb.Table(columns=["avg_cost_fraction", "test_accuracy"],
+                            data=[[p["avg_cost"], p["accuracy"]] for p in results["anytime"]["test_curve"]])
+        run.log({"results/accuracy_vs_cost": wandb.plot.line(
+            curve, "avg_cost_fraction", "test_accuracy", title="accuracy vs average cost (test)"),
+            "results/anytime_auc": results["anytime"]["auc"]})
+    hist = wandb.Table(columns=["exit", "test_exit_rate"],
+                       data=[[e["name"], r] for e, r in zip(results["exits"],
+                                                            results["test"]["exit_rates"])])
+    run.log({"results/exit_histogram": wandb.plot.bar(hist, "exit", "test_exit_rate",
+                                                      title="exit distribution (test)")})
     cols = ["exit", "stage", "macs", "cost_fraction", "val_accuracy", "test_accuracy",
             "test_exit_rate"]
     rows = [[e["name"], e["stage"], e["macs"], e["cost_fraction"], e["val_accuracy"],

@@ -195,3 +195,12 @@ def test_wandb_offline_run_without_key_or_mode(train_config, tmp_path, monkeypat
     assert len(tables) == 1, sorted(files)
     table = json.loads(files[tables[0]].read_text())
     assert table["columns"][:2] == ["exit", "stage"] and len(table["data"]) == 3
+    # the accuracy-versus-cost curve and the exit histogram, as W&B plots with their tables
+    curve = [n for n in files if n.startswith("accuracy_vs_cost") and n.endswith(".table.json")]
+    hist = [n for n in files if n.startswith("exit_histogram") and n.endswith(".table.json")]
+    assert curve and hist, sorted(files)
+    assert json.loads(files[curve[0]].read_text())["columns"] == ["avg_cost_fraction", "test_accuracy"]
+    assert len(json.loads(files[hist[0]].read_text())["data"]) == 3
+    # per-exit metrics over training and the configuration
+    for key in (b"val/exit0/acc", b"val/exit1/rate", b"val/exit0/overthinking", b"trainer"):
+        assert key in log, key
