@@ -45,7 +45,8 @@ from eenet.inference import Calibrator, anytime_view, cache_exit_outputs
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.models.weights import load_backbone_weights, state_hash
 from eenet.policies import create_policy
-from eenet.results import atomic_write_text, make_results, results_markdown, write_results
+from eenet.results import (atomic_write, atomic_write_text, make_results, results_markdown,
+                           write_results)
 from eenet.training.checkpoint import EpochSeed, EpochTimer, SafeCheckpointIO, safe_torch_load
 from eenet.training.module import EarlyExitModule
 
@@ -273,9 +274,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
                                     "val_cost": res.chosen.avg_cost}
     results["wall_s"] = time.time() - started
     if trainer.is_global_zero:
-        tmp = out_dir / ".model.pt.tmp"
-        torch.save(net.state_dict(), tmp)
-        os.replace(tmp, out_dir / "model.pt")
+        atomic_write(out_dir / "model.pt", lambda f: torch.save(net.state_dict(), f))
         write_results(out_dir, results)
         for lg in loggers:
             _log_results_table(lg, results)

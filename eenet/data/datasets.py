@@ -115,6 +115,20 @@ def _download(name: str, fetch: Callable[[], Any]) -> None:
         raise EENetError(f"could not download dataset '{name}': {_one_line(error)}") from error
 
 
+def _ensure_files(name: str, base: Path, train: bool, download: bool,
+                  fetch: Callable[[], Any]) -> None:
+    """Fail fast naming the missing files, or download them (``fetch``) and check again."""
+    missing = missing_files(name, base, train)
+    if not missing:
+        return
+    if not download:
+        _raise_missing(name, base, missing, downloadable=True)
+    _download(name, fetch)
+    still = missing_files(name, base, train)
+    if still:
+        _raise_missing(name, base, still, downloadable=True)
+
+
 def missing_files(name: str, root: str | os.PathLike | None, train: bool = True) -> list[str]:
     """Files (relative to ``root``) that ``name`` needs and that are absent.
 
@@ -185,11 +199,8 @@ def _mnist_like(name: str, class_name: str):
              download: bool) -> tuple[torch.Tensor, torch.Tensor]:
         base = _root_path(name, root)
         cls = getattr(_tv_datasets(), class_name)
-        missing = missing_files(name, base, train)
-        if missing:
-            if not download:
-                _raise_missing(name, base, missing, downloadable=True)
-            _download(name, lambda: cls(str(base), train=train, download=True))
+        _ensure_files(name, base, train, download,
+                      lambda: cls(str(base), train=train, download=True))
         try:
             ds = cls(str(base), train=train, download=False)
         except (AssertionError, RuntimeError, ValueError, OSError) as error:
@@ -219,15 +230,10 @@ def _cifar(name: str, class_name: str, folder: str, label_key: str):
              verify_md5: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         base = _root_path(name, root)
         cls = getattr(_tv_datasets(), class_name)
-        missing = missing_files(name, base, train)
-        if missing:
-            if not download:
-                _raise_missing(name, base, missing, downloadable=True)
-            from torchvision.datasets.utils import download_and_extract_archive
+        from torchvision.datasets.utils import download_and_extract_archive
 
-            _download(name, lambda: download_and_extract_archive(
-                cls.url, str(base), filename=cls.filename, md5=cls.tgz_md5))
-            _raise_missing(name, base, missing_files(name, base, train), downloadable=True)
+        _ensure_files(name, base, train, download, lambda: download_and_extract_archive(
+            cls.url, str(base), filename=cls.filename, md5=cls.tgz_md5))
         if verify_md5:
             listed = cls.train_list + cls.test_list + [[cls.meta["filename"], cls.meta["md5"]]]
             _verify_md5(name, base, [(f"{folder}/{f}", md5) for f, md5 in listed])

@@ -55,7 +55,39 @@ def prediction_stats(logits: torch.Tensor) -> torch.Tensor:
         return stats.to(logits.dtype)
 
 
-class ExitBlock(nn.Module):
+class ExitHeads(nn.Module):
+    """The two heads every exit has, on its pre-block features: classifier and confidence.
+
+    Subclasses build ``self.pre`` and call :meth:`_build_heads`; ``predict(f)``
+    gives ``(logits, confidence logits)``. ``stats`` confidence heads start as
+    h = max softmax probability (weights 1, 0, 0, bias 0).
+    """
+
+    def _build_heads(self, features: int, num_classes: int, confidence_input: str) -> None:
+        if confidence_input not in CONFIDENCE_INPUTS:
+            raise EENetError(f"unknown exit confidence_input '{confidence_input}'; accepted: "
+                             f"{', '.join(CONFIDENCE_INPUTS)}")
+        self.classifier = nn.Linear(features, num_classes)
+        self.confidence_input = confidence_input
+        self.confidence = nn.Linear(features if confidence_input == "features" else 3, 1)
+        if confidence_input == "stats":
+            with torch.no_grad():
+                self.confidence.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
+                self.confidence.bias.zero_()
+        self.num_features = features
+
+    def predict(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two heads on pre-block features ``f``: ``(logits (B, K), confidence logits (B,))``."""
+        logits = self.classifier(f)
+        c = prediction_stats(logits) if self.confidence_input == "stats" else f
+        return logits, self.confidence(c).squeeze(1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(logits (B, K), confidence logits (B,))``."""
+        return self.predict(self.pre(x))
+
+
+class ExitBlock(ExitHeads):
     """An early exit: ``features = pre(x)``; ``(classifier(features), confidence(features))``.
 
     Args:
@@ -74,9 +106,6 @@ class ExitBlock(nn.Module):
         super().__init__()
         if preblock not in PREBLOCKS:
             raise EENetError(f"unknown exit preblock '{preblock}'; accepted: {', '.join(PREBLOCKS)}")
-        if confidence_input not in CONFIDENCE_INPUTS:
-            raise EENetError(f"unknown exit confidence_input '{confidence_input}'; accepted: "
-                             f"{', '.join(CONFIDENCE_INPUTS)}")
         if convs < 0:
             raise EENetError(f"exit convs must be >= 0, got {convs}")
         width = width or in_channels
@@ -95,22 +124,5 @@ class ExitBlock(nn.Module):
             layers += [nn.Flatten(1)]
             features = c * in_size[0] * in_size[1]
         self.pre = nn.Sequential(*layers)
-        self.classifier = nn.Linear(features, num_classes)
-        self.confidence_input = confidence_input
-        self.confidence = nn.Linear(features if confidence_input == "features" else 3, 1)
-        if confidence_input == "stats":  # start as h = max softmax probability
-            with torch.no_grad():
-                self.confidence.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
-                self.confidence.bias.zero_()
-        self.num_features = features
+        self._build_heads(features, num_classes, confidence_input)
         self.preblock = preblock
-
-    def predict(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The two heads on pre-block features ``f``: ``(logits (B, K), confidence logits (B,))``."""
-        logits = self.classifier(f)
-        c = prediction_stats(logits) if self.confidence_input == "stats" else f
-        return logits, self.confidence(c).squeeze(1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(logits (B, K), confidence logits (B,))``."""
-        return self.predict(self.pre(x))

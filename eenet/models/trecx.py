@@ -33,13 +33,13 @@ import torch
 from torch import nn
 
 from eenet.errors import EENetError
-from eenet.models.exits import CONFIDENCE_INPUTS, prediction_stats
+from eenet.models.exits import ExitHeads
 from eenet.models.staged import ClassifierHead
 
 MITIGATIONS = ("trecx", "concat")
 
 
-class TRecXExit(nn.Module):
+class TRecXExit(ExitHeads):
     """1x1 conv -> depthwise 3x3 stride 2 + ReLU -> global average pool -> dense.
 
     Args:
@@ -55,31 +55,13 @@ class TRecXExit(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, in_size: tuple[int, int] = (1, 1),
                  width: int | None = None, confidence_input: str = "stats"):
         super().__init__()
-        if confidence_input not in CONFIDENCE_INPUTS:
-            raise EENetError(f"unknown exit confidence_input '{confidence_input}'; accepted: "
-                             f"{', '.join(CONFIDENCE_INPUTS)}")
         width = width or in_channels
         self.pointwise = nn.Conv2d(in_channels, width, 1)
         self.depthwise = nn.Conv2d(width, width, 3, 2, 1, groups=width)
         self.pre = nn.Sequential(self.pointwise, self.depthwise, nn.ReLU(inplace=True),
                                  nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self.classifier = nn.Linear(width, num_classes)
-        self.confidence_input = confidence_input
-        self.confidence = nn.Linear(width if confidence_input == "features" else 3, 1)
-        if confidence_input == "stats":
-            with torch.no_grad():
-                self.confidence.weight.copy_(torch.tensor([[1.0, 0.0, 0.0]]))
-                self.confidence.bias.zero_()
-        self.num_features = width
+        self._build_heads(width, num_classes, confidence_input)
         self.preblock = "trecx"
-
-    def predict(self, f: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.classifier(f)
-        c = prediction_stats(logits) if self.confidence_input == "stats" else f
-        return logits, self.confidence(c).squeeze(1)
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.predict(self.pre(x))
 
 
 class MitigatedFinalHead(nn.Module):

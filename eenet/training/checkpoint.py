@@ -10,8 +10,6 @@ object that would run code is refused, and the code never runs.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from eenet.errors import EENetError
+from eenet.results import atomic_write
 
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
@@ -37,18 +36,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint I/O: atomic ``save_checkpoint``, ``weights_only`` ``load_checkpoint``."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(checkpoint, f))
 
     def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
         return safe_torch_load(path, map_location or "cpu")
