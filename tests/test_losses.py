@@ -137,3 +137,23 @@ def test_two_stage_switches_after_k_epochs():
     assert loss.uses_confidence is False
     loss.set_epoch(3)
     assert loss.uses_confidence is True
+
+
+@given(st.integers(2, 5), st.integers(1, 8), st.integers(0, 10_000),
+       st.lists(st.sampled_from([-1e4, -80.0, -20.0, 0.0, 20.0, 80.0, 1e4]), min_size=4,
+                max_size=4), st.sampled_from([1, 2]), st.floats(0.0, 4.0))
+@settings(max_examples=80, deadline=None)
+def test_losses_and_gradients_stay_finite_at_saturated_confidences(n_exits, b, seed, zs, version,
+                                                                    lam):
+    """Confidence logits that make h exactly 0 or 1 in float32 never give inf or NaN."""
+    logits, conf, y, costs = random_outputs(n_exits, b, 4, seed, torch.float32, scale=5.0)
+    with torch.no_grad():
+        for i in range(n_exits - 1):
+            conf[i].copy_(torch.tensor([zs[(i + j) % 4] for j in range(b)]))
+    loss = EENetLoss(version, lam)(ExitOutputs(logits, conf), y, costs)["loss"]
+    grads = torch.autograd.grad(loss, logits + conf[:-1])
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(g).all() for g in grads)
+    for lp in mixture_log_probs(logits, conf):
+        assert torch.isfinite(lp).all()
+        torch.testing.assert_close(torch.logsumexp(lp, 1), torch.zeros(b), atol=1e-5, rtol=0)
