@@ -29,7 +29,7 @@ demo: $(STAMP) ## train resnet20 + 2 exits on the bundled digits, calibrate on v
 	$(VENV)/bin/eenet-eval run=$(OUT)/demo tolerance=0.5 latency=true hydra.run.dir=$(OUT)/demo/eval
 
 test: $(STAMP) ## run the tests (slow ones excluded), about a few minutes on 2 cores
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=15
 
 test-slow: $(STAMP) ## run only the slow tests
 	$(PY) -m pytest -m slow -q

@@ -43,7 +43,7 @@ from eenet.data.batching import make_loader
 from eenet.errors import EENetError
 from eenet.inference import Calibrator, anytime_view, cache_exit_outputs
 from eenet.models.early_exit import EarlyExitNetwork
-from eenet.models.weights import load_backbone_weights, state_hash
+from eenet.models.weights import state_hash
 from eenet.policies import create_policy
 from eenet.results import (atomic_write, atomic_write_text, make_results, results_markdown,
                            write_results)
@@ -97,10 +97,7 @@ def build_network(cfg: DictConfig, input_size: tuple[int, int, int],
     ``backbone.checkpoint`` (a run folder, its model.pt or a backbone state_dict) is
     loaded into the backbone before the exits are attached.
     """
-    bcfg = OmegaConf.create({k: v for k, v in cfg.backbone.items() if k != "checkpoint"})
-    backbone = _instantiate(bcfg, "backbone")
-    if cfg.backbone.get("checkpoint"):
-        load_backbone_weights(backbone, cfg.backbone.checkpoint)
+    backbone = _instantiate(cfg.backbone, "backbone")
     exit_block = _instantiate(cfg.exit, "exit")
     p = cfg.placement
     mitigation = cfg.get("mitigation")

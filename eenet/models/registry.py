@@ -24,13 +24,20 @@ def list_backbones() -> list[str]:
     return sorted(_BACKBONES)
 
 
-def create_backbone(name: str, **kwargs) -> StagedBackbone:
+def create_backbone(name: str, checkpoint: str | None = None, **kwargs) -> StagedBackbone:
     """Build a registered backbone.
 
     Args:
         name: registered name, e.g. ``resnet20``.
+        checkpoint: weights to start from: an eenet run folder, its ``model.pt``, or a
+            backbone ``state_dict`` (read with ``weights_only=True``).
         **kwargs: passed to the constructor (``num_classes``, ``in_chans``, ...).
     """
     if name not in _BACKBONES:
         raise unknown_name("backbone", name, _BACKBONES)
-    return _BACKBONES[name](**kwargs)
+    model = _BACKBONES[name](**kwargs)
+    if checkpoint:
+        from eenet.models.weights import load_backbone_weights
+
+        load_backbone_weights(model, checkpoint)
+    return model
