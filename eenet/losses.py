@@ -56,6 +56,15 @@ class ExitLoss(nn.Module):
     def check(self, num_exits: int) -> None:
         """Raise an EENetError if the loss cannot serve a network with ``num_exits`` exits."""
 
+    def for_validation(self) -> "ExitLoss":
+        """The loss that validation reports, the same at every epoch.
+
+        Model selection compares validation losses across epochs, so schedules
+        report their final objective: a two-stage schedule its second loss, a
+        ramped multi_ce its final weights.
+        """
+        return self
+
     def forward(self, outputs, target: torch.Tensor, cost_fractions: torch.Tensor) -> dict:
         raise NotImplementedError
 
@@ -162,6 +171,11 @@ class MultiExitCE(ExitLoss):
         self.ramp_start = float(ramp_start)
         self.epoch = 0
 
+    def for_validation(self) -> "MultiExitCE":
+        if not self.ramp_epochs:
+            return self
+        return MultiExitCE(self.weights, ramp_epochs=0)
+
     def check(self, num_exits: int) -> None:
         if isinstance(self.weights, list) and len(self.weights) != num_exits:
             raise EENetError(f"multi_ce has {len(self.weights)} weights for {num_exits} exits")
@@ -208,6 +222,9 @@ class TwoStageLoss(ExitLoss):
     def check(self, num_exits: int) -> None:
         self.first.check(num_exits)
         self.second.check(num_exits)
+
+    def for_validation(self) -> ExitLoss:
+        return self.second.for_validation()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

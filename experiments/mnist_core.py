@@ -69,7 +69,9 @@ def main() -> None:
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     p.add_argument("--exit", default="plain", help="exit pre-block config (conf/exit)")
     p.add_argument("--warmup", type=int, default=1, help="multi_ce epochs before eenet_v2")
-    p.add_argument("--heads", nargs="+", default=["features", "stats"])
+    p.add_argument("--heads", nargs="+", default=["stats", "features"])
+    p.add_argument("--feature-lambdas", type=float, nargs="+", default=[0.25, 1.0],
+                   help="lambdas for EENets' feature head (the comparison; all for the stats head)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--retrain", action="store_true", help="retrain runs that already finished")
@@ -79,7 +81,7 @@ def main() -> None:
     ee = []
     for head in args.heads:
         lr_scale = 10 if head == "stats" else 1
-        for lam in args.lambdas:
+        for lam in (args.lambdas if head == "stats" else args.feature_lambdas):
             r = run(f"{head}_lambda_{lam:g}",
                     ["placement.method=fine", "placement.num_exits=2",
                      f"exit.confidence_input={head}", f"confidence_lr_scale={lr_scale}",

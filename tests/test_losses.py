@@ -157,3 +157,23 @@ def test_losses_and_gradients_stay_finite_at_saturated_confidences(n_exits, b, s
     for lp in mixture_log_probs(logits, conf):
         assert torch.isfinite(lp).all()
         torch.testing.assert_close(torch.logsumexp(lp, 1), torch.zeros(b), atol=1e-5, rtol=0)
+
+
+def test_validation_reports_the_final_objective_at_every_epoch():
+    """Model selection compares val losses across epochs: schedules must not change their scale."""
+    logits, conf, y, costs = random_outputs(3)
+    out = ExitOutputs(logits, conf)
+    second = EENetLoss(2, 0.5)
+    two = TwoStageLoss(MultiExitCE(), second, first_epochs=2)
+    for epoch in (0, 1, 5):
+        two.set_epoch(epoch)
+        torch.testing.assert_close(two.for_validation()(out, y, costs)["loss"],
+                                   second(out, y, costs)["loss"])
+    sdn = MultiExitCE(weights="cost", ramp_epochs=4)
+    final = MultiExitCE(weights="cost")
+    for epoch in (0, 2, 9):
+        sdn.set_epoch(epoch)
+        torch.testing.assert_close(sdn.for_validation()(out, y, costs)["loss"],
+                                   final(out, y, costs)["loss"])
+    sdn.set_epoch(0)
+    assert not torch.allclose(sdn(out, y, costs)["loss"], final(out, y, costs)["loss"])

@@ -14,7 +14,7 @@ from eenet.training.checkpoint import SafeCheckpointIO, safe_torch_load
 from eenet.training.module import EarlyExitModule
 
 BASE = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "logger=none",
-        "dataset.datamodule.augment=[crop]", "threads=1"]
+        "dataset.datamodule.augment=[crop]", "threads=1", "loss=eenet_v2"]
 
 
 class Crash(RuntimeError):

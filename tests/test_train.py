@@ -79,7 +79,7 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 BAD = [
     (["backbone.name=resnet21"], "unknown backbone 'resnet21'; accepted:"),
-    (["loss.lambda_coef=-1"], "lambda_coef must be >= 0"),
+    (["loss.second.lambda_coef=-1"], "lambda_coef must be >= 0"),
     (["policy.thresholds=1.5"], "confidence threshold 1.5 is outside (0, 1)"),
     (["placement.num_exits=9"], "9 exits do not fit"),
     (["placement.method=explicit", "placement.stages=[12]"], "exit stage 12 is out of range"),
@@ -131,13 +131,13 @@ def test_cli_bad_input_prints_one_line_and_exits_nonzero(tmp_path):
 
 def test_cli_multirun_sweep_makes_one_folder_per_job(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = _cli(["-m", "loss.lambda_coef=0.5,2", "debug=fdr", "logger=none",
+    proc = _cli(["-m", "loss.second.lambda_coef=0.5,2", "debug=fdr", "logger=none",
                  "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     lambdas = []
     for job in ("0", "1"):
         res = json.loads((sweep / job / "results.json").read_text())
-        lambdas.append(res["config"]["loss"]["lambda_coef"])
+        lambdas.append(res["config"]["loss"]["second"]["lambda_coef"])
     assert lambdas == [0.5, 2.0]
 
 

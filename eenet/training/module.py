@@ -122,7 +122,9 @@ class EarlyExitModule(L.LightningModule):
         x, y = batch
         out = self.net(x)
         target = out.logits[-1].detach().argmax(1) if self.targets == "backbone" else y
-        parts = self.loss_fn(out, target, self.cost_fractions)
+        # validation reports the schedule's final objective, comparable across epochs
+        loss_fn = self.loss_fn if stage == "train" else self.loss_fn.for_validation()
+        parts = loss_fn(out, target, self.cost_fractions)
         loss = parts["loss"]
         if not torch.isfinite(loss):
             raise EENetError(
