@@ -40,13 +40,14 @@ RUNS = HERE / "runs" / "kws_subset"
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--tolerance", type=float, default=1.0)
     args = p.parse_args()
     base = ["experiment=trecx_dscnn_kws", f"data_root={args.data}",
             f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", "logger=csv",
-            "threads=2"]
+            f"threads={args.threads}"]
     plain, _ = train(compose_config(base + ["placement.stages=[]", "loss=multi_ce",
                                             "loss.weights=null"], output_dir=RUNS / "plain"))
     ee, _ = train(compose_config(base, output_dir=RUNS / "trecx"))

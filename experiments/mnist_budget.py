@@ -43,13 +43,14 @@ def train_run(name: str, overrides: list[str], args) -> Path:
         return out
     base = ["dataset=mnist", f"data_root={args.data}", "backbone=resnet20", "exit=plain",
             "optimizer=adam", "scheduler=cosine", f"trainer.max_epochs={args.epochs}",
-            "trainer.enable_progress_bar=false", "logger=csv", "threads=2", f"seed={args.seed}"]
+            "trainer.enable_progress_bar=false", "logger=csv", f"threads={args.threads}", f"seed={args.seed}"]
     train(compose_config([*base, *overrides], output_dir=out))
     return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--loss", default="multi_ce")

@@ -48,7 +48,7 @@ def run(name: str, overrides: list[str], args) -> dict:
             "loss=two_stage", f"loss.first_epochs={args.warmup}", "optimizer=adam",
             "scheduler=cosine",
             f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
-            "logger=csv", "threads=2", f"seed={args.seed}"]
+            "logger=csv", f"threads={args.threads}", f"seed={args.seed}"]
     if args.smoke:
         base += ["dataset.datamodule.train_subset=3000", "dataset.datamodule.val_size=500",
                  "dataset.datamodule.test_subset=1000"]
@@ -64,6 +64,7 @@ def run(name: str, overrides: list[str], args) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])

@@ -47,7 +47,7 @@ def run(name: str, overrides: list[str], args, force: bool = False) -> dict:
         print(f"reusing {out}", flush=True)
         return json.loads((out / "results.json").read_text())
     base = ["dataset=cifar10_jpeg", f"data_root={args.data}", "backbone=resnet20",
-            "trainer.enable_progress_bar=false", "logger=csv", "threads=2", f"seed={args.seed}"]
+            "trainer.enable_progress_bar=false", "logger=csv", f"threads={args.threads}", f"seed={args.seed}"]
     t0 = time.time()
     results, _ = train(compose_config([*base, *overrides], output_dir=out))
     results["wall_s"] = time.time() - t0
@@ -57,6 +57,7 @@ def run(name: str, overrides: list[str], args, force: bool = False) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--backbone-epochs", type=int, default=30)
     p.add_argument("--post-epochs", type=int, default=8)

@@ -46,7 +46,7 @@ def run(name: str, overrides: list[str], args) -> Path:
         return out
     base = ["experiment=trecx_resnet8", f"data_root={args.data}",
             f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
-            "logger=csv", "threads=2"]
+            "logger=csv", f"threads={args.threads}"]
     t0 = time.time()
     results, _ = train(compose_config([*base, *overrides], output_dir=out))
     print(f"{name}: final exit test acc {100 * results['exits'][-1]['test_accuracy']:.2f}% "
@@ -78,6 +78,7 @@ def calibrated_test(ee_dir: Path, plain_val_acc: float, tolerance_points: float)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2, help="torch threads per process")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--epochs", type=int, default=20)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
