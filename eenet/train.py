@@ -148,30 +148,15 @@ def _load_best(module: EarlyExitModule, ckpt_path: str | None) -> None:
         module.load_state_dict(safe_torch_load(ckpt_path)["state_dict"])
 
 
-def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, dict[str, Any]]:
-    """Train, evaluate and write a run; returns ``(results, objects)``.
-
-    ``extra_callbacks`` are added to the Lightning trainer's callbacks (probes,
-    custom logging) for callers that use ``train`` as a library function.
-
-    ``objects`` holds the built ``datamodule``, ``net``, ``module``, ``trainer``
-    and ``cost`` table for callers that want to go on with them.
-    """
-    started = time.time()
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
-    out_dir = Path(cfg.output_dir)
-    if cfg.get("data_root"):  # saved configs must not depend on the folder they ran from
-        with open_dict(cfg):
-            cfg.data_root = str(Path(cfg.data_root).resolve())
-
-    rank = _process_rank()
-    devices = cfg.trainer.get("devices", 1)
-    if not cfg.get("threads") and isinstance(devices, int) and devices > 1:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
-
-    # 1. build and check everything; nothing is written before this is done
+def _build(cfg: DictConfig, rank: int, out_dir: Path) -> dict[str, Any]:
+    """Every object of a run, checked; raises before anything is written."""
+    mode = cfg.get("mode", "joint")
+    if mode not in MODES:
+        raise EENetError(f"unknown mode '{mode}'; accepted: {', '.join(MODES)}")
+    if mode in ("posttrain", "mixed") and not (cfg.backbone.get("checkpoint")
+                                                or cfg.backbone.get("weights")):
+        raise EENetError(f"mode={mode} starts from a trained backbone: give backbone.checkpoint="
+                         f"<run folder or state_dict> (or backbone.weights= for torchvision)")
     datamodule = _instantiate(cfg.dataset.datamodule, "dataset")
     datamodule.prepare_data()
     datamodule.setup("fit")
@@ -194,27 +179,18 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
                              policy=policy,
                              confidence_lr_scale=float(cfg.get("confidence_lr_scale", 1.0)),
                              sync_batchnorm=bool(cfg.get("sync_batchnorm", True)),
-                             freeze_backbone=cfg.get("mode", "joint") == "posttrain",
+                             freeze_backbone=mode == "posttrain",
                              targets=cfg.get("targets", "labels"))
-    mode = cfg.get("mode", "joint")
-    if mode not in MODES:
-        raise EENetError(f"unknown mode '{mode}'; accepted: {', '.join(MODES)}")
-    if mode in ("posttrain", "mixed") and not (cfg.backbone.get("checkpoint")
-                                                or cfg.backbone.get("weights")):
-        raise EENetError(f"mode={mode} starts from a trained backbone: give backbone.checkpoint="
-                         f"<run folder or state_dict> (or backbone.weights= for torchvision)")
-    backbone_hash = state_hash(net.backbone)
     ckpt_path = _resume_path(cfg, out_dir)
     if rank == 0:
         check_output_dir(out_dir)
-    log.info("exits after stages %s\n%s", net.exit_stages, cost.to_markdown())
+    return {"mode": mode, "datamodule": datamodule, "net": net, "cost": cost, "policy": policy,
+            "module": module, "ckpt_path": ckpt_path, "backbone_hash": state_hash(net.backbone)}
 
-    # 2. train
-    config = _config_dict(cfg)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-        atomic_write_text(cost_file, json.dumps(cost.to_dict(), indent=2) + "\n")
+
+def _make_trainer(cfg: DictConfig, out_dir: Path, config: dict, extra_callbacks: list
+                  ) -> tuple[L.Trainer, Any, list, EpochTimer]:
+    """The Lightning trainer with eenet's callbacks, safe checkpoint I/O and the loggers."""
     group = _sweep_group()
     loggers = []
     for key, node in (cfg.get("logger") or {}).items():
@@ -225,18 +201,74 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
     for lg in loggers:
         lg.log_hyperparams(config)
     epoch_timer = EpochTimer()
-    callbacks: list = [EpochSeed(int(cfg.seed)), epoch_timer, *(extra_callbacks or [])]
+    callbacks: list = [EpochSeed(int(cfg.seed)), epoch_timer, *extra_callbacks]
     ckpt_cb = None
     if cfg.checkpoint.enabled:
         ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(
             dirpath=str(out_dir / "checkpoints"), filename="best", monitor=cfg.checkpoint.monitor,
             mode=cfg.checkpoint.mode, save_last=True, save_top_k=1)
         callbacks.append(ckpt_cb)
-    trainer: L.Trainer = _instantiate(cfg.trainer, "trainer", logger=loggers or False,
-                                      callbacks=callbacks, default_root_dir=str(out_dir),
-                                      enable_checkpointing=ckpt_cb is not None,
-                                      plugins=[SafeCheckpointIO()])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    trainer = _instantiate(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks,
+                           default_root_dir=str(out_dir), enable_checkpointing=ckpt_cb is not None,
+                           plugins=[SafeCheckpointIO()])
+    return trainer, ckpt_cb, loggers, epoch_timer
+
+
+def _after_training_views(cfg: DictConfig, net: EarlyExitNetwork, datamodule, cost: CostTable
+                          ) -> dict:
+    """The anytime view and the sweepers' validation objective, from cached exit outputs."""
+    out: dict = {}
+    want_anytime = cfg.get("anytime", True) and net.num_exits > 1
+    budget = cfg.get("objective_budget")
+    if not (want_anytime or budget):
+        return out
+    val_cache = cache_exit_outputs(net, make_loader(datamodule.val_dataset, 512, shuffle=False))
+    if want_anytime:  # the anytime / budget view and the accuracy-versus-cost curve
+        test_cache = cache_exit_outputs(net, make_loader(datamodule.test_dataset, 512,
+                                                         shuffle=False))
+        out["anytime"] = anytime_view(val_cache, test_cache, cfg.policy.name, cost.fractions)
+    if budget:  # a validation-only objective for sweepers: accuracy within a cost budget
+        res = Calibrator(val_cache, cfg.policy.name, cost.fractions).calibrate(budget=budget)
+        out["objective"] = {"budget": float(budget), "reachable": res.reachable,
+                            "val_accuracy": res.chosen.accuracy if res.reachable else 0.0,
+                            "val_cost": res.chosen.avg_cost}
+    return out
+
+
+def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, dict[str, Any]]:
+    """Train, evaluate and write a run; returns ``(results, objects)``.
+
+    ``extra_callbacks`` are added to the Lightning trainer's callbacks (probes,
+    custom logging) for callers that use ``train`` as a library function.
+    ``objects`` holds the built ``datamodule``, ``net``, ``module``, ``trainer``
+    and ``cost`` table for callers that want to go on with them.
+    """
+    started = time.time()
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+    out_dir = Path(cfg.output_dir)
+    if cfg.get("data_root"):  # saved configs must not depend on the folder they ran from
+        with open_dict(cfg):
+            cfg.data_root = str(Path(cfg.data_root).resolve())
+    rank = _process_rank()
+    devices = cfg.trainer.get("devices", 1)
+    if not cfg.get("threads") and isinstance(devices, int) and devices > 1:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
+
+    # 1. build and check everything; nothing is written before this is done
+    b = _build(cfg, rank, out_dir)
+    net, datamodule, cost, module = b["net"], b["datamodule"], b["cost"], b["module"]
+    log.info("exits after stages %s\n%s", net.exit_stages, cost.to_markdown())
+
+    # 2. train
+    config = _config_dict(cfg)
+    if rank == 0:
+        atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_text(out_dir / "cost.json", json.dumps(cost.to_dict(), indent=2) + "\n")
+    trainer, ckpt_cb, loggers, epoch_timer = _make_trainer(cfg, out_dir, config,
+                                                           list(extra_callbacks or []))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=b["ckpt_path"])
 
     # 3. evaluate the checkpoint chosen on val, on val and on test
     if ckpt_cb is not None:
@@ -248,27 +280,15 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
     # 4. write (one process)
     results = make_results(
         dataset=cfg.dataset.name, backbone=cfg.backbone.name, num_classes=net.num_classes,
-        cost=cost, val=val, test=test, policy=policy.describe(), config=config,
+        cost=cost, val=val, test=test, policy=b["policy"].describe(), config=config,
         splits=getattr(datamodule, "split_sizes", None),
         epochs=trainer.current_epoch, best_checkpoint=ckpt_cb.best_model_path if ckpt_cb else None,
-        val_loss=val["loss"], test_loss=test["loss"], resumed_from=ckpt_path,
-        world_size=trainer.world_size, mode=mode, targets=cfg.get("targets", "labels"),
-        backbone_hash_before=backbone_hash, backbone_hash_after=state_hash(net.backbone),
+        val_loss=val["loss"], test_loss=test["loss"], resumed_from=b["ckpt_path"],
+        world_size=trainer.world_size, mode=b["mode"], targets=cfg.get("targets", "labels"),
+        backbone_hash_before=b["backbone_hash"], backbone_hash_after=state_hash(net.backbone),
         train_epoch_seconds=epoch_timer.seconds)
-    want_anytime = cfg.get("anytime", True) and net.num_exits > 1
-    budget = cfg.get("objective_budget")
-    if trainer.is_global_zero and (want_anytime or budget):
-        val_cache = cache_exit_outputs(net, make_loader(datamodule.val_dataset, 512, shuffle=False))
-        if want_anytime:  # the anytime / budget view and the accuracy-versus-cost curve
-            test_cache = cache_exit_outputs(net, make_loader(datamodule.test_dataset, 512,
-                                                             shuffle=False))
-            results["anytime"] = anytime_view(val_cache, test_cache, cfg.policy.name,
-                                              cost.fractions)
-        if budget:  # a validation-only objective for sweepers: accuracy within a cost budget
-            res = Calibrator(val_cache, cfg.policy.name, cost.fractions).calibrate(budget=budget)
-            results["objective"] = {"budget": float(budget), "reachable": res.reachable,
-                                    "val_accuracy": res.chosen.accuracy if res.reachable else 0.0,
-                                    "val_cost": res.chosen.avg_cost}
+    if trainer.is_global_zero:
+        results.update(_after_training_views(cfg, net, datamodule, cost))
     results["wall_s"] = time.time() - started
     if trainer.is_global_zero:
         atomic_write(out_dir / "model.pt", lambda f: torch.save(net.state_dict(), f))
