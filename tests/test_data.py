@@ -632,6 +632,20 @@ def test_datamodule_digits_splits(monkeypatch):
     assert not torch.equal(other.val_indices, dm.val_indices)
 
 
+def test_datamodule_crop_padding_reaches_the_training_transform():
+    """The padding is a data set setting: 4 pixels of an 8x8 digit would shift it by half its width."""
+    assert digits_module().train_transform.crop_padding == 4  # the BatchTransform default
+    dm = digits_module(augment=["crop"], crop_padding=1)
+    assert dm.train_transform.crop_padding == 1 and dm.eval_transform.augment == ()
+    offsets = dm.train_transform.sample_params(1000, torch.Generator().manual_seed(0))["offsets"]
+    assert offsets.min() == 0 and offsets.max() == 2  # shifts of -1, 0, +1 pixel
+    with pytest.raises(EENetError, match="crop_padding must be an integer >= 0"):
+        digits_module(augment=["crop"], crop_padding=-1)
+    from omegaconf import OmegaConf
+    conf = Path(__file__).resolve().parents[1] / "conf" / "dataset" / "digits.yaml"
+    assert OmegaConf.load(conf).datamodule.crop_padding == 1
+
+
 def test_datamodule_loaders_and_augmentation():
     dm = digits_module(augment=["crop", "hflip"], val_size=100, eval_batch_size=50)
     dm.setup(None)

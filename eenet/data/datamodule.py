@@ -59,6 +59,8 @@ class ClassificationDataModule(L.LightningDataModule):
         mean: per-channel normalisation mean, one value per channel.
         std: per-channel normalisation standard deviation.
         augment: training augmentations, any of ``crop`` and ``hflip``.
+        crop_padding: zero padding, in pixels, before the random ``crop`` (4 suits
+            32x32 images; the 8x8 digits use 1).
         val_size: validation samples taken from the training split: a fraction in
             (0, 1) or a count (0 <= count < training size; 0 means no validation).
         split_seed: seed of the fixed permutations (validation split, subsets).
@@ -79,7 +81,8 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def __init__(self, name: str, root: str | None = None, download: bool = False, *,
                  mean: Sequence[float], std: Sequence[float], augment: Sequence[str] = (),
-                 val_size: float | int = 0.1, split_seed: int = 0, batch_size: int = 128,
+                 crop_padding: int = 4, val_size: float | int = 0.1, split_seed: int = 0,
+                 batch_size: int = 128,
                  eval_batch_size: int | None = None, num_workers: int = 0,
                  train_subset: int | None = None, test_subset: int | None = None,
                  image_size: Sequence[int] | None = None, drop_last: bool = False) -> None:
@@ -129,7 +132,7 @@ class ClassificationDataModule(L.LightningDataModule):
         self.train_subset = _optional_count(train_subset, "train_subset")
         self.test_subset = _optional_count(test_subset, "test_subset")
         # Validates mean/std lengths against each other and the augmentation names.
-        self.train_transform = BatchTransform(mean, std, self.augment)
+        self.train_transform = BatchTransform(mean, std, self.augment, crop_padding=crop_padding)
         self.eval_transform = BatchTransform(mean, std, ())
         self.mean = self.train_transform.mean_values
         self.std = self.train_transform.std_values
