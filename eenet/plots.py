@@ -33,13 +33,7 @@ def plot_curve(path: str | Path, curves: dict[str, Sequence[tuple[float, float]]
     ax.set_ylabel("accuracy (%)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, ax, path, title)
 
 
 def plot_exit_distribution(path: str | Path, rates: dict[str, Sequence[float]],
@@ -56,6 +50,11 @@ def plot_exit_distribution(path: str | Path, rates: dict[str, Sequence[float]],
     ax.set_ylabel("samples leaving (%)")
     ax.set_ylim(0, 105)
     ax.legend(fontsize=8)
+    return _finish(fig, ax, path, title)
+
+
+def _finish(fig, ax, path: str | Path, title: str) -> Path:
+    """Title, layout, save at 120 dpi, close; the saved path."""
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()

@@ -67,9 +67,13 @@ class Table:
         self.commands: dict[str, str] = {}
         self.command_of: dict[str, str] = {}
 
-    def sweep(self, key: str, overrides: list[str]) -> list[Path]:
-        """Run ``eenet-train -m <overrides>`` into ``<out>/runs/<key>``; the job folders."""
-        folder = self.out / "runs" / self.name / key
+    def sweep(self, key: str, overrides: list[str], shared: bool = False) -> list[Path]:
+        """Run ``eenet-train -m <overrides>`` into ``<out>/runs/<table>/<key>``; the job folders.
+
+        ``shared`` sweeps (the backbones without exits that several tables compare
+        against) live in ``<out>/runs/shared/<key>`` and are trained once for all tables.
+        """
+        folder = self.out / "runs" / ("shared" if shared else self.name) / key
         args = [f"data_root={self.data}", "trainer.enable_progress_bar=false", "logger=csv",
                 *overrides, f"seed={','.join(str(s) for s in self.seeds)}",
                 *(SMOKE if self.smoke else []), f"hydra.sweep.dir={folder}"]
@@ -126,6 +130,16 @@ def group(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
 
 # ---- the tables ---------------------------------------------------------------------------
 
+def summary_cells(rs: list[dict]) -> list:
+    """Seeds, accuracy (mean +- sd), cost, exit rates, anytime AUC, epochs, wall s of one row group."""
+    return [len(rs), mean_sd([r["accuracy"] for r in rs]),
+            f"{statistics.mean(r['cost'] for r in rs):.3f}",
+            " / ".join(f"{100 * statistics.mean(r['rates'][i] for r in rs):.1f}"
+                       for i in range(len(rs[0]["rates"]))),
+            "-" if rs[0]["auc"] is None else f"{statistics.mean(r['auc'] for r in rs):.4f}",
+            rs[0]["epochs"], f"{sum(r['wall_s'] for r in rs):.0f}"]
+
+
 def table_eenets(t: Table, datasets: list[str]) -> tuple[str, list[dict], list[str]]:
     rows, deviations = [], [
         "CPU budget: 5 epochs (EENets train far longer); one warm-up epoch of multi_ce, then "
@@ -138,7 +152,7 @@ def table_eenets(t: Table, datasets: list[str]) -> tuple[str, list[dict], list[s
         if ds != "mnist":
             deviations.append(f"{ds}: " + ("CIFAR-10 stored as JPEG (a few points below the "
                                            "original pixels)." if ds == "cifar10_jpeg" else ""))
-        plain = t.sweep(f"{ds}_plain", ["experiment=plain_mnist", f"dataset={ds}"])
+        plain = t.sweep(f"{ds}_plain", ["experiment=plain_mnist", f"dataset={ds}"], shared=True)
         lam = "0.5,1" if t.smoke else "0.25,0.5,1,2"
         ee = t.sweep(f"{ds}_eenets", ["experiment=eenets_mnist", f"dataset={ds}",
                                       f"loss.second.lambda_coef={lam}"])
@@ -156,12 +170,7 @@ def table_eenets(t: Table, datasets: list[str]) -> tuple[str, list[dict], list[s
                          "auc": r.get("anytime", {}).get("auc"), **row_facts(r)})
     md = []
     for (ds, model, lam), rs in group(rows, ("dataset", "model", "lambda")).items():
-        md.append([ds, model, lam, len(rs), mean_sd([r["accuracy"] for r in rs]),
-                   f"{statistics.mean(r['cost'] for r in rs):.3f}",
-                   " / ".join(f"{100 * statistics.mean(r['rates'][i] for r in rs):.1f}"
-                              for i in range(len(rs[0]["rates"]))),
-                   "-" if rs[0]["auc"] is None else f"{statistics.mean(r['auc'] for r in rs):.4f}",
-                   rs[0]["epochs"], f"{sum(r['wall_s'] for r in rs):.0f}"])
+        md.append([ds, model, lam, *summary_cells(rs)])
     table = markdown_table(["data set", "model", "lambda", "seeds", "test acc %",
                             "avg cost fraction", "exit rates %", "anytime AUC", "epochs",
                             "wall s"], md)
@@ -173,7 +182,7 @@ def table_baselines(t: Table) -> tuple[str, list[dict], list[str]]:
                   "(Adam, cosine, 5 epochs) for every method, so they compare on equal terms.",
                   "Thresholds of every method chosen on val for a tolerance of 0.5 points below "
                   "its own final exit; test with the dynamic engine."]
-    plain = t.sweep("plain", ["experiment=plain_mnist"])
+    plain = t.sweep("mnist_plain", ["experiment=plain_mnist", "dataset=mnist"], shared=True)
     methods = [("BranchyNet (multi_ce + entropy)", "branchy", ["experiment=branchynet_mnist"], "entropy"),
                ("SDN (ramped weights + max_prob)", "sdn", ["experiment=sdn_mnist"], "max_prob"),
                ("EENets (eenet_v2 + confidence, stats head)", "eenets",
@@ -193,12 +202,7 @@ def table_baselines(t: Table) -> tuple[str, list[dict], list[str]]:
                          "final_exit_accuracy": r["exits"][-1]["test_accuracy"], **row_facts(r)})
     md = []
     for (method,), rs in group(rows, ("method",)).items():
-        md.append([method, len(rs), mean_sd([r["accuracy"] for r in rs]),
-                   f"{statistics.mean(r['cost'] for r in rs):.3f}",
-                   " / ".join(f"{100 * statistics.mean(r['rates'][i] for r in rs):.1f}"
-                              for i in range(len(rs[0]["rates"]))),
-                   "-" if rs[0]["auc"] is None else f"{statistics.mean(r['auc'] for r in rs):.4f}",
-                   rs[0]["epochs"], f"{sum(r['wall_s'] for r in rs):.0f}"])
+        md.append([method, *summary_cells(rs)])
     table = markdown_table(["method", "seeds", "test acc %", "avg cost fraction", "exit rates %",
                             "anytime AUC", "epochs", "wall s"], md)
     return table, rows, deviations

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 
-
 def test_smoke_tables(tmp_path, shared_data):
     env = {**os.environ, "WANDB_MODE": "disabled", "SMOKE": "1"}
     proc = subprocess.run([sys.executable, "-m", "eenet.tables", "all", "--out", str(tmp_path),
@@ -23,6 +22,13 @@ def test_smoke_tables(tmp_path, shared_data):
         for row in data["rows"]:  # every row knows the command that made it, its seed and epochs
             assert row["command"].startswith("eenet-train -m "), row
             assert row["seed"] == 0 and row["epochs"] == 1
+    # the backbone without exits is trained once, by the first table, and reused by the next
+    assert (tmp_path / "runs" / "shared" / "mnist_plain" / ".done").is_file()
+    base = json.loads((tmp_path / "baselines.json").read_text())
+    assert [s.get("reused") for s in base["sweeps"] if s["key"] == "mnist_plain"] == [True]
+    assert {r["job"] for r in base["rows"] if r["method"] == "resnet20 (no exits)"} == {
+        r["job"] for r in json.loads((tmp_path / "eenets.json").read_text())["rows"]
+        if r["model"] == "resnet20 (no exits)"}
     pte = json.loads((tmp_path / "pteenet.json").read_text())
     assert all(r["hash_unchanged"] for r in pte["rows"] if r["model"] == "PTEENet branches")
     trecx = json.loads((tmp_path / "trecx.json").read_text())
