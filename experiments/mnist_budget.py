@@ -113,7 +113,7 @@ def main() -> None:
     table = markdown_table(["model / policy", "val acc %", "val cost", "test acc %",
                             "drop vs plain (points)", "test avg cost", "test exit rates %"], rows)
     print(f"\nMNIST, {args.epochs} epochs, tolerance {args.tolerance} points below the "
-          f"{'backbone without exits' if suffix else 'own final exit'} calibrated on val; "
+          f"{'backbone without exits' if args.reference == 'plain' else 'own final exit'} calibrated on val; "
           f"policy chosen on val: {best}; test with the dynamic engine\n")
     print(table)
     print(f"\ntarget (drop <= {args.tolerance} points vs plain, avg cost <= 0.25): "
