@@ -128,6 +128,37 @@ def test_batch_of_one_both_ways():
         torch.testing.assert_close(late.pred, net.backbone(x).argmax(1))
 
 
+@pytest.mark.parametrize("name", sorted(POLICIES))
+def test_batch_of_one_short_path_equals_the_batched_path(name):
+    """Each sample run alone (the batch-1 path) leaves where it leaves in a batch of 48."""
+    net = make_net(stages=(1, 4), seed=4)  # a seed whose exits 0 and 1 agree on 15 of 48
+    with torch.no_grad():  # varied predictions, so that exits sometimes agree (patience)
+        for head in [e.classifier for e in net.exits] + [net.backbone.head.fc]:
+            head.weight.normal_(0, 1)
+    x = torch.randn(48, 1, 12, 12, generator=torch.Generator().manual_seed(5))
+    if name == "patience":
+        policy = create_policy(name, [2, 2])  # exit 0 never agrees with an earlier exit
+    else:
+        with torch.no_grad():
+            scores = create_policy(name, 0.5).scores(net(x))
+        # halfway between two samples' scores: a sample's own score would sit on the
+        # boundary, where batch-1 and batch-48 convolutions may round differently
+        srt = scores.sort(0).values
+        th = (srt[23] + srt[24]) / 2
+        policy = create_policy(name, (-th if name == "entropy" else th).tolist())
+    engine = DynamicEngine(net, policy, exit_cost_table(net).fractions, keep_logits=True)
+    batched = engine(x)
+    alone = [engine(x[i:i + 1]) for i in range(48)]
+    used = set(batched.exit.tolist())
+    assert used == ({1, 2} if name == "patience" else {0, 1, 2}), "the test needs every exit used"
+    assert torch.equal(torch.cat([o.exit for o in alone]), batched.exit)
+    assert torch.equal(torch.cat([o.pred for o in alone]), batched.pred)
+    assert torch.equal(torch.cat([o.cost for o in alone]), batched.cost)
+    torch.testing.assert_close(torch.cat([o.logits for o in alone]), batched.logits,
+                               rtol=1e-4, atol=1e-5)
+    assert all(o.exit.dtype == torch.long and o.exit.shape == (1,) for o in alone)
+
+
 def test_engine_refuses_training_mode_and_bad_shapes():
     net = make_net().train()
     engine = DynamicEngine(net, create_policy("confidence", 0.5))

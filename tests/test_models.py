@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -107,6 +108,28 @@ def test_exit_block_shapes(preblock, convs):
     logits, z = e(torch.randn(3, 16, 7, 7))
     assert logits.shape == (3, 10) and z.shape == (3,)
     assert isinstance(e.confidence, nn.Linear) and e.confidence.out_features == 1
+
+
+@pytest.mark.parametrize("k", [1, 2, 10])
+def test_prediction_stats_follow_their_definitions(k):
+    from eenet.models.exits import prediction_stats
+    # moderate logits: near p_max = 1, float32's 1 - p_max keeps too few digits to compare
+    logits = torch.randn(300, k, generator=torch.Generator().manual_seed(k)) * 2
+    logits[0] = 0.0                      # uniform prediction
+    p = torch.softmax(logits.double(), 1)
+    top = p.topk(min(2, k), 1).values
+    p_max = top[:, 0]
+    margin = top[:, 0] - (top[:, 1] if k > 1 else 0)
+    ent = -(p * p.log()).sum(1) / math.log(max(k, 2))
+    # logit(p_max), with p_max capped just below 1 (float32 1 - 1e-7) so that it stays finite
+    cap = torch.tensor(1 - 1e-7, dtype=torch.float32).double()
+    logit = (p_max.log() - torch.log1p(-p_max.clamp(max=cap))).clamp(-20, 20)
+    expected = torch.stack([logit, margin, ent], 1).float()
+    torch.testing.assert_close(prediction_stats(logits), expected, rtol=1e-4, atol=2e-4)
+    if k > 1:  # a saturated prediction gives the capped, finite logit -log(1 - cap)
+        sat = prediction_stats(torch.tensor([[60.0] + [0.0] * (k - 1)]))
+        assert sat[0, 0].item() == pytest.approx(-math.log(1 - cap.item()), rel=1e-3)
+        assert sat[0, 1].item() == pytest.approx(1.0) and sat[0, 2].item() == pytest.approx(0, abs=1e-6)
 
 
 def test_exit_block_rejects_unknown_preblock():

@@ -5,7 +5,9 @@ same modules in the same order as the static path). After each early exit it
 applies the policy, writes out the samples that leave, and continues with only
 the rest of the batch, so later stages run only on what remains; when nothing
 remains it stops. Batch size 1 is the special case where a sample either leaves
-or the whole batch goes on.
+or the whole batch goes on; it takes a short path without the bookkeeping of
+sample indices (the same modules and the same decisions, compared as Python
+floats, which is exact: the thresholds are float32 values like the scores).
 
 This is the difference with the papers' code, which either runs at batch size 1
 only (EENets, SDN) or computes every exit for every sample and picks one
@@ -65,6 +67,7 @@ class DynamicEngine:
         self.costs = torch.tensor(costs, dtype=torch.float32)
         self.keep_logits = keep_logits
         self._segments = net.segments()
+        self._exit_ids = [torch.tensor([j]) for j in range(net.num_exits)]
 
     def __call__(self, x: torch.Tensor) -> DynamicOutput:
         if self.net.training:
@@ -72,7 +75,27 @@ class DynamicEngine:
                              "(BatchNorm and dropout must not use batch statistics)")
         self.net.check_input(x)
         with torch.inference_mode():
-            return self._run(x)
+            return self._run_one(x) if x.shape[0] == 1 else self._run(x)
+
+    def _run_one(self, x: torch.Tensor) -> DynamicOutput:
+        """Batch size 1: the sample leaves at the first exit whose score passes its threshold."""
+        state = self.policy.initial_state(1, x.device)
+        carried = None
+        for j, (modules, exit_block) in enumerate(self._segments):
+            for m in modules:
+                x = m(x)
+            if exit_block is None:
+                logits, _ = self.net.final_exit(x, carried)
+                break
+            logits, z, c = self.net.run_exit(j, exit_block, x)
+            carried = c if c is not None else carried
+            score, state = self.policy.exit_score(logits, z, state)
+            if score.item() > self.thresholds[j]:
+                break
+        exit_idx = self._exit_ids[j].to(x.device, copy=True)
+        return DynamicOutput(pred=logits.argmax(1), exit=exit_idx,
+                             cost=self.costs[j:j + 1].to(x.device, copy=True),
+                             logits=logits.clone() if self.keep_logits else None)
 
     def _run(self, x: torch.Tensor) -> DynamicOutput:
         b = x.shape[0]
