@@ -22,6 +22,7 @@ fraction of at most 0.6; backbone hash unchanged; post-training epochs at least
 2x faster than a joint-training epoch.
 
     python experiments/pteenet_cifar10.py
+    python experiments/pteenet_cifar10.py --branch-convs 1   # cheaper branches: pteenet_cifar10_c1.json
 """
 
 from __future__ import annotations
@@ -64,22 +65,33 @@ def main() -> None:
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     p.add_argument("--tolerance", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--branch-convs", type=int, default=2,
+                   help="[3x3 conv, BN, ReLU] layers per branch (PTEENet: 2)")
+    p.add_argument("--branch-width", type=int, default=None,
+                   help="channels of the branch convolutions (default: the stage's)")
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
 
-    plain = run("backbone", ["placement.method=explicit", "placement.stages=[]", "loss=multi_ce",
+    # run folders name what they depend on, so that a run with other settings is not reused
+    bb_name = f"backbone_{args.backbone_epochs}ep"
+    br = f"c{args.branch_convs}" + (f"w{args.branch_width}" if args.branch_width else "")
+    post_name = f"post_{args.backbone_epochs}ep_{br}_{args.post_epochs}ep_lambda_{{lam:g}}"
+    plain = run(bb_name, ["placement.method=explicit", "placement.stages=[]", "loss=multi_ce",
                              f"trainer.max_epochs={args.backbone_epochs}"], args)
     backbone_acc = plain["exits"][-1]["test_accuracy"]
-    branches = ["exit=pteenet", "placement.method=linear", "placement.num_exits=3",
-                f"backbone.checkpoint={RUNS / 'backbone'}", "loss=two_stage", "loss.first_epochs=1"]
+    branches = ["exit=pteenet", f"exit.convs={args.branch_convs}",
+                f"exit.width={args.branch_width if args.branch_width else 'null'}",
+                "placement.method=linear", "placement.num_exits=3",
+                f"backbone.checkpoint={RUNS / bb_name}", "loss=two_stage", "loss.first_epochs=1"]
     rows, sweep = [], []
     for lam in args.lambdas:
-        r = run(f"post_lambda_{lam:g}", branches + [
+        name = post_name.format(lam=lam)
+        r = run(name, branches + [
             "mode=posttrain", f"loss.second.lambda_coef={lam}",
             f"trainer.max_epochs={args.post_epochs}"], args)
-        ev = evaluate(compose_config([f"run={RUNS / f'post_lambda_{lam:g}'}",
+        ev = evaluate(compose_config([f"run={RUNS / name}",
                                       f"tolerance={args.tolerance}", "policy=confidence"],
-                                     output_dir=RUNS / f"post_lambda_{lam:g}" / "eval",
+                                     output_dir=RUNS / name / "eval",
                                      config_name="eval"))
         t = ev["test"]
         drop = 100 * (backbone_acc - t["accuracy"])
@@ -104,16 +116,17 @@ def main() -> None:
                      "unchanged" if entry["hash_unchanged"] else "CHANGED"])
 
     # one epoch of joint training of the same network, timed in this run
-    joint = run("joint_epoch", branches + ["mode=mixed", "loss.second.lambda_coef=1.0",
-                                           "trainer.max_epochs=1", "checkpoint.enabled=false"],
-                args, force=True)
+    joint = run(f"joint_epoch_{br}", branches + [
+        "mode=mixed", "loss.second.lambda_coef=1.0", "trainer.max_epochs=1",
+        "checkpoint.enabled=false"], args, force=True)
     post_epoch = statistics.median(s for e in sweep for s in e["post_epoch_seconds"])
     joint_epoch = joint["train_epoch_seconds"][0]
     speedup = joint_epoch / post_epoch
     table = markdown_table(["lambda", "test acc %", "drop vs backbone (points)",
                             "avg cost fraction", "exit rates %", "backbone hash"], rows)
     print(f"\nCIFAR-10 (JPEG) test set. resnet20 without exits: {100 * backbone_acc:.2f}% after "
-          f"{args.backbone_epochs} epochs. PTEENet branches after stages "
+          f"{args.backbone_epochs} epochs. PTEENet branches ({args.branch_convs} conv layers, "
+          f"width {args.branch_width or 'of the stage'}) after stages "
           f"{sweep[0]['exit_stages'][:-1]}, post-trained {args.post_epochs} epochs; confidence "
           f"thresholds calibrated on val for a tolerance of {args.tolerance} point\n")
     print(table)
@@ -126,7 +139,7 @@ def main() -> None:
                      "epoch_seconds": plain.get("train_epoch_seconds")},
         "sweep": sweep, "post_epoch_median_s": post_epoch, "joint_epoch_s": joint_epoch,
         "posttrain_speedup": speedup, "target_met_for": met, "table": table,
-        "settings": vars(args)})
+        "settings": vars(args)}, suffix="" if br == "c2" else f"_{br}")
     print(f"saved {path}")
 
 

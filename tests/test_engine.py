@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from eenet.build import build_early_exit_network
 from eenet.cost import exit_cost_table
 from eenet.errors import EENetError
-from eenet.inference import DynamicEngine, exit_latency_table
+from eenet.inference import DynamicEngine, exit_latency_table, fold_batchnorm
 from eenet.models import ExitBlock, create_backbone
 from eenet.policies import POLICIES, create_policy
 
@@ -260,3 +260,33 @@ def test_trecx_mitigation_needs_matching_width():
     with pytest.raises(EENetError, match="set exit.width=64"):
         build_early_exit_network(b, TRecXExit, "explicit", stages=[0], input_size=(3, 16, 16),
                                  mitigation="trecx")
+
+
+def test_folding_batchnorm_keeps_the_function_and_the_engine_exact():
+    net = make_net(stages=(1, 4))
+    net.exits[0] = ExitBlock(16, 5, (12, 12), preblock="pool", convs=2).eval()  # BN in a branch
+    with torch.no_grad():
+        for m in net.exits[0].modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    folded, pairs = fold_batchnorm(net)
+    assert pairs == n_bn  # every BN in resnet20 and in the branch follows a convolution
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in original.items())  # not changed
+    x = torch.randn(32, 1, 12, 12)
+    with torch.no_grad():
+        a, b = net(x), folded(x)
+    for la, lb in zip(a.logits, b.logits):
+        torch.testing.assert_close(lb, la, rtol=1e-4, atol=1e-4)
+    # the engine on the folded network equals the folded network's static path + policy
+    policy = create_policy("max_prob", median_thresholds(folded, x))
+    with torch.no_grad():
+        static = folded(x)
+    assert torch.equal(DynamicEngine(folded, policy)(x).exit, policy.decide(static))
+    plain, pairs_plain = fold_batchnorm(net.backbone)
+    assert pairs_plain == sum(isinstance(m, torch.nn.BatchNorm2d) for m in net.backbone.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), net.backbone(x), rtol=1e-4, atol=1e-4)
