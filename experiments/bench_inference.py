@@ -59,6 +59,7 @@ def main() -> None:
     p.add_argument("--plain-run", default=str(RUNS / "mnist_core" / "plain"))
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--tag", default="", help="appended to the JSON's name (another --ee-run)")
     p.add_argument("--fold-bn", action="store_true", help="fold BatchNorm into the convolutions "
                    "of both networks first")
     p.add_argument("--samples", type=int, default=None, help="first n test samples (default all)")
@@ -129,7 +130,7 @@ def main() -> None:
                                   "policy": ev["policy"], "results": results, "table": table,
                                   "plain_backbone_macs": plain_cost.backbone_macs,
                                   "settings": vars(args)},
-                       suffix="_folded" if args.fold_bn else "")
+                       suffix=args.tag + ("_folded" if args.fold_bn else ""))
     print(f"saved {path}")
 
 

@@ -17,6 +17,7 @@ cost fraction of at most 0.25. The whole validation Pareto curve is saved as
 JSON (``mnist_budget.json``) and PNG (``mnist_budget.png``).
 
     python experiments/mnist_budget.py
+    python experiments/mnist_budget.py --exit pool   # pooled exit heads: runs/mnist_budget/ee_pool
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def train_run(name: str, overrides: list[str], args) -> Path:
     if (out / "model.pt").is_file() and not args.retrain:
         print(f"reusing {out}")
         return out
-    base = ["dataset=mnist", f"data_root={args.data}", "backbone=resnet20", "exit=plain",
+    base = ["dataset=mnist", f"data_root={args.data}", "backbone=resnet20",
             "optimizer=adam", "scheduler=cosine", f"trainer.max_epochs={args.epochs}",
             "trainer.enable_progress_bar=false", "logger=csv", f"threads={args.threads}", f"seed={args.seed}"]
     train(compose_config([*base, *overrides], output_dir=out))
@@ -60,26 +61,29 @@ def main() -> None:
     p.add_argument("--reference", choices=["final", "plain"], default="final",
                    help="tolerance below the model's own final exit on val, or below the "
                         "val accuracy of the backbone without exits")
+    p.add_argument("--exit", default="plain", help="exit config (conf/exit): plain (EENets' "
+                   "flattened features) or pool (global average pooling)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
+    tag = "" if args.exit == "plain" else f"_{args.exit}"
 
     core_plain = RUNS / "mnist_core" / "plain"
     if (core_plain / "model.pt").is_file() and json.loads(
             (core_plain / "results.json").read_text())["epochs"] == args.epochs:
         plain_dir = core_plain
     else:
-        plain_dir = train_run("plain", ["placement.method=explicit", "placement.stages=[]",
-                                        "loss=eenet_v2"], args)
-    ee_dir = train_run("ee", ["placement.method=fine", "placement.num_exits=2",
-                              f"loss={args.loss}"], args)
+        plain_dir = train_run("plain", ["exit=plain", "placement.method=explicit",
+                                        "placement.stages=[]", "loss=eenet_v2"], args)
+    ee_dir = train_run(f"ee{tag}", [f"exit={args.exit}", "placement.method=fine",
+                                    "placement.num_exits=2", f"loss={args.loss}"], args)
     plain = json.loads((plain_dir / "results.json").read_text())
     plain_acc = plain["test"]["accuracy"]
     if args.reference == "plain":  # both on val: the test split is never looked at here
         target = {"min_accuracy": plain["val"]["accuracy"] - args.tolerance / 100}
     else:
         target = {"tolerance": args.tolerance}
-    suffix = "_vs_plain" if args.reference == "plain" else ""
+    suffix = tag + ("_vs_plain" if args.reference == "plain" else "")
 
     # choose the policy on val only
     _, dm, net, cost = load_run(ee_dir)
@@ -92,7 +96,7 @@ def main() -> None:
     ok = {k: r for k, r in per_policy.items() if r.reachable}
     best = min(ok, key=lambda k: ok[k].chosen.avg_cost)
 
-    out = ee_dir / f"eval_budget{suffix}"
+    out = ee_dir / f"eval_budget{suffix[len(tag):]}"
     (key, value), = target.items()
     results = evaluate(compose_config([f"run={ee_dir}", f"{key}={value}",
                                        f"policy={best}", "latency=false"],
@@ -103,6 +107,7 @@ def main() -> None:
     drop = 100 * (plain_acc - t["accuracy"])
     meets = drop <= args.tolerance and t["avg_cost_fraction"] <= 0.25
     rows = [["plain resnet20 (no exits)", "-", "-", f"{100 * plain_acc:.2f}", "-", "1.000", "-"]]
+    print(f"exit heads: {args.exit}")
     for k, r in per_policy.items():
         rows.append([f"resnet20 + 2 exits, {k}", f"{100 * r.chosen.accuracy:.2f}",
                      f"{r.chosen.avg_cost:.4f}",
