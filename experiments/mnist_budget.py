@@ -75,7 +75,8 @@ def main() -> None:
     else:
         plain_dir = train_run("plain", ["exit=plain", "placement.method=explicit",
                                         "placement.stages=[]", "loss=eenet_v2"], args)
-    ee_dir = train_run(f"ee{tag}", [f"exit={args.exit}", "placement.method=fine",
+    ee_dir = train_run(f"ee{tag}", [f"exit={args.exit}", "exit.confidence_input=stats",
+                                    "placement.method=fine",
                                     "placement.num_exits=2", f"loss={args.loss}"], args)
     plain = json.loads((plain_dir / "results.json").read_text())
     plain_acc = plain["test"]["accuracy"]
