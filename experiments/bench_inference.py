@@ -87,6 +87,7 @@ def main() -> None:
             batches.append(x[: n - seen])
             seen += batches[-1].shape[0]
         exits = torch.cat([engine(x).exit for x in batches])
+        rates = (torch.bincount(exits, minlength=net.num_exits).double() / exits.numel()).tolist()
         avg_cost = float(torch.tensor(cost.fractions)[exits].mean())
         ideal = 1 / avg_cost
         timed(plain, batches[:3])  # warm-up
@@ -97,14 +98,12 @@ def main() -> None:
             t_dyn.append(timed(engine, batches))
         lat = exit_latency_table(net, batches[0].shape[1:], batch_sizes=[bs], repeats=30,
                                  min_seconds=2.0)
-        reach = sum(r * row["us_per_sample"] for r, row in zip(
-            (torch.bincount(exits, minlength=net.num_exits).double() / exits.numel()).tolist(), lat))
+        reach = sum(r * row["us_per_sample"] for r, row in zip(rates, lat))
         ceiling = statistics.median(t_plain) / exits.numel() * 1e6 / reach
         speedup = statistics.median(t_plain) / statistics.median(t_dyn)
         per_rep = statistics.median(a / b for a, b in zip(t_plain, t_dyn))
         ratio = speedup / ideal
         target = 0.8 if bs == 1 else 0.85
-        rates = (torch.bincount(exits, minlength=net.num_exits).double() / exits.numel()).tolist()
         results.append({"batch_size": bs, "samples": int(exits.numel()), "plain_s": t_plain,
                         "dynamic_s": t_dyn, "speedup": speedup, "speedup_per_rep_median": per_rep,
                         "avg_cost_fraction": avg_cost, "ideal_speedup": ideal,

@@ -84,7 +84,8 @@ def main() -> None:
         target = {"min_accuracy": plain["val"]["accuracy"] - args.tolerance / 100}
     else:
         target = {"tolerance": args.tolerance}
-    suffix = tag + ("_vs_plain" if args.reference == "plain" else "")
+    ref = "_vs_plain" if args.reference == "plain" else ""
+    suffix = tag + ref
 
     # choose the policy on val only
     _, dm, net, cost = load_run(ee_dir)
@@ -97,7 +98,7 @@ def main() -> None:
     ok = {k: r for k, r in per_policy.items() if r.reachable}
     best = min(ok, key=lambda k: ok[k].chosen.avg_cost)
 
-    out = ee_dir / f"eval_budget{suffix[len(tag):]}"
+    out = ee_dir / f"eval_budget{ref}"
     (key, value), = target.items()
     results = evaluate(compose_config([f"run={ee_dir}", f"{key}={value}",
                                        f"policy={best}", "latency=false"],

@@ -67,7 +67,6 @@ class DynamicEngine:
         self.costs = torch.tensor(costs, dtype=torch.float32)
         self.keep_logits = keep_logits
         self._segments = net.segments()
-        self._exit_ids = [torch.tensor([j]) for j in range(net.num_exits)]
 
     def __call__(self, x: torch.Tensor) -> DynamicOutput:
         if self.net.training:
@@ -81,19 +80,15 @@ class DynamicEngine:
         """Batch size 1: the sample leaves at the first exit whose score passes its threshold."""
         state = self.policy.initial_state(1, x.device)
         carried = None
-        for j, (modules, exit_block) in enumerate(self._segments):
-            for m in modules:
-                x = m(x)
-            if exit_block is None:
-                logits, _ = self.net.final_exit(x, carried)
+        for j, segment in enumerate(self._segments):
+            x, logits, z, carried = self.net.run_segment(j, segment, x, carried)
+            if segment[1] is None:  # the final exit
                 break
-            logits, z, c = self.net.run_exit(j, exit_block, x)
-            carried = c if c is not None else carried
             score, state = self.policy.exit_score(logits, z, state)
             if score.item() > self.thresholds[j]:
                 break
-        exit_idx = self._exit_ids[j].to(x.device, copy=True)
-        return DynamicOutput(pred=logits.argmax(1), exit=exit_idx,
+        return DynamicOutput(pred=logits.argmax(1),
+                             exit=torch.full((1,), j, dtype=torch.long, device=x.device),
                              cost=self.costs[j:j + 1].to(x.device, copy=True),
                              logits=logits.clone() if self.keep_logits else None)
 
@@ -106,15 +101,11 @@ class DynamicEngine:
         remaining = torch.arange(b, device=device)
         state = self.policy.initial_state(b, device)
         carried = None  # an early exit's features for the final exit (T-RecX mitigation)
-        for j, (modules, exit_block) in enumerate(self._segments):
-            for m in modules:
-                x = m(x)
-            if exit_block is None:  # the final exit takes everything that is left
-                logits, _ = self.net.final_exit(x, carried)
+        for j, segment in enumerate(self._segments):
+            x, logits, z, carried = self.net.run_segment(j, segment, x, carried)
+            if segment[1] is None:  # the final exit takes everything that is left
                 leave = None
             else:
-                logits, z, c = self.net.run_exit(j, exit_block, x)
-                carried = c if c is not None else carried
                 score, state = self.policy.exit_score(logits, z, state)
                 leave = score > self.thresholds[j]
             if out_logits is None and self.keep_logits:

@@ -23,14 +23,8 @@ from eenet.models.early_exit import EarlyExitNetwork
 def run_to_exit(net: EarlyExitNetwork, x: torch.Tensor, exit_index: int) -> torch.Tensor:
     """Run the segments up to ``exit_index`` with every exit head on the way; its logits."""
     logits, carried = None, None
-    for j, (modules, exit_block) in enumerate(net.segments()):
-        for m in modules:
-            x = m(x)
-        if exit_block is None:
-            logits = net.final_exit(x, carried)[0]
-        else:
-            logits, _, c = net.run_exit(j, exit_block, x)
-            carried = c if c is not None else carried
+    for j, segment in enumerate(net.segments()):
+        x, logits, _, carried = net.run_segment(j, segment, x, carried)
         if j == exit_index:
             break
     return logits

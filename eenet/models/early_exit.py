@@ -143,21 +143,35 @@ class EarlyExitNetwork(nn.Module):
         segs.append((run, None))
         return segs
 
+    def run_segment(self, j: int, segment: tuple[list[nn.Module], nn.Module | None],
+                    x: torch.Tensor, carried: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Segment ``j`` of :meth:`segments`: its stages, then its exit (the final one if None).
+
+        Returns ``(stage output, logits, confidence logits, carried)``; ``carried`` is
+        the features the final exit takes from the ``carry_exit`` (T-RecX mitigation).
+        The static path, the dynamic engine and the latency table all step through
+        the network with this method.
+        """
+        modules, exit_block = segment
+        for m in modules:
+            x = m(x)
+        if exit_block is None:
+            logits, conf = self.final_exit(x, carried)
+        else:
+            logits, conf, c = self.run_exit(j, exit_block, x)
+            carried = c if c is not None else carried
+        return x, logits, conf, carried
+
     def forward(self, x: torch.Tensor) -> ExitOutputs:
         """Static path: every stage and every exit; returns all exits' outputs."""
         self.check_input(x)
         logits, conf = [], []
         carried = None
-        for j, (modules, exit_block) in enumerate(self.segments()):
-            for m in modules:
-                x = m(x)
-            if exit_block is None:
-                out = self.final_exit(x, carried)
-            else:
-                *out, c = self.run_exit(j, exit_block, x)
-                carried = c if c is not None else carried
-            logits.append(out[0])
-            conf.append(out[1])
+        for j, segment in enumerate(self.segments()):
+            x, lg, cf, carried = self.run_segment(j, segment, x, carried)
+            logits.append(lg)
+            conf.append(cf)
         return ExitOutputs(logits, conf)
 
 
