@@ -12,7 +12,10 @@ For exit i of an early-exit network (Demir & Akbas, EENets, section 3.2):
 
 A sample that reaches exit i has paid for every exit head before it, so the
 final exit's fraction is above 1: the exit heads' overhead is counted, not
-hidden. Costs are traced on the static path, which runs every exit; a dynamic
+hidden. Heads that are not run are not paid for: an exit whose threshold never
+releases a sample (``inf``) need not compute its head at all, and
+:meth:`CostTable.fractions_skipping` gives the costs with those heads left out
+(what the dynamic engine and the calibrator use). Costs are traced on the static path, which runs every exit; a dynamic
 run's real cost can be checked with ``torch.utils.flop_counter.FlopCounterMode``.
 """
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -106,10 +110,42 @@ class CostTable:
     input_size: tuple[int, ...]
     exits: list[ExitCost] = field(default_factory=list)
     convention: str = MAC_CONVENTION
+    #: early exits whose head runs even when it releases no sample: T-RecX's
+    #: mitigation carries that exit's features to the final classifier
+    always_run: list[int] = field(default_factory=list)
 
     @property
     def fractions(self) -> list[float]:
+        """c_0..c_N with every early exit's head paid for."""
         return [e.cost_fraction for e in self.exits]
+
+    @property
+    def head_fractions(self) -> list[float]:
+        """Each early exit's head as a fraction of the plain backbone (N values)."""
+        return [e.head_macs / self.backbone_macs for e in self.exits[:-1]]
+
+    def skippable(self) -> list[bool]:
+        """Which early exits' heads can be left out when they release no sample."""
+        return [j not in self.always_run for j in range(len(self.exits) - 1)]
+
+    def fractions_skipping(self, skipped: Sequence[bool]) -> list[float]:
+        """c_0..c_N when the heads of the early exits marked in ``skipped`` are not run.
+
+        A skipped exit releases no sample, so only the exits it does not skip are
+        reached through it; c_i drops by the heads skipped at or before exit i.
+        """
+        skipped = list(skipped)
+        if len(skipped) != len(self.exits) - 1:
+            raise ValueError(f"{len(skipped)} flags for {len(self.exits) - 1} early exits")
+        for j, s in enumerate(skipped):
+            if s and j in self.always_run:
+                raise ValueError(f"exit {j}'s head always runs (its features feed the final exit)")
+        out, saved = [], 0
+        for j, e in enumerate(self.exits):
+            if j < len(skipped) and skipped[j]:
+                saved += e.head_macs
+            out.append((e.macs - saved) / self.backbone_macs)
+        return out
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -120,7 +156,8 @@ class CostTable:
     def from_dict(cls, d: dict) -> "CostTable":
         return cls(backbone_macs=int(d["backbone_macs"]), input_size=tuple(d["input_size"]),
                    exits=[ExitCost(**e) for e in d["exits"]],
-                   convention=d.get("convention", MAC_CONVENTION))
+                   convention=d.get("convention", MAC_CONVENTION),
+                   always_run=[int(j) for j in d.get("always_run", [])])
 
     def to_markdown(self) -> str:
         lines = [f"Backbone: {self.backbone_macs / 1e6:.3f} M MACs for input {tuple(self.input_size)} "
@@ -150,4 +187,5 @@ def exit_cost_table(net: EarlyExitNetwork, input_size: tuple[int, ...] | None = 
                              cost_fraction=macs / base.total))
     if rows[-1].macs != m[""]:
         raise RuntimeError(f"static path MACs {m['']} differ from the final exit's {rows[-1].macs}")
-    return CostTable(backbone_macs=base.total, input_size=input_size, exits=rows)
+    always = [net.carry_exit] if net.carry_exit is not None else []
+    return CostTable(backbone_macs=base.total, input_size=input_size, exits=rows, always_run=always)

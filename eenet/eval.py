@@ -94,19 +94,19 @@ def evaluate(cfg: DictConfig) -> dict:
         raise EENetError("give the training run to evaluate: run=RUN_DIR")
     train_cfg, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
     out_dir = Path(cfg.output_dir)
-    costs = torch.tensor(cost.fractions)
     n_exits = net.num_exits
     bs = int(cfg.batch_size)
 
     # 1. calibrate on the validation split only
     val = cache_exit_outputs(net, make_loader(dm.val_dataset, bs, shuffle=False))
-    cal = Calibrator(val, cfg.policy, cost.fractions, grid=int(cfg.grid))
+    cal = Calibrator(val, cfg.policy, cost, grid=int(cfg.grid))
     res = cal.calibrate(budget=cfg.get("budget"), tolerance=cfg.get("tolerance"),
                         min_accuracy=cfg.get("min_accuracy"))
     policy = create_policy(cfg.policy, res.chosen.thresholds)
 
     # 2. test with the dynamic engine: real early exit
-    engine = DynamicEngine(net, policy, cost.fractions)
+    engine = DynamicEngine(net, policy, cost)
+    costs = engine.costs  # the chosen thresholds' costs: idle exits' heads are not run
     preds, exits, ys = [], [], []
     t0 = time.perf_counter()
     for x, y in make_loader(dm.test_dataset, bs, shuffle=False):
@@ -122,7 +122,7 @@ def evaluate(cfg: DictConfig) -> dict:
     test = cache_exit_outputs(net, make_loader(dm.test_dataset, bs, shuffle=False))
     static_exits = policy.decide(test.outputs)
     agree = float((static_exits == exit_idx).double().mean())
-    test_cal = Calibrator(test, cfg.policy, cost.fractions, grid=2)
+    test_cal = Calibrator(test, cfg.policy, cost, grid=2)
     to_score = cal.policy.to_score_units
 
     def on_test(points):
@@ -139,7 +139,9 @@ def evaluate(cfg: DictConfig) -> dict:
     over, oracle = overthinking_counts(test.correct)
     test_stats["overthinking"] = (over.double() / len(test)).tolist()
     test_stats["oracle_acc"] = float(oracle) / len(test)
-    final_test = _split_stats(torch.full_like(y, n_exits - 1), test.correct[:, -1], costs, n_exits)
+    never = torch.full((1, n_exits - 1), float("inf"))  # score units: no early exit releases
+    final_test = {"acc": float(test.correct[:, -1].double().mean()),
+                  "avg_cost": float(test_cal.evaluate(never)[1][0])}
     calibration = res.to_dict()
     calibration["test_curve"] = [{"avg_cost": c, "accuracy": a} for c, a in on_test(res.curve)]
     calibration["final_exit_test"] = {"accuracy": final_test["acc"],

@@ -44,6 +44,9 @@ class ExitPolicy:
     name = "policy"
     #: open interval of valid thresholds, for checking a user's input
     valid_range: tuple[float, float] = (-math.inf, math.inf)
+    #: whether exit i's score depends on earlier exits' outputs (then every head must
+    #: run, even at an exit whose threshold never releases a sample)
+    needs_every_exit = False
 
     def __init__(self, thresholds: float | Sequence[float] = 0.5):
         if isinstance(thresholds, (int, float, str)):
@@ -100,6 +103,13 @@ class ExitPolicy:
         """Exit index (B,) of every sample of a static forward: 0..N."""
         scores = self.scores(outputs)
         return first_exit(scores, self.threshold_vector(scores.shape[1]).to(scores.device))
+
+    def idle_exits(self, num_early_exits: int) -> list[bool]:
+        """Early exits that never release a sample under these thresholds (``inf``) and
+        whose heads the policy does not need for later exits' scores."""
+        if self.needs_every_exit:
+            return [False] * num_early_exits
+        return [math.isinf(t) and t > 0 for t in self.threshold_vector(num_early_exits).tolist()]
 
     def describe(self) -> dict:
         return {"name": self.name, "thresholds": self.thresholds}
@@ -161,6 +171,7 @@ class PatiencePolicy(ExitPolicy):
 
     name = "patience"
     valid_range = (0.0, math.inf)
+    needs_every_exit = True  # the run length counts every exit's prediction
 
     def to_score_units(self, t):
         return t - 0.5  # run length >= k  <=>  run length > k - 0.5

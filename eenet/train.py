@@ -226,9 +226,9 @@ def _after_training_views(cfg: DictConfig, net: EarlyExitNetwork, datamodule, co
     if want_anytime:  # the anytime / budget view and the accuracy-versus-cost curve
         test_cache = cache_exit_outputs(net, make_loader(datamodule.test_dataset, 512,
                                                          shuffle=False))
-        out["anytime"] = anytime_view(val_cache, test_cache, cfg.policy.name, cost.fractions)
+        out["anytime"] = anytime_view(val_cache, test_cache, cfg.policy.name, cost)
     if budget:  # a validation-only objective for sweepers: accuracy within a cost budget
-        res = Calibrator(val_cache, cfg.policy.name, cost.fractions).calibrate(budget=budget)
+        res = Calibrator(val_cache, cfg.policy.name, cost).calibrate(budget=budget)
         out["objective"] = {"budget": float(budget), "reachable": res.reachable,
                             "val_accuracy": res.chosen.accuracy if res.reachable else 0.0,
                             "val_cost": res.chosen.avg_cost}

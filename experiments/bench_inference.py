@@ -75,7 +75,7 @@ def main() -> None:
         plain, folded_plain = fold_batchnorm(plain)
         print(f"folded {folded} Conv-BN pairs (early-exit network), {folded_plain} (plain)")
     policy = create_policy(ev["policy"]["name"], ev["policy"]["thresholds"])
-    engine = DynamicEngine(net, policy, cost.fractions)
+    engine = DynamicEngine(net, policy, cost)  # idle exits' heads are skipped and not charged
     n = args.samples or len(dm.test_dataset)
 
     rows, results = [], []
@@ -88,7 +88,7 @@ def main() -> None:
             seen += batches[-1].shape[0]
         exits = torch.cat([engine(x).exit for x in batches])
         rates = (torch.bincount(exits, minlength=net.num_exits).double() / exits.numel()).tolist()
-        avg_cost = float(torch.tensor(cost.fractions)[exits].mean())
+        avg_cost = float(engine.costs[exits].double().mean())
         ideal = 1 / avg_cost
         timed(plain, batches[:3])  # warm-up
         timed(engine, batches[:3])

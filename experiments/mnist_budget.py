@@ -92,7 +92,7 @@ def main() -> None:
     val = cache_exit_outputs(net, make_loader(dm.val_dataset, 512, shuffle=False))
     per_policy = {}
     for policy in POLICIES:
-        res = Calibrator(val, policy, cost.fractions).calibrate(**target)
+        res = Calibrator(val, policy, cost).calibrate(**target)
         per_policy[policy] = res
         print(f"val, {policy}: {res.message}")
     ok = {k: r for k, r in per_policy.items() if r.reachable}

@@ -58,10 +58,10 @@ def calibrated_test(ee_dir: Path, plain_val_acc: float, tolerance_points: float)
     """Thresholds on val for val accuracy >= plain - tolerance; test with the dynamic engine."""
     _, dm, net, cost = load_run(ee_dir)
     val = cache_exit_outputs(net, make_loader(dm.val_dataset, 512, shuffle=False))
-    res = Calibrator(val, "max_prob", cost.fractions).calibrate(
+    res = Calibrator(val, "max_prob", cost).calibrate(
         min_accuracy=plain_val_acc - tolerance_points / 100)
     policy = create_policy("max_prob", res.chosen.thresholds)
-    engine = DynamicEngine(net, policy, cost.fractions)
+    engine = DynamicEngine(net, policy, cost)
     correct, costs, exits, n = 0, 0.0, [0] * net.num_exits, 0
     for x, y in make_loader(dm.test_dataset, 512, shuffle=False):
         out = engine(x)
@@ -73,7 +73,7 @@ def calibrated_test(ee_dir: Path, plain_val_acc: float, tolerance_points: float)
     return {"thresholds": res.chosen.thresholds, "val": res.chosen.to_dict(),
             "reachable": res.reachable, "message": res.message, "test_accuracy": correct / n,
             "test_avg_cost": costs / n, "flops_reduction": 1 - costs / n,
-            "test_exit_rates": [e / n for e in exits], "cost_fractions": cost.fractions}
+            "test_exit_rates": [e / n for e in exits], "cost_fractions": engine.costs.tolist()}
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from eenet.cost import CostTable, ExitCost
 from eenet.errors import EENetError
 from eenet.inference import CachedExits, Calibrator, pareto_indices
 from eenet.policies import create_policy
@@ -140,3 +141,44 @@ def test_thresholds_round_trip_through_json_strings():
     exits = policy.decide(cached.outputs)
     rates = (torch.bincount(exits, minlength=3).double() / len(exits)).tolist()
     assert rates == pytest.approx(res.chosen.exit_rates)
+
+
+def cost_table(head_macs, stage_macs, backbone=1000, always_run=()):
+    """A CostTable for exits after cumulative stage MACs ``stage_macs`` with ``head_macs``."""
+    rows, paid = [], 0
+    for i, (h, s) in enumerate(zip(head_macs, stage_macs)):
+        paid += h
+        rows.append(ExitCost(f"exit{i}", i, h, s + paid, (s + paid) / backbone))
+    return CostTable(backbone_macs=backbone, input_size=(1, 8, 8), exits=rows,
+                     always_run=list(always_run))
+
+
+def test_idle_exits_are_not_charged_and_a_useless_exit_gets_switched_off():
+    cached, _ = synthetic()
+    # exit 1 can never be right: a search that keeps its (costly) head pays for nothing
+    cached.logits[1] = torch.zeros_like(cached.logits[1])
+    cached.logits[1][:, 0] = 1.0
+    cached.logits[1][cached.targets == 0, 1] = 2.0
+    table = cost_table([50, 200, 0], [200, 600, 1000])  # exit 1's head: 0.2 of the backbone
+    plain = Calibrator(cached, "max_prob", table.fractions, grid=16)
+    skipping = Calibrator(cached, "max_prob", table, grid=16)
+    vecs = torch.cartesian_prod(*skipping.candidates)
+    _, c_plain, _ = plain.evaluate(vecs)
+    _, c_skip, rates = skipping.evaluate(vecs)
+    for t in range(0, len(vecs), 37):  # each vector's cost from the table's own formula
+        idle = [math.isinf(v) and v > 0 for v in vecs[t].tolist()]
+        fr = torch.tensor(table.fractions_skipping(idle), dtype=torch.float64)
+        assert float(c_skip[t]) == pytest.approx(float(rates[t] @ fr))
+        assert float(c_skip[t]) <= float(c_plain[t]) + 1e-12
+    res = skipping.calibrate(tolerance=1)
+    assert res.reachable and math.isinf(res.chosen.thresholds[1])
+    assert res.chosen.avg_cost < plain.calibrate(tolerance=1).chosen.avg_cost
+    # the final exit alone costs the plain backbone: no head runs
+    assert res.reference.avg_cost == pytest.approx(1.0)
+    # a head that must run (its features feed the final exit) is always charged
+    kept = cost_table([50, 200, 0], [200, 600, 1000], always_run=[1])
+    assert kept.skippable() == [True, False]
+    with pytest.raises(ValueError, match="always runs"):
+        kept.fractions_skipping([False, True])
+    assert Calibrator(cached, "max_prob", kept, grid=16).calibrate(
+        tolerance=1).reference.avg_cost == pytest.approx(1.2)

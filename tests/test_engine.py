@@ -14,7 +14,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from eenet.build import build_early_exit_network
 from eenet.cost import exit_cost_table
 from eenet.errors import EENetError
-from eenet.inference import DynamicEngine, exit_latency_table, fold_batchnorm
+from eenet.inference import (Calibrator, DynamicEngine, cache_exit_outputs,
+                             exit_latency_table, fold_batchnorm)
+from eenet.inference.latency import run_to_exit
 from eenet.models import ExitBlock, create_backbone
 from eenet.policies import POLICIES, create_policy
 
@@ -176,13 +178,12 @@ def test_dynamic_run_executes_the_flops_the_cost_table_charges():
     th = median_thresholds(net, x)
     out = DynamicEngine(net, create_policy("max_prob", th))(x)
     assert len(set(out.exit.tolist())) == 3
-    # matmul/conv MACs per exit from the static path, one sample at a time
+    # matmul/conv FLOPs of one sample that leaves at exit i: the stages and heads 0..i
     per_exit = []
     for i in range(net.num_exits):
-        policy = create_policy("max_prob", [math.inf] * i + [-math.inf] * (net.num_exits - 1 - i))
         counter = FlopCounterMode(display=False)
-        with counter:
-            DynamicEngine(net, policy)(x[:1])
+        with counter, torch.inference_mode():
+            run_to_exit(net, x[:1], i)
         per_exit.append(counter.get_total_flops())
     counter = FlopCounterMode(display=False)
     with counter:
@@ -190,6 +191,72 @@ def test_dynamic_run_executes_the_flops_the_cost_table_charges():
     expected = sum(per_exit[int(e)] for e in out.exit)
     assert counter.get_total_flops() == expected
     assert per_exit[0] < per_exit[1] < per_exit[2]
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+def test_idle_exits_do_not_run_their_heads_and_are_not_charged(batch):
+    """An exit whose threshold is inf releases no sample: its head is skipped and not paid."""
+    net = make_net(stages=(0, 2, 5))
+    x = torch.randn(32, 1, 12, 12, generator=torch.Generator().manual_seed(3))[:batch]
+    th = median_thresholds(net, torch.randn(32, 1, 12, 12))
+    th[1] = math.inf                                    # exit 1 idle
+    policy = create_policy("max_prob", th)
+    table = exit_cost_table(net)
+    calls = [0, 0, 0]
+    hooks = [e.register_forward_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, e in enumerate(net.exits)]
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = DynamicEngine(net, policy, table)(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls[1] == 0 and calls[0] == 1
+    with torch.no_grad():
+        static = net(x)
+    assert torch.equal(out.exit, policy.decide(static))  # same decisions as with every head
+    assert 1 not in out.exit.tolist()
+    # what ran, per sample: stages up to its exit and the heads of the exits it passed,
+    # exit 1's head excluded; the cost table's skipping fractions say the same in MACs
+    per_exit = []
+    for i in range(net.num_exits):
+        c = FlopCounterMode(display=False)
+        with c, torch.inference_mode():
+            run_to_exit(net, x[:1], i)
+        per_exit.append(c.get_total_flops())
+    head1 = _head_only(net, x[:1], 1)
+    assert head1 > 0
+    expected = sum(per_exit[e] - (head1 if e >= 1 else 0) for e in out.exit.tolist())
+    assert counter.get_total_flops() == expected
+    fr = table.fractions_skipping([False, True, False])
+    assert fr[1] < table.fractions[1] and fr[0] == table.fractions[0]
+    torch.testing.assert_close(out.cost, torch.tensor(fr, dtype=torch.float32)[out.exit])
+    # the calibrator, given the cost table, charges the same on the same samples
+    cached = cache_exit_outputs(net, [(x, torch.zeros(batch, dtype=torch.long))])
+    cal = Calibrator(cached, "max_prob", table)
+    _, cost, _ = cal.evaluate(policy.threshold_vector(3).view(1, -1))
+    assert float(cost[0]) == pytest.approx(float(out.cost.double().mean()), rel=1e-6)
+    # a plain list of fractions counts every head, so the engine runs every head
+    assert DynamicEngine(net, policy, table.fractions).skipped == [False, False, False]
+    # the patience policy needs every exit's prediction: nothing is skipped
+    assert DynamicEngine(net, create_policy("patience", [math.inf] * 3), table).skipped == [
+        False, False, False]
+
+
+def _head_only(net, x, j):
+    """FLOPs of early exit j's head alone on the features it reads."""
+    with torch.inference_mode():
+        feats = x
+        for k, seg in enumerate(net.segments()):
+            for m in seg[0]:
+                feats = m(feats)
+            if k == j:
+                break
+    c = FlopCounterMode(display=False)
+    with c, torch.inference_mode():
+        net.exits[j](feats)
+    return c.get_total_flops()
 
 
 def test_latency_table_has_every_exit_and_batch_size():

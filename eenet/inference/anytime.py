@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from eenet.cost import CostTable
 from eenet.inference.calibration import CachedExits, Calibrator
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
@@ -44,7 +45,7 @@ def step_auc(points: Sequence[tuple[float, float]], upper: float = 1.0) -> float
 
 
 def anytime_view(val: CachedExits, test: CachedExits, policy: str,
-                 cost_fractions: Sequence[float], budgets: Sequence[float] = BUDGETS) -> dict:
+                 cost_fractions: CostTable | Sequence[float], budgets: Sequence[float] = BUDGETS) -> dict:
     """Test accuracy at val-chosen thresholds for each budget, and the test AUC."""
     cal_val = Calibrator(val, policy, cost_fractions)
     cal_test = Calibrator(test, policy, cost_fractions, grid=2)

@@ -6,7 +6,12 @@ One static pass caches every exit's outputs on the validation split
 threshold vector t = (t_0..t_{N-1}) is evaluated without running the network:
 the sample leaves at the first i with s_i > t_i, so
 
-    accuracy(t) = mean_b correct[b, exit_t(b)],   cost(t) = mean_b c[exit_t(b)].
+    accuracy(t) = mean_b correct[b, exit_t(b)],   cost(t) = mean_b c_t[exit_t(b)],
+
+where c_t is c with the heads of idle exits (t_i = inf: they release no sample)
+left out when the cost table is given: the dynamic engine does not run those
+heads, so an exit that does not pay for itself costs nothing once switched off,
+and the search over thresholds is also a search over which exits to keep.
 
 :meth:`Calibrator.evaluate` does this for T threshold vectors at once (a
 (T, B, N) comparison). Targets:
@@ -37,6 +42,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from eenet.cost import CostTable
 from eenet.errors import EENetError
 from eenet.models.early_exit import EarlyExitNetwork, ExitOutputs
 from eenet.policies import ExitPolicy, create_policy, first_exit
@@ -136,22 +142,31 @@ class Calibrator:
     Args:
         cached: outputs of every exit on the validation split.
         policy: policy name (``confidence``, ``max_prob``, ``entropy``, ``patience``).
-        cost_fractions: c_0..c_N.
+        cost_fractions: the cost table (then idle exits' heads are not paid for, as in
+            the dynamic engine), or plain fractions c_0..c_N (every head paid for).
         grid: number of candidate thresholds per exit (quantiles of its scores).
         exhaustive_limit: search every combination of candidates when there are at
             most this many; coordinate descent from several starts otherwise.
     """
 
-    def __init__(self, cached: CachedExits, policy: str, cost_fractions: Sequence[float],
+    def __init__(self, cached: CachedExits, policy: str,
+                 cost_fractions: CostTable | Sequence[float],
                  grid: int = 64, exhaustive_limit: int = 20_000):
         self.exhaustive_limit = exhaustive_limit
         self.policy: ExitPolicy = create_policy(policy, 0.5)
         self.scores = self.policy.scores(cached.outputs)  # (B, N), score units
         self.correct = cached.correct                     # (B, N+1)
-        self.costs = torch.tensor(list(cost_fractions), dtype=torch.float64)
+        table = cost_fractions if isinstance(cost_fractions, CostTable) else None
+        fractions = table.fractions if table is not None else list(cost_fractions)
+        self.costs = torch.tensor(fractions, dtype=torch.float64)
         self.n = self.scores.shape[1]
         if self.costs.numel() != self.n + 1:
             raise EENetError(f"{self.costs.numel()} cost fractions for {self.n + 1} exits")
+        # what leaving exit i's head out saves (0 where it must run anyway)
+        self.head_savings = torch.zeros(self.n, dtype=torch.float64)
+        if table is not None and not self.policy.needs_every_exit:
+            self.head_savings = (torch.tensor(table.head_fractions, dtype=torch.float64)
+                                 * torch.tensor(table.skippable(), dtype=torch.float64))
         self.candidates = [self._candidates(self.scores[:, i], grid) for i in range(self.n)]
 
     # -- evaluation ---------------------------------------------------------------------------
@@ -181,7 +196,12 @@ class Calibrator:
             onehot = torch.nn.functional.one_hot(exits, self.n + 1).to(torch.float32)
             counts = onehot.sum(1)                                            # (t, N+1)
             accs.append((onehot * correct).sum((1, 2)).double() / b)
-            costs.append(counts.double() @ self.costs / b)
+            if self.head_savings.any():  # idle exits (t_i = inf) do not run their heads
+                saved = (torch.isposinf(t).double() * self.head_savings).cumsum(1)
+                per_exit = self.costs - torch.cat([saved, saved[:, -1:]], 1)   # (t, N+1)
+                costs.append((counts.double() * per_exit).sum(1) / b)
+            else:
+                costs.append(counts.double() @ self.costs / b)
             rates.append(counts.double() / b)
         return torch.cat(accs), torch.cat(costs), torch.cat(rates)
 

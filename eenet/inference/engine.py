@@ -14,6 +14,13 @@ only (EENets, SDN) or computes every exit for every sample and picks one
 afterwards (MSDNet, PTEENet, T-RecX), saving nothing. The result equals the
 static all-exits forward followed by the policy (tested), and the compute it
 saves is real (measured by ``experiments/bench_inference.py``).
+
+An exit whose threshold never releases a sample (``inf``, which calibration
+chooses for exits that do not pay for themselves) is idle: given the cost table,
+the engine runs only the stages there and not the head, and reports the cost
+without it (``CostTable.fractions_skipping``). Not for the patience policy,
+whose scores count every exit's prediction, nor for an exit whose features the
+final classifier reads (T-RecX mitigation).
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from typing import Sequence
 
 import torch
 
+from eenet.cost import CostTable
 from eenet.errors import EENetError
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.policies import ExitPolicy
@@ -51,22 +59,36 @@ class DynamicEngine:
     Args:
         net: the network (must be in eval mode when called).
         policy: the exit policy with its thresholds.
-        cost_fractions: c_0..c_N, to report each sample's cost (``eenet.cost``).
+        cost_fractions: the cost table (``eenet.cost.exit_cost_table``), to report each
+            sample's cost and to skip the heads of idle exits; or plain fractions
+            c_0..c_N, which count every head, so that every head then runs.
         keep_logits: also return the logits of each sample's exit.
     """
 
     def __init__(self, net: EarlyExitNetwork, policy: ExitPolicy,
-                 cost_fractions: Sequence[float] | None = None, keep_logits: bool = False):
+                 cost_fractions: CostTable | Sequence[float] | None = None,
+                 keep_logits: bool = False):
+        self._segments = net.segments()  # refuses networks without an explicit stage list
         self.net = net
         self.policy = policy
         n_early = net.num_exits - 1
         self.thresholds = policy.threshold_vector(n_early).tolist()
-        costs = list(cost_fractions) if cost_fractions is not None else [float("nan")] * net.num_exits
+        skip = [False] * n_early
+        if cost_fractions is None or isinstance(cost_fractions, CostTable):
+            carry = net.carry_exit
+            skip = [idle and j != carry for j, idle in enumerate(policy.idle_exits(n_early))]
+        if isinstance(cost_fractions, CostTable):
+            costs = cost_fractions.fractions_skipping(skip)
+        elif cost_fractions is not None:
+            costs = list(cost_fractions)
+        else:
+            costs = [float("nan")] * net.num_exits
         if len(costs) != net.num_exits:
             raise EENetError(f"{len(costs)} cost fractions for {net.num_exits} exits")
+        #: early exits whose heads are not run (they release no sample)
+        self.skipped = skip
         self.costs = torch.tensor(costs, dtype=torch.float32)
         self.keep_logits = keep_logits
-        self._segments = net.segments()
 
     def __call__(self, x: torch.Tensor) -> DynamicOutput:
         if self.net.training:
@@ -81,6 +103,9 @@ class DynamicEngine:
         state = self.policy.initial_state(1, x.device)
         carried = None
         for j, segment in enumerate(self._segments):
+            if segment[1] is not None and self.skipped[j]:
+                x, _, _, carried = self.net.run_segment(j, segment, x, carried, head=False)
+                continue
             x, logits, z, carried = self.net.run_segment(j, segment, x, carried)
             if segment[1] is None:  # the final exit
                 break
@@ -102,6 +127,9 @@ class DynamicEngine:
         state = self.policy.initial_state(b, device)
         carried = None  # an early exit's features for the final exit (T-RecX mitigation)
         for j, segment in enumerate(self._segments):
+            if segment[1] is not None and self.skipped[j]:  # an idle exit: stages only
+                x, _, _, carried = self.net.run_segment(j, segment, x, carried, head=False)
+                continue
             x, logits, z, carried = self.net.run_segment(j, segment, x, carried)
             if segment[1] is None:  # the final exit takes everything that is left
                 leave = None

@@ -144,18 +144,25 @@ class EarlyExitNetwork(nn.Module):
         return segs
 
     def run_segment(self, j: int, segment: tuple[list[nn.Module], nn.Module | None],
-                    x: torch.Tensor, carried: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+                    x: torch.Tensor, carried: torch.Tensor | None = None, head: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
+                               torch.Tensor | None]:
         """Segment ``j`` of :meth:`segments`: its stages, then its exit (the final one if None).
 
         Returns ``(stage output, logits, confidence logits, carried)``; ``carried`` is
         the features the final exit takes from the ``carry_exit`` (T-RecX mitigation).
-        The static path, the dynamic engine and the latency table all step through
-        the network with this method.
+        With ``head=False`` an early exit's head is not run (logits and confidence
+        are None); the ``carry_exit`` cannot be skipped. The static path, the dynamic
+        engine and the latency table all step through the network with this method.
         """
         modules, exit_block = segment
         for m in modules:
             x = m(x)
+        if not head and exit_block is not None:
+            if j == self.carry_exit:
+                raise EENetError(f"exit {j}'s head cannot be skipped: the final exit reads "
+                                 "its features")
+            return x, None, None, carried
         if exit_block is None:
             logits, conf = self.final_exit(x, carried)
         else:
