@@ -3,17 +3,20 @@
 Lahiany & Aperstein, "PTEENet: Post-Trained Early-Exit Neural Networks
 Augmentation for Inference Cost Optimization", IEEE Access 2022.
 
-1. resnet20 without exits is trained on CIFAR-10 (JPEG) (Adam, cosine, crop +
-   flip); its test accuracy and epochs are recorded.
+1. resnet20 without exits is trained on CIFAR-10 (JPEG) (Adam, or SGD with
+   ``--backbone-optimizer sgd``; cosine, crop + flip); its test accuracy and
+   epochs are recorded.
 2. PTEENet branches (2 x [3x3 conv, BN, ReLU], pooling, confidence and
    classifier heads; ``conf/exit/pteenet.yaml``) are attached after the stages
-   chosen by EENets' ``linear`` distribution (3 exits) and post-trained on the
+   chosen by EENets' ``linear`` distribution (3 exits, ``--num-exits``) and post-trained on the
    frozen backbone (``mode=posttrain``): one epoch of multi_ce, then eenet_v2
    with lambda in the sweep. The backbone's state hash is printed before and
    after; the final exit is the backbone's own classifier.
 3. For every lambda, confidence thresholds are calibrated on the validation
    split for a tolerance of 1 point below the final exit (= the backbone) and
-   evaluated on test with the dynamic engine (``eenet-eval``).
+   evaluated on test with the dynamic engine (``eenet-eval``). An exit whose
+   threshold comes out as ``inf`` releases no sample and its branch is not run
+   (nor charged), so the calibration also chooses which branches to keep.
 4. One epoch of joint training of the same network (``mode=mixed``: backbone and
    branches train) is timed against the post-training epochs, in the same run.
 
@@ -23,6 +26,7 @@ fraction of at most 0.6; backbone hash unchanged; post-training epochs at least
 
     python experiments/pteenet_cifar10.py
     python experiments/pteenet_cifar10.py --branch-convs 1   # cheaper branches: pteenet_cifar10_c1.json
+    python experiments/pteenet_cifar10.py --backbone-optimizer sgd --branch-convs 1 --num-exits 6
 """
 
 from __future__ import annotations
@@ -69,19 +73,28 @@ def main() -> None:
                    help="[3x3 conv, BN, ReLU] layers per branch (PTEENet: 2)")
     p.add_argument("--branch-width", type=int, default=None,
                    help="channels of the branch convolutions (default: the stage's)")
+    p.add_argument("--num-exits", type=int, default=3,
+                   help="branches, placed by EENets' linear distribution of MACs")
+    p.add_argument("--backbone-optimizer", choices=["adam", "sgd"], default="adam",
+                   help="conf/optimizer for the backbone (sgd: lr 0.1, Nesterov, wd 5e-4)")
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
 
     # run folders name what they depend on, so that a run with other settings is not reused
-    bb_name = f"backbone_{args.backbone_epochs}ep"
-    br = f"c{args.branch_convs}" + (f"w{args.branch_width}" if args.branch_width else "")
-    post_name = f"post_{args.backbone_epochs}ep_{br}_{args.post_epochs}ep_lambda_{{lam:g}}"
+    bb_tag = f"{args.backbone_epochs}ep" + ("" if args.backbone_optimizer == "adam" else "_sgd")
+    bb_name = f"backbone_{bb_tag}"
+    br = (f"c{args.branch_convs}" + (f"w{args.branch_width}" if args.branch_width else "")
+          + (f"e{args.num_exits}" if args.num_exits != 3 else ""))
+    post_name = f"post_{bb_tag}_{br}_{args.post_epochs}ep_lambda_{{lam:g}}"
+    # the JSON beside this script: pteenet_cifar10.json for the defaults, else named by settings
+    suffix = ("" if br == "c2" else f"_{br}") + ("" if bb_tag == "30ep" else f"_{bb_tag}")
     plain = run(bb_name, ["placement.method=explicit", "placement.stages=[]", "loss=multi_ce",
+                             f"optimizer={args.backbone_optimizer}",
                              f"trainer.max_epochs={args.backbone_epochs}"], args)
     backbone_acc = plain["exits"][-1]["test_accuracy"]
     branches = ["exit=pteenet", f"exit.convs={args.branch_convs}",
                 f"exit.width={args.branch_width if args.branch_width else 'null'}",
-                "placement.method=linear", "placement.num_exits=3",
+                "placement.method=linear", f"placement.num_exits={args.num_exits}",
                 f"backbone.checkpoint={RUNS / bb_name}", "loss=two_stage", "loss.first_epochs=1"]
     rows, sweep = [], []
     for lam in args.lambdas:
@@ -139,7 +152,7 @@ def main() -> None:
                      "epoch_seconds": plain.get("train_epoch_seconds")},
         "sweep": sweep, "post_epoch_median_s": post_epoch, "joint_epoch_s": joint_epoch,
         "posttrain_speedup": speedup, "target_met_for": met, "table": table,
-        "settings": vars(args)}, suffix="" if br == "c2" else f"_{br}")
+        "settings": vars(args)}, suffix=suffix)
     print(f"saved {path}")
 
 
