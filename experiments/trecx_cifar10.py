@@ -16,7 +16,10 @@ Targets: mitigation raises final-exit accuracy on average; FLOPs reduction at
 <= 1 point accuracy drop of at least 35% (T-RecX reports 31.6% averaged over
 its three models).
 
-    python experiments/trecx_cifar10.py                   # 2 seeds
+    python experiments/trecx_cifar10.py                   # 2 seeds -> trecx_cifar10_20ep.json
+    python experiments/trecx_cifar10.py --threads 1 --seeds 0 &   # the seeds in parallel,
+    python experiments/trecx_cifar10.py --threads 1 --seeds 1     # then once more with both
+    python experiments/trecx_cifar10.py --seeds 0 1               # (reuses the runs) for the table
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ RUNS = HERE / "runs" / "trecx_cifar10"
 
 
 def run(name: str, overrides: list[str], args) -> Path:
-    out = RUNS / name
+    out = RUNS / f"{name}_{args.epochs}ep"  # named by what it depends on: never reuse other epochs
     if (out / "results.json").is_file() and not args.retrain:
         print(f"reusing {out}", flush=True)
         return out
@@ -138,7 +141,7 @@ def main() -> None:
     print(table)
     print("\n" + json.dumps(summary, indent=2))
     path = save_report(__file__, {"per_seed": per_seed, "summary": summary, "table": table,
-                                  "settings": vars(args)})
+                                  "settings": vars(args)}, suffix=f"_{args.epochs}ep")
     print(f"saved {path}")
 
 
