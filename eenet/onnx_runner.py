@@ -12,7 +12,9 @@ exporter puts a copy of it in the folder)::
 The walk is the one of ``eenet/inference/engine.py``: run segment j, then exit
 j's head; the samples whose score beats the threshold leave with that exit's
 prediction, and only the others go on to segment j + 1. The final exit takes
-everything that is left. Scores, with the same strict ``score > threshold`` as
+everything that is left. An exit whose threshold releases nobody (``inf``; not
+with patience, which counts every exit's prediction) does not run its head, and
+the reported cost leaves that head out, as the engine does. Scores, with the same strict ``score > threshold`` as
 ``eenet/policies.py`` (thresholds in the manifest are in the user's units)::
 
     confidence  s = sigmoid(z)                        leave when s > t         (EENets)
@@ -112,9 +114,18 @@ class OnnxEarlyExitRunner:
         n = len(self.pieces)
         if len(self.thresholds) != n - 1:
             raise ValueError(f"{len(self.thresholds)} thresholds for {n - 1} early exits")
+        # an exit whose threshold is +inf (score units) releases no sample: its head is not
+        # run and not charged (as in eenet's dynamic engine); patience needs every head
+        self.idle = [self.policy != "patience" and bool(np.isposinf(t)) for t in self.thresholds]
         cost = m.get("cost")
-        self.costs = (np.array([e["cost_fraction"] for e in cost["exits"]]) if cost
-                      else np.full(n, np.nan))
+        if cost:
+            macs = np.array([e["macs"] for e in cost["exits"]], dtype=np.float64)
+            heads = np.array([e["head_macs"] for e in cost["exits"][:-1]], dtype=np.float64)
+            saved = np.cumsum(heads * np.array(self.idle, dtype=np.float64))
+            macs -= np.append(saved, saved[-1] if len(saved) else 0.0)
+            self.costs = macs / cost["backbone_macs"]
+        else:
+            self.costs = np.full(n, np.nan)
         self.input_size = tuple(m["input_size"])
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
@@ -149,6 +160,8 @@ class OnnxEarlyExitRunner:
         last = len(self.pieces) - 1
         for j, (segment, head) in enumerate(self.pieces):
             x = segment.run(None, {segment.get_inputs()[0].name: x})[0]
+            if j < last and self.idle[j]:
+                continue  # nobody leaves here: the head is not run
             outs = head.run(None, {head.get_inputs()[0].name: x})
             logits = outs[0]
             if j == last:  # the final exit releases every sample that reaches it

@@ -127,7 +127,7 @@ def settings_for(name):
 def test_runner_equals_dynamic_engine(exported, name):
     for thresholds, used in settings_for(name):
         onnx = runner(with_policy(exported, name, thresholds))
-        engine = DynamicEngine(NET, create_policy(name, thresholds), COST.fractions)
+        engine = DynamicEngine(NET, create_policy(name, thresholds), COST)  # idle heads skipped
         ref = engine(X)
         pred, exit_idx, cost = onnx(X.numpy())
         assert set(exit_idx.tolist()) == used, thresholds
@@ -167,6 +167,23 @@ def test_later_segments_run_on_the_remaining_samples_only(exported):
     onnx.thresholds[:] = -np.inf  # everyone leaves at exit 0: nothing else runs
     onnx(X.numpy())
     assert calls == [("segment0", 64)]
+
+
+def test_idle_exits_heads_are_not_run_and_not_charged(exported):
+    never = float(POLICIES["max_prob"]().from_score_units(torch.tensor(math.inf)))
+    thresholds = [never, mixed_thresholds("max_prob", (0.3, 0.5))[1]]
+    onnx = runner(with_policy(exported, "max_prob", thresholds))
+    calls = []
+    onnx.pieces = [(s, CountingSession(h, f"head{j}", calls)) for j, (s, h) in enumerate(onnx.pieces)]
+    _, exit_idx, cost = onnx(X.numpy())
+    assert [c[0] for c in calls] == ["head1", "head2"]  # exit 0 releases nobody: no head 0
+    assert 0 not in exit_idx.tolist() and {1, 2} <= set(exit_idx.tolist())
+    expected = COST.fractions_skipping([True, False])
+    np.testing.assert_allclose(cost, np.array(expected)[exit_idx], rtol=1e-9)
+    assert expected[1] < COST.fractions[1]
+    # patience needs every head's prediction, even at an exit that releases nobody
+    onnx = runner(with_policy(exported, "patience", settings_for("patience")[0][0]))
+    assert onnx.idle == [False, False]
 
 
 def test_runner_handles_an_empty_batch(exported):
