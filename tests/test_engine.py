@@ -178,13 +178,7 @@ def test_dynamic_run_executes_the_flops_the_cost_table_charges():
     th = median_thresholds(net, x)
     out = DynamicEngine(net, create_policy("max_prob", th))(x)
     assert len(set(out.exit.tolist())) == 3
-    # matmul/conv FLOPs of one sample that leaves at exit i: the stages and heads 0..i
-    per_exit = []
-    for i in range(net.num_exits):
-        counter = FlopCounterMode(display=False)
-        with counter, torch.inference_mode():
-            run_to_exit(net, x[:1], i)
-        per_exit.append(counter.get_total_flops())
+    per_exit = flops_per_exit(net, x[:1])
     counter = FlopCounterMode(display=False)
     with counter:
         DynamicEngine(net, create_policy("max_prob", th))(x)
@@ -219,12 +213,7 @@ def test_idle_exits_do_not_run_their_heads_and_are_not_charged(batch):
     assert 1 not in out.exit.tolist()
     # what ran, per sample: stages up to its exit and the heads of the exits it passed,
     # exit 1's head excluded; the cost table's skipping fractions say the same in MACs
-    per_exit = []
-    for i in range(net.num_exits):
-        c = FlopCounterMode(display=False)
-        with c, torch.inference_mode():
-            run_to_exit(net, x[:1], i)
-        per_exit.append(c.get_total_flops())
+    per_exit = flops_per_exit(net, x[:1])
     head1 = _head_only(net, x[:1], 1)
     assert head1 > 0
     expected = sum(per_exit[e] - (head1 if e >= 1 else 0) for e in out.exit.tolist())
@@ -242,6 +231,17 @@ def test_idle_exits_do_not_run_their_heads_and_are_not_charged(batch):
     # the patience policy needs every exit's prediction: nothing is skipped
     assert DynamicEngine(net, create_policy("patience", [math.inf] * 3), table).skipped == [
         False, False, False]
+
+
+def flops_per_exit(net, x):
+    """matmul/conv FLOPs of ``x`` leaving at each exit i: the stages and every head 0..i."""
+    out = []
+    for i in range(net.num_exits):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.inference_mode():
+            run_to_exit(net, x, i)
+        out.append(counter.get_total_flops())
+    return out
 
 
 def _head_only(net, x, j):
