@@ -15,8 +15,9 @@ final exit's fraction is above 1: the exit heads' overhead is counted, not
 hidden. Heads that are not run are not paid for: an exit whose threshold never
 releases a sample (``inf``) need not compute its head at all, and
 :meth:`CostTable.fractions_skipping` gives the costs with those heads left out
-(what the dynamic engine and the calibrator use). Costs are traced on the static path, which runs every exit; a dynamic
-run's real cost can be checked with ``torch.utils.flop_counter.FlopCounterMode``.
+(what the dynamic engine and the calibrator use). Costs are traced on the
+static path, which runs every exit; a dynamic run's real cost can be checked
+with ``torch.utils.flop_counter.FlopCounterMode``.
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ j's head; the samples whose score beats the threshold leave with that exit's
 prediction, and only the others go on to segment j + 1. The final exit takes
 everything that is left. An exit whose threshold releases nobody (``inf``; not
 with patience, which counts every exit's prediction) does not run its head, and
-the reported cost leaves that head out, as the engine does. Scores, with the same strict ``score > threshold`` as
+the reported cost leaves that head out, as the engine does (the formula of
+``eenet.cost.CostTable.fractions_skipping``, written again here because this file
+must not import eenet). Scores, with the same strict ``score > threshold`` as
 ``eenet/policies.py`` (thresholds in the manifest are in the user's units)::
 
     confidence  s = sigmoid(z)                        leave when s > t         (EENets)

@@ -8,9 +8,9 @@ Augmentation for Inference Cost Optimization", IEEE Access 2022.
    epochs are recorded.
 2. PTEENet branches (2 x [3x3 conv, BN, ReLU], pooling, confidence and
    classifier heads; ``conf/exit/pteenet.yaml``) are attached after the stages
-   chosen by EENets' ``linear`` distribution (3 exits, ``--num-exits``) and post-trained on the
-   frozen backbone (``mode=posttrain``): one epoch of multi_ce, then eenet_v2
-   with lambda in the sweep. The backbone's state hash is printed before and
+   chosen by EENets' ``linear`` distribution (3 exits, ``--num-exits``) and
+   post-trained on the frozen backbone (``mode=posttrain``): one epoch of
+   multi_ce, then eenet_v2 with lambda in the sweep. The backbone's state hash is printed before and
    after; the final exit is the backbone's own classifier.
 3. For every lambda, confidence thresholds are calibrated on the validation
    split for a tolerance of 1 point below the final exit (= the backbone) and

@@ -45,7 +45,8 @@ def step_auc(points: Sequence[tuple[float, float]], upper: float = 1.0) -> float
 
 
 def anytime_view(val: CachedExits, test: CachedExits, policy: str,
-                 cost_fractions: CostTable | Sequence[float], budgets: Sequence[float] = BUDGETS) -> dict:
+                 cost_fractions: CostTable | Sequence[float],
+                 budgets: Sequence[float] = BUDGETS) -> dict:
     """Test accuracy at val-chosen thresholds for each budget, and the test AUC."""
     cal_val = Calibrator(val, policy, cost_fractions)
     cal_test = Calibrator(test, policy, cost_fractions, grid=2)
