@@ -295,6 +295,8 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
         write_results(out_dir, results)
         for lg in loggers:
             _log_results_table(lg, results)
+    for lg in loggers:
+        _finish_wandb_run(lg)
     return results, {"datamodule": datamodule, "net": net, "module": module,
                      "trainer": trainer, "cost": cost}
 
@@ -309,6 +311,17 @@ def _sweep_group() -> str | None:
     except (ImportError, ValueError):
         return None
     return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
+
+
+def _finish_wandb_run(logger) -> None:
+    """Close this job's W&B run so its files are complete when ``train`` returns.
+
+    Without it the run stays the process's ``wandb.run``: the offline log is only written
+    when the process exits, and the next job of a sweep in the same process would log into it.
+    """
+    if not hasattr(logger, "log_table") or getattr(logger, "_experiment", None) is None:
+        return
+    logger.experiment.finish()
 
 
 def _log_results_table(logger, results: dict) -> None:

@@ -179,10 +179,7 @@ def test_wandb_offline_run_without_key_or_mode(train_config, tmp_path, monkeypat
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_config"))
     cfg = train_config(["trainer.max_epochs=1", "trainer.enable_progress_bar=false",
                         "logger=wandb", "dataset.datamodule.train_subset=400"])
-    train(cfg)
-    import wandb
-
-    wandb.finish()
+    train(cfg)  # closes its run: the files must be complete when it returns
     runs = list((Path(cfg.output_dir) / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     files = {p.name: p for p in runs[0].rglob("*") if p.is_file()}
@@ -204,3 +201,12 @@ def test_wandb_offline_run_without_key_or_mode(train_config, tmp_path, monkeypat
     # per-exit metrics over training and the configuration
     for key in (b"val/exit0/acc", b"val/exit1/rate", b"val/exit0/overthinking", b"trainer"):
         assert key in log, key
+    # a second job in the same process (a sweep) gets its own run, not the first one's
+    cfg2 = train_config(["trainer.max_epochs=1", "trainer.enable_progress_bar=false",
+                         "logger=wandb", "dataset.datamodule.train_subset=400"],
+                        output_dir=tmp_path / "run2")
+    train(cfg2)
+    runs2 = list((Path(cfg2.output_dir) / "wandb").glob("offline-run-*"))
+    assert len(runs2) == 1 and runs2[0].name != runs[0].name
+    logs2 = list(runs2[0].rglob("*.wandb"))
+    assert len(logs2) == 1 and b"val/exit0/acc" in logs2[0].read_bytes()
