@@ -77,6 +77,15 @@ def main() -> None:
                    help="branches, placed by EENets' linear distribution of MACs")
     p.add_argument("--backbone-optimizer", choices=["adam", "sgd"], default="adam",
                    help="conf/optimizer for the backbone (sgd: lr 0.1, Nesterov, wd 5e-4)")
+    p.add_argument("--branch-stride", type=int, default=1,
+                   help="stride of the branch convolutions (2: downsampling branches)")
+    p.add_argument("--branch-growth", type=float, default=1.0,
+                   help="channel multiplier per branch conv after the first")
+    p.add_argument("--targets", choices=["labels", "backbone"], default="labels",
+                   help="train the branches on the labels or on the backbone's predictions")
+    p.add_argument("--policies", nargs="+", default=["confidence"],
+                   choices=["confidence", "max_prob", "entropy"],
+                   help="exit policies to calibrate; the one with the lowest val cost is reported")
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
 
@@ -84,7 +93,10 @@ def main() -> None:
     bb_tag = f"{args.backbone_epochs}ep" + ("" if args.backbone_optimizer == "adam" else "_sgd")
     bb_name = f"backbone_{bb_tag}"
     br = (f"c{args.branch_convs}" + (f"w{args.branch_width}" if args.branch_width else "")
-          + (f"e{args.num_exits}" if args.num_exits != 3 else ""))
+          + (f"s{args.branch_stride}" if args.branch_stride != 1 else "")
+          + (f"g{args.branch_growth:g}" if args.branch_growth != 1 else "")
+          + (f"e{args.num_exits}" if args.num_exits != 3 else "")
+          + ("_distill" if args.targets == "backbone" else ""))
     post_name = f"post_{bb_tag}_{br}_{args.post_epochs}ep_lambda_{{lam:g}}"
     # the JSON beside this script: pteenet_cifar10.json for the defaults, else named by settings
     suffix = ("" if br == "c2" else f"_{br}") + ("" if bb_tag == "30ep" else f"_{bb_tag}")
@@ -94,6 +106,8 @@ def main() -> None:
     backbone_acc = plain["exits"][-1]["test_accuracy"]
     branches = ["exit=pteenet", f"exit.convs={args.branch_convs}",
                 f"exit.width={args.branch_width if args.branch_width else 'null'}",
+                f"exit.stride={args.branch_stride}", f"exit.width_growth={args.branch_growth}",
+                f"targets={args.targets}",
                 "placement.method=linear", f"placement.num_exits={args.num_exits}",
                 f"backbone.checkpoint={RUNS / bb_name}", "loss=two_stage", "loss.first_epochs=1"]
     rows, sweep = [], []
@@ -102,13 +116,23 @@ def main() -> None:
         r = run(name, branches + [
             "mode=posttrain", f"loss.second.lambda_coef={lam}",
             f"trainer.max_epochs={args.post_epochs}"], args)
-        ev = evaluate(compose_config([f"run={RUNS / name}",
-                                      f"tolerance={args.tolerance}", "policy=confidence"],
-                                     output_dir=RUNS / name / "eval",
-                                     config_name="eval"))
+        # each policy calibrated on val; the cheapest on val (its chosen point) is reported
+        evs = {}
+        for policy in args.policies:
+            evs[policy] = evaluate(compose_config(
+                [f"run={RUNS / name}", f"tolerance={args.tolerance}", f"policy={policy}"],
+                output_dir=RUNS / name / ("eval" if policy == "confidence" else f"eval_{policy}"),
+                config_name="eval"))
+        val_cost = {k: v["calibration"]["chosen"]["avg_cost"] for k, v in evs.items()}
+        policy = min(args.policies, key=lambda k: val_cost[k])
+        ev = evs[policy]
         t = ev["test"]
         drop = 100 * (backbone_acc - t["accuracy"])
-        entry = {"lambda": lam, "test_accuracy": t["accuracy"], "avg_cost": t["avg_cost_fraction"],
+        entry = {"lambda": lam, "policy": policy, "val_cost_by_policy": val_cost,
+                 "test_by_policy": {k: {"accuracy": v["test"]["accuracy"],
+                                        "avg_cost": v["test"]["avg_cost_fraction"]}
+                                    for k, v in evs.items()},
+                 "test_accuracy": t["accuracy"], "avg_cost": t["avg_cost_fraction"],
                  "exit_rates": t["exit_rates"], "drop_points": drop,
                  "meets_target": drop <= args.tolerance and t["avg_cost_fraction"] <= 0.6,
                  "thresholds": ev["policy"]["thresholds"],
@@ -123,7 +147,7 @@ def main() -> None:
         print(f"lambda {lam:g}: backbone hash {r['backbone_hash_before'][:16]}... -> "
               f"{r['backbone_hash_after'][:16]}... ({'unchanged' if entry['hash_unchanged'] else 'CHANGED'})",
               flush=True)
-        rows.append([f"{lam:g}", f"{100 * t['accuracy']:.2f}", f"{drop:+.2f}",
+        rows.append([f"{lam:g}", policy, f"{100 * t['accuracy']:.2f}", f"{drop:+.2f}",
                      f"{t['avg_cost_fraction']:.3f}",
                      " / ".join(f"{100 * x:.1f}" for x in t["exit_rates"]),
                      "unchanged" if entry["hash_unchanged"] else "CHANGED"])
@@ -135,7 +159,7 @@ def main() -> None:
     post_epoch = statistics.median(s for e in sweep for s in e["post_epoch_seconds"])
     joint_epoch = joint["train_epoch_seconds"][0]
     speedup = joint_epoch / post_epoch
-    table = markdown_table(["lambda", "test acc %", "drop vs backbone (points)",
+    table = markdown_table(["lambda", "policy (val)", "test acc %", "drop vs backbone (points)",
                             "avg cost fraction", "exit rates %", "backbone hash"], rows)
     print(f"\nCIFAR-10 (JPEG) test set. resnet20 without exits: {100 * backbone_acc:.2f}% after "
           f"{args.backbone_epochs} epochs. PTEENet branches ({args.branch_convs} conv layers, "

@@ -110,6 +110,21 @@ def test_exit_block_shapes(preblock, convs):
     assert isinstance(e.confidence, nn.Linear) and e.confidence.out_features == 1
 
 
+@pytest.mark.parametrize("preblock", ["pool", "plain"])
+def test_strided_widening_exit_block(preblock):
+    """stride 2 halves the maps at each conv (7 -> 4 -> 2), width_growth 2 doubles the channels."""
+    e = ExitBlock(16, 10, in_size=(7, 7), preblock=preblock, convs=2, width=8, stride=2,
+                  width_growth=2.0)
+    convs = [m for m in e.pre if isinstance(m, nn.Conv2d)]
+    assert [(m.in_channels, m.out_channels, m.stride) for m in convs] == [(16, 8, (2, 2)),
+                                                                         (8, 16, (2, 2))]
+    assert e.pre(torch.randn(3, 16, 7, 7)).shape == (3, 16 if preblock == "pool" else 16 * 2 * 2)
+    logits, z = e(torch.randn(3, 16, 7, 7))
+    assert logits.shape == (3, 10) and z.shape == (3,)
+    with pytest.raises(EENetError, match="stride"):
+        ExitBlock(16, 10, convs=1, stride=0)
+
+
 @pytest.mark.parametrize("k", [1, 2, 10])
 def test_prediction_stats_follow_their_definitions(k):
     from eenet.models.exits import prediction_stats

@@ -107,23 +107,35 @@ class ExitBlock(ExitHeads):
         convs: number of [3x3 conv, BN, ReLU] layers before the pre-block.
         width: channels of those convolutions (default: ``in_channels``).
         confidence_input: ``features`` (EENets) or ``stats`` (see module docstring).
+        stride: stride of every branch convolution. 2 halves the maps at each conv, so
+            that a branch on an early, full-resolution stage costs a fraction of a
+            backbone block (the downsampling of SDN's internal classifiers, Kaya et al.
+            2019, done with the convolutions themselves).
+        width_growth: the channels are multiplied by this at each conv after the first
+            (2 with stride 2 keeps every conv's MACs about equal, as in ResNets).
     """
 
     def __init__(self, in_channels: int, num_classes: int, in_size: tuple[int, int] = (1, 1),
                  preblock: str = "pool", convs: int = 0, width: int | None = None,
-                 confidence_input: str = "features"):
+                 confidence_input: str = "features", stride: int = 1, width_growth: float = 1.0):
         super().__init__()
         if preblock not in PREBLOCKS:
             raise EENetError(f"unknown exit preblock '{preblock}'; accepted: {', '.join(PREBLOCKS)}")
         if convs < 0:
             raise EENetError(f"exit convs must be >= 0, got {convs}")
+        if stride < 1 or width_growth <= 0:
+            raise EENetError(f"exit stride must be >= 1 and width_growth > 0, got {stride}, "
+                             f"{width_growth}")
         width = width or in_channels
         layers: list[nn.Module] = []
         c = in_channels
-        for _ in range(convs):
-            layers += [nn.Conv2d(c, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+        h, w = in_size
+        for i in range(convs):
+            out = max(1, round(width * width_growth ** i))
+            layers += [nn.Conv2d(c, out, 3, stride, 1, bias=False), nn.BatchNorm2d(out),
                        nn.ReLU(inplace=True)]
-            c = width
+            c = out
+            h, w = (h - 1) // stride + 1, (w - 1) // stride + 1
         if preblock == "bnpool":
             layers += [nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
         if preblock in ("pool", "bnpool"):
@@ -131,7 +143,7 @@ class ExitBlock(ExitHeads):
             features = c
         else:
             layers += [nn.Flatten(1)]
-            features = c * in_size[0] * in_size[1]
+            features = c * h * w
         self.pre = nn.Sequential(*layers)
         self._build_heads(features, num_classes, confidence_input)
         self.preblock = preblock
