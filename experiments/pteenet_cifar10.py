@@ -27,6 +27,12 @@ fraction of at most 0.6; backbone hash unchanged; post-training epochs at least
     python experiments/pteenet_cifar10.py
     python experiments/pteenet_cifar10.py --branch-convs 1   # cheaper branches: pteenet_cifar10_c1.json
     python experiments/pteenet_cifar10.py --backbone-optimizer sgd --branch-convs 1 --num-exits 6
+
+Options beyond PTEENet: ``--branch-stride 2 --branch-growth 2`` (downsampling
+branches), ``--targets backbone`` (branches learn the backbone's predictions),
+``--loss multi_ce`` (per-exit cross-entropy throughout instead of the lambda
+sweep), ``--policies confidence max_prob`` (each calibrated on val; the one
+with the lower val cost is reported, all are in the JSON).
 """
 
 from __future__ import annotations
@@ -86,8 +92,12 @@ def main() -> None:
     p.add_argument("--policies", nargs="+", default=["confidence"],
                    choices=["confidence", "max_prob", "entropy"],
                    help="exit policies to calibrate; the one with the lowest val cost is reported")
+    p.add_argument("--loss", choices=["two_stage", "multi_ce"], default="two_stage",
+                   help="two_stage: one epoch of multi_ce, then eenet_v2 with each lambda; "
+                        "multi_ce: per-exit cross-entropy throughout (one run, no lambda)")
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
+    multi = args.loss == "multi_ce"
 
     # run folders name what they depend on, so that a run with other settings is not reused
     bb_tag = f"{args.backbone_epochs}ep" + ("" if args.backbone_optimizer == "adam" else "_sgd")
@@ -96,8 +106,9 @@ def main() -> None:
           + (f"s{args.branch_stride}" if args.branch_stride != 1 else "")
           + (f"g{args.branch_growth:g}" if args.branch_growth != 1 else "")
           + (f"e{args.num_exits}" if args.num_exits != 3 else "")
-          + ("_distill" if args.targets == "backbone" else ""))
-    post_name = f"post_{bb_tag}_{br}_{args.post_epochs}ep_lambda_{{lam:g}}"
+          + ("_distill" if args.targets == "backbone" else "")
+          + ("_multice" if multi else ""))
+    post_name = f"post_{bb_tag}_{br}_{args.post_epochs}ep" + ("" if multi else "_lambda_{lam:g}")
     # the JSON beside this script: pteenet_cifar10.json for the defaults, else named by settings
     suffix = ("" if br == "c2" else f"_{br}") + ("" if bb_tag == "30ep" else f"_{bb_tag}")
     plain = run(bb_name, ["placement.method=explicit", "placement.stages=[]", "loss=multi_ce",
@@ -109,12 +120,14 @@ def main() -> None:
                 f"exit.stride={args.branch_stride}", f"exit.width_growth={args.branch_growth}",
                 f"targets={args.targets}",
                 "placement.method=linear", f"placement.num_exits={args.num_exits}",
-                f"backbone.checkpoint={RUNS / bb_name}", "loss=two_stage", "loss.first_epochs=1"]
+                f"backbone.checkpoint={RUNS / bb_name}"]
+    branches += ["loss=multi_ce"] if multi else ["loss=two_stage", "loss.first_epochs=1"]
+    lam_overrides = (lambda lam: []) if multi else (lambda lam: [f"loss.second.lambda_coef={lam}"])
     rows, sweep = [], []
-    for lam in args.lambdas:
+    for lam in ([None] if multi else args.lambdas):
         name = post_name.format(lam=lam)
         r = run(name, branches + [
-            "mode=posttrain", f"loss.second.lambda_coef={lam}",
+            "mode=posttrain", *lam_overrides(lam),
             f"trainer.max_epochs={args.post_epochs}"], args)
         # each policy calibrated on val; the cheapest on val (its chosen point) is reported
         evs = {}
@@ -144,17 +157,17 @@ def main() -> None:
                  "post_epoch_seconds": r["train_epoch_seconds"],
                  "calibration_message": ev["calibration"]["message"]}
         sweep.append(entry)
-        print(f"lambda {lam:g}: backbone hash {r['backbone_hash_before'][:16]}... -> "
+        print(f"lambda {lam}: backbone hash {r['backbone_hash_before'][:16]}... -> "
               f"{r['backbone_hash_after'][:16]}... ({'unchanged' if entry['hash_unchanged'] else 'CHANGED'})",
               flush=True)
-        rows.append([f"{lam:g}", policy, f"{100 * t['accuracy']:.2f}", f"{drop:+.2f}",
+        rows.append(["-" if lam is None else f"{lam:g}", policy, f"{100 * t['accuracy']:.2f}", f"{drop:+.2f}",
                      f"{t['avg_cost_fraction']:.3f}",
                      " / ".join(f"{100 * x:.1f}" for x in t["exit_rates"]),
                      "unchanged" if entry["hash_unchanged"] else "CHANGED"])
 
     # one epoch of joint training of the same network, timed in this run
     joint = run(f"joint_epoch_{br}", branches + [
-        "mode=mixed", "loss.second.lambda_coef=1.0", "trainer.max_epochs=1",
+        "mode=mixed", *lam_overrides(1.0), "trainer.max_epochs=1",
         "checkpoint.enabled=false"], args, force=True)
     post_epoch = statistics.median(s for e in sweep for s in e["post_epoch_seconds"])
     joint_epoch = joint["train_epoch_seconds"][0]
