@@ -81,6 +81,8 @@ def main() -> None:
                    help="channels of the branch convolutions (default: the stage's)")
     p.add_argument("--num-exits", type=int, default=3,
                    help="branches, placed by EENets' linear distribution of MACs")
+    p.add_argument("--exit-stages", type=int, nargs="+", default=None,
+                   help="explicit stages for the branches (instead of --num-exits, linear)")
     p.add_argument("--backbone-optimizer", choices=["adam", "sgd"], default="adam",
                    help="conf/optimizer for the backbone (sgd: lr 0.1, Nesterov, wd 5e-4)")
     p.add_argument("--branch-stride", type=int, default=1,
@@ -105,7 +107,8 @@ def main() -> None:
     br = (f"c{args.branch_convs}" + (f"w{args.branch_width}" if args.branch_width else "")
           + (f"s{args.branch_stride}" if args.branch_stride != 1 else "")
           + (f"g{args.branch_growth:g}" if args.branch_growth != 1 else "")
-          + (f"e{args.num_exits}" if args.num_exits != 3 else "")
+          + (f"e{args.num_exits}" if args.num_exits != 3 and not args.exit_stages else "")
+          + ("_at" + "-".join(map(str, args.exit_stages)) if args.exit_stages else "")
           + ("_distill" if args.targets == "backbone" else "")
           + ("_multice" if multi else ""))
     post_name = f"post_{bb_tag}_{br}_{args.post_epochs}ep" + ("" if multi else "_lambda_{lam:g}")
@@ -119,7 +122,10 @@ def main() -> None:
                 f"exit.width={args.branch_width if args.branch_width else 'null'}",
                 f"exit.stride={args.branch_stride}", f"exit.width_growth={args.branch_growth}",
                 f"targets={args.targets}",
-                "placement.method=linear", f"placement.num_exits={args.num_exits}",
+                *(["placement.method=explicit",
+                   f"placement.stages=[{','.join(map(str, args.exit_stages))}]"]
+                  if args.exit_stages else
+                  ["placement.method=linear", f"placement.num_exits={args.num_exits}"]),
                 f"backbone.checkpoint={RUNS / bb_name}"]
     branches += ["loss=multi_ce"] if multi else ["loss=two_stage", "loss.first_epochs=1"]
     lam_overrides = (lambda lam: []) if multi else (lambda lam: [f"loss.second.lambda_coef={lam}"])
