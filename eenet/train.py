@@ -313,20 +313,25 @@ def _sweep_group() -> str | None:
     return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
 
 
+def _is_wandb(logger) -> bool:
+    """Lightning's ``WandbLogger`` (the only logger here with ``log_table``)."""
+    return hasattr(logger, "log_table")
+
+
 def _finish_wandb_run(logger) -> None:
     """Close this job's W&B run so its files are complete when ``train`` returns.
 
     Without it the run stays the process's ``wandb.run``: the offline log is only written
     when the process exits, and the next job of a sweep in the same process would log into it.
     """
-    if not hasattr(logger, "log_table") or getattr(logger, "_experiment", None) is None:
-        return
+    if not _is_wandb(logger) or getattr(logger, "_experiment", None) is None:
+        return  # not W&B, or no run was ever started (nothing to close)
     logger.experiment.finish()
 
 
 def _log_results_table(logger, results: dict) -> None:
     """Per-exit table, accuracy-versus-cost curve and exit histogram to W&B."""
-    if not hasattr(logger, "log_table"):
+    if not _is_wandb(logger):
         return
     import wandb
 

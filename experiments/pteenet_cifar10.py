@@ -10,13 +10,14 @@ Augmentation for Inference Cost Optimization", IEEE Access 2022.
    classifier heads; ``conf/exit/pteenet.yaml``) are attached after the stages
    chosen by EENets' ``linear`` distribution (3 exits, ``--num-exits``) and
    post-trained on the frozen backbone (``mode=posttrain``): one epoch of
-   multi_ce, then eenet_v2 with lambda in the sweep. The backbone's state hash is printed before and
-   after; the final exit is the backbone's own classifier.
-3. For every lambda, confidence thresholds are calibrated on the validation
-   split for a tolerance of 1 point below the final exit (= the backbone) and
-   evaluated on test with the dynamic engine (``eenet-eval``). An exit whose
-   threshold comes out as ``inf`` releases no sample and its branch is not run
-   (nor charged), so the calibration also chooses which branches to keep.
+   multi_ce, then eenet_v2 with lambda in the sweep. The backbone's state hash
+   is printed before and after; the final exit is the backbone's own classifier.
+3. For every lambda, thresholds (confidence heads; ``--policies``) are
+   calibrated on the validation split for a tolerance of 1 point below the
+   final exit (= the backbone) and evaluated on test with the dynamic engine
+   (``eenet-eval``). An exit whose threshold comes out as ``inf`` releases no
+   sample and its branch is not run (nor charged), so the calibration also
+   chooses which branches to keep.
 4. One epoch of joint training of the same network (``mode=mixed``: backbone and
    branches train) is timed against the post-training epochs, in the same run.
 
@@ -166,7 +167,8 @@ def main() -> None:
         print(f"lambda {lam}: backbone hash {r['backbone_hash_before'][:16]}... -> "
               f"{r['backbone_hash_after'][:16]}... ({'unchanged' if entry['hash_unchanged'] else 'CHANGED'})",
               flush=True)
-        rows.append(["-" if lam is None else f"{lam:g}", policy, f"{100 * t['accuracy']:.2f}", f"{drop:+.2f}",
+        rows.append(["-" if lam is None else f"{lam:g}", policy,
+                     f"{100 * t['accuracy']:.2f}", f"{drop:+.2f}",
                      f"{t['avg_cost_fraction']:.3f}",
                      " / ".join(f"{100 * x:.1f}" for x in t["exit_rates"]),
                      "unchanged" if entry["hash_unchanged"] else "CHANGED"])
