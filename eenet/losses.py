@@ -26,6 +26,14 @@ weights linearly from ``ramp_start`` to their targets, as Shallow-Deep Networks
 do (Kaya et al., "Shallow-Deep Networks", ICML 2019), and ``weights: cost``
 sets each early exit's target to its cost fraction (SDN's relative position).
 ``TwoStageLoss`` runs one loss for K epochs and another afterwards.
+
+``SumLoss`` adds losses: ``eenet_v2`` plus ``multi_ce`` (conf/loss/eenet_v2_ce.yaml)
+keeps EENets' cost term for the confidence heads and gives every classifier
+head its own cross-entropy as well. Without it, a branch whose confidence is
+low receives almost no gradient through the mixture; on a frozen backbone
+(PTEENet) the confidence heads then send nearly everything to the accurate
+final exit and the branches stop improving (measured in
+experiments/pteenet_cifar10.py). This sum is eenet's option, not EENets'.
 """
 
 from __future__ import annotations
@@ -233,6 +241,61 @@ class TwoStageLoss(ExitLoss):
 
     def forward(self, outputs, target, cost_fractions):
         return self.current(outputs, target, cost_fractions)
+
+
+class SumLoss(ExitLoss):
+    """The sum of several losses, each with a weight: ``sum_k w_k L_k``.
+
+    Args:
+        terms: name -> loss; the result reports every term's value as
+            ``{name}`` next to the total ``loss`` (and the first term's ``cost``
+            when it has one).
+        weights: name -> weight (missing names: 1).
+    """
+
+    def __init__(self, terms: dict, weights: dict | None = None):
+        super().__init__()
+        if not terms:
+            raise EENetError("a sum loss needs at least one term")
+        weights = dict(weights or {})
+        unknown = sorted(set(weights) - set(terms))
+        if unknown:
+            raise EENetError(f"sum loss weights for unknown terms {unknown}; "
+                             f"terms: {sorted(terms)}")
+        self.terms = nn.ModuleDict(dict(terms))
+        self.weights = {k: float(weights.get(k, 1.0)) for k in terms}
+        if any(w < 0 for w in self.weights.values()):
+            raise EENetError(f"sum loss weights must be >= 0, got {self.weights}")
+        self.set_epoch(0)
+
+    @property
+    def uses_confidence(self) -> bool:  # type: ignore[override]
+        return any(t.uses_confidence for t in self.terms.values())
+
+    def check(self, num_exits: int) -> None:
+        for t in self.terms.values():
+            t.check(num_exits)
+
+    def for_validation(self) -> "SumLoss":
+        val = {k: t.for_validation() for k, t in self.terms.items()}
+        if all(val[k] is t for k, t in self.terms.items()):
+            return self
+        return SumLoss(val, self.weights)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        for t in self.terms.values():
+            t.set_epoch(epoch)
+
+    def forward(self, outputs, target, cost_fractions):
+        total, report = 0.0, {}
+        for name, term in self.terms.items():
+            parts = term(outputs, target, cost_fractions)
+            total = total + self.weights[name] * parts["loss"]
+            report[name] = parts["loss"].detach()
+            if "cost" in parts and "cost" not in report:
+                report["cost"] = parts["cost"]
+        return {"loss": total, "nll": total.detach(), **report}
 
 
 LOSSES = {"eenet_v1": lambda **kw: EENetLoss(version=1, **kw),

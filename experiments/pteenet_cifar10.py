@@ -32,8 +32,10 @@ fraction of at most 0.6; backbone hash unchanged; post-training epochs at least
 Options beyond PTEENet: ``--branch-stride 2 --branch-growth 2`` (downsampling
 branches), ``--targets backbone`` (branches learn the backbone's predictions),
 ``--loss multi_ce`` (per-exit cross-entropy throughout instead of the lambda
-sweep), ``--policies confidence max_prob`` (each calibrated on val; the one
-with the lower val cost is reported, all are in the JSON).
+sweep), ``--loss eenet_v2_ce`` (the lambda sweep with eenet_v2 plus per-exit
+cross-entropy, ``conf/loss/eenet_v2_ce.yaml``), ``--policies confidence
+max_prob`` (each calibrated on val; the one with the lower val cost is
+reported, all are in the JSON).
 """
 
 from __future__ import annotations
@@ -95,9 +97,10 @@ def main() -> None:
     p.add_argument("--policies", nargs="+", default=["confidence"],
                    choices=["confidence", "max_prob", "entropy"],
                    help="exit policies to calibrate; the one with the lowest val cost is reported")
-    p.add_argument("--loss", choices=["two_stage", "multi_ce"], default="two_stage",
+    p.add_argument("--loss", choices=["two_stage", "multi_ce", "eenet_v2_ce"], default="two_stage",
                    help="two_stage: one epoch of multi_ce, then eenet_v2 with each lambda; "
-                        "multi_ce: per-exit cross-entropy throughout (one run, no lambda)")
+                        "multi_ce: per-exit cross-entropy throughout (one run, no lambda); "
+                        "eenet_v2_ce: eenet_v2 with each lambda plus per-exit cross-entropy")
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
     multi = args.loss == "multi_ce"
@@ -111,7 +114,8 @@ def main() -> None:
           + (f"e{args.num_exits}" if args.num_exits != 3 and not args.exit_stages else "")
           + ("_at" + "-".join(map(str, args.exit_stages)) if args.exit_stages else "")
           + ("_distill" if args.targets == "backbone" else "")
-          + ("_multice" if multi else ""))
+          + ("_multice" if multi else "")
+          + ("_eenetce" if args.loss == "eenet_v2_ce" else ""))
     post_name = f"post_{bb_tag}_{br}_{args.post_epochs}ep" + ("" if multi else "_lambda_{lam:g}")
     # the JSON beside this script: pteenet_cifar10.json for the defaults, else named by settings
     suffix = ("" if br == "c2" else f"_{br}") + ("" if bb_tag == "30ep" else f"_{bb_tag}")
@@ -128,8 +132,15 @@ def main() -> None:
                   if args.exit_stages else
                   ["placement.method=linear", f"placement.num_exits={args.num_exits}"]),
                 f"backbone.checkpoint={RUNS / bb_name}"]
-    branches += ["loss=multi_ce"] if multi else ["loss=two_stage", "loss.first_epochs=1"]
-    lam_overrides = (lambda lam: []) if multi else (lambda lam: [f"loss.second.lambda_coef={lam}"])
+    if multi:
+        branches += ["loss=multi_ce"]
+        lam_overrides = lambda lam: []  # noqa: E731
+    elif args.loss == "eenet_v2_ce":
+        branches += ["loss=eenet_v2_ce"]
+        lam_overrides = lambda lam: [f"loss.terms.eenet.lambda_coef={lam}"]  # noqa: E731
+    else:
+        branches += ["loss=two_stage", "loss.first_epochs=1"]
+        lam_overrides = lambda lam: [f"loss.second.lambda_coef={lam}"]  # noqa: E731
     rows, sweep = [], []
     for lam in ([None] if multi else args.lambdas):
         name = post_name.format(lam=lam)

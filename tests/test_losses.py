@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eenet.errors import EENetError
-from eenet.losses import (EENetLoss, MultiExitCE, TwoStageLoss, create_loss, mixture_costs,
-                          mixture_log_probs)
+from eenet.losses import (EENetLoss, MultiExitCE, SumLoss, TwoStageLoss, create_loss,
+                          mixture_costs, mixture_log_probs)
 from eenet.models import ExitOutputs
 
 
@@ -177,3 +177,54 @@ def test_validation_reports_the_final_objective_at_every_epoch():
                                    final(out, y, costs)["loss"])
     sdn.set_epoch(0)
     assert not torch.allclose(sdn(out, y, costs)["loss"], final(out, y, costs)["loss"])
+
+
+def test_sum_loss_adds_weighted_terms_and_keeps_low_confidence_branches_learning():
+    logits, conf, y, costs = random_outputs(3)
+    with torch.no_grad():
+        conf[0].fill_(-30.0)  # exit 0 almost never exits: the mixture ignores its classifier
+    out = ExitOutputs(logits, conf)
+    eenet, ce = EENetLoss(2, 0.5), MultiExitCE()
+    loss = SumLoss({"eenet": eenet, "ce": ce}, weights={"ce": 0.3})
+    got = loss(out, y, costs)
+    torch.testing.assert_close(got["loss"],
+                               eenet(out, y, costs)["loss"] + 0.3 * ce(out, y, costs)["loss"])
+    torch.testing.assert_close(got["cost"], eenet(out, y, costs)["cost"])
+    assert loss.uses_confidence and loss.weights == {"eenet": 1.0, "ce": 0.3}
+    g_mix = torch.autograd.grad(eenet(out, y, costs)["loss"], logits[0])[0]
+    g_sum = torch.autograd.grad(got["loss"], logits[0])[0]
+    assert g_mix.abs().max() < 1e-9 < g_sum.abs().max()
+
+
+def test_sum_loss_validation_schedules_and_bad_settings():
+    logits, conf, y, costs = random_outputs(3)
+    out = ExitOutputs(logits, conf)
+    ramped = MultiExitCE(weights="cost", ramp_epochs=4)
+    loss = SumLoss({"eenet": EENetLoss(2, 1.0), "sdn": ramped})
+    loss.set_epoch(1)
+    assert ramped.epoch == 1
+    ref = (EENetLoss(2, 1.0)(out, y, costs)["loss"]
+           + MultiExitCE(weights="cost")(out, y, costs)["loss"])
+    torch.testing.assert_close(loss.for_validation()(out, y, costs)["loss"], ref)
+    assert not torch.allclose(loss(out, y, costs)["loss"], ref)
+    plain = SumLoss({"ce": MultiExitCE()})
+    assert plain.for_validation() is plain and plain.uses_confidence is False
+    with pytest.raises(EENetError, match="at least one term"):
+        SumLoss({})
+    with pytest.raises(EENetError, match="unknown terms"):
+        SumLoss({"ce": MultiExitCE()}, weights={"eenet": 1.0})
+    with pytest.raises(EENetError, match=">= 0"):
+        SumLoss({"ce": MultiExitCE()}, weights={"ce": -1.0})
+    with pytest.raises(EENetError, match="2 weights for 3 exits"):
+        SumLoss({"ce": MultiExitCE(weights=[1, 1])}).check(3)
+
+
+def test_eenet_v2_ce_config_builds_the_sum_with_the_lambda_from_the_command_line():
+    from hydra.utils import instantiate
+
+    from eenet.train import compose_config
+    cfg = compose_config(["loss=eenet_v2_ce", "loss.terms.eenet.lambda_coef=0.25"])
+    loss = instantiate(cfg.loss)
+    assert isinstance(loss, SumLoss) and set(loss.terms) == {"eenet", "ce"}
+    assert loss.terms["eenet"].version == 2 and loss.terms["eenet"].lambda_coef == 0.25
+    assert isinstance(loss.terms["ce"], MultiExitCE) and loss.weights == {"eenet": 1.0, "ce": 1.0}
