@@ -118,7 +118,9 @@ def main() -> None:
           + ("_eenetce" if args.loss == "eenet_v2_ce" else ""))
     post_name = f"post_{bb_tag}_{br}_{args.post_epochs}ep" + ("" if multi else "_lambda_{lam:g}")
     # the JSON beside this script: pteenet_cifar10.json for the defaults, else named by settings
-    suffix = ("" if br == "c2" else f"_{br}") + ("" if bb_tag == "30ep" else f"_{bb_tag}")
+    suffix = (("" if br == "c2" else f"_{br}")
+              + ("" if args.post_epochs == 8 else f"_post{args.post_epochs}ep")
+              + ("" if bb_tag == "30ep" else f"_{bb_tag}"))
     plain = run(bb_name, ["placement.method=explicit", "placement.stages=[]", "loss=multi_ce",
                              f"optimizer={args.backbone_optimizer}",
                              f"trainer.max_epochs={args.backbone_epochs}"], args)
