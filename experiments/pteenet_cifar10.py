@@ -53,6 +53,10 @@ from eenet.train import compose_config, train
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"
 RUNS = HERE / "runs" / "pteenet_cifar10"
+# --loss: (tag in run and JSON names, loss overrides, config key of lambda or None: no sweep)
+LOSSES = {"two_stage": ("", ["loss=two_stage", "loss.first_epochs=1"], "loss.second.lambda_coef"),
+          "multi_ce": ("_multice", ["loss=multi_ce"], None),
+          "eenet_v2_ce": ("_eenetce", ["loss=eenet_v2_ce"], "loss.terms.eenet.lambda_coef")}
 
 
 def run(name: str, overrides: list[str], args, force: bool = False) -> dict:
@@ -97,13 +101,14 @@ def main() -> None:
     p.add_argument("--policies", nargs="+", default=["confidence"],
                    choices=["confidence", "max_prob", "entropy"],
                    help="exit policies to calibrate; the one with the lowest val cost is reported")
-    p.add_argument("--loss", choices=["two_stage", "multi_ce", "eenet_v2_ce"], default="two_stage",
+    p.add_argument("--loss", choices=list(LOSSES), default="two_stage",
                    help="two_stage: one epoch of multi_ce, then eenet_v2 with each lambda; "
                         "multi_ce: per-exit cross-entropy throughout (one run, no lambda); "
                         "eenet_v2_ce: eenet_v2 with each lambda plus per-exit cross-entropy")
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
-    multi = args.loss == "multi_ce"
+    loss_tag, loss_overrides, lam_key = LOSSES[args.loss]
+    multi = lam_key is None  # one run without lambda
 
     # run folders name what they depend on, so that a run with other settings is not reused
     bb_tag = f"{args.backbone_epochs}ep" + ("" if args.backbone_optimizer == "adam" else "_sgd")
@@ -114,8 +119,7 @@ def main() -> None:
           + (f"e{args.num_exits}" if args.num_exits != 3 and not args.exit_stages else "")
           + ("_at" + "-".join(map(str, args.exit_stages)) if args.exit_stages else "")
           + ("_distill" if args.targets == "backbone" else "")
-          + ("_multice" if multi else "")
-          + ("_eenetce" if args.loss == "eenet_v2_ce" else ""))
+          + loss_tag)
     post_name = f"post_{bb_tag}_{br}_{args.post_epochs}ep" + ("" if multi else "_lambda_{lam:g}")
     # the JSON beside this script: pteenet_cifar10.json for the defaults, else named by settings
     suffix = (("" if br == "c2" else f"_{br}")
@@ -134,15 +138,11 @@ def main() -> None:
                   if args.exit_stages else
                   ["placement.method=linear", f"placement.num_exits={args.num_exits}"]),
                 f"backbone.checkpoint={RUNS / bb_name}"]
-    if multi:
-        branches += ["loss=multi_ce"]
-        lam_overrides = lambda lam: []  # noqa: E731
-    elif args.loss == "eenet_v2_ce":
-        branches += ["loss=eenet_v2_ce"]
-        lam_overrides = lambda lam: [f"loss.terms.eenet.lambda_coef={lam}"]  # noqa: E731
-    else:
-        branches += ["loss=two_stage", "loss.first_epochs=1"]
-        lam_overrides = lambda lam: [f"loss.second.lambda_coef={lam}"]  # noqa: E731
+    branches += loss_overrides
+
+    def lam_overrides(lam) -> list[str]:
+        return [] if multi else [f"{lam_key}={lam}"]
+
     rows, sweep = [], []
     for lam in ([None] if multi else args.lambdas):
         name = post_name.format(lam=lam)
