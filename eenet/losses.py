@@ -34,6 +34,15 @@ low receives almost no gradient through the mixture; on a frozen backbone
 (PTEENet) the confidence heads then send nearly everything to the accurate
 final exit and the branches stop improving (measured in
 experiments/pteenet_cifar10.py). This sum is eenet's option, not EENets'.
+
+``ExitDistillation`` is self-distillation from the final exit (Phuong & Lampert,
+"Distillation-Based Training for Multi-Exit Architectures", ICCV 2019; the
+softened KL of Hinton et al., "Distilling the Knowledge in a Neural Network",
+2015): L = sum_{i<N} w_i T^2 KL(softmax(z_N / T) || softmax(z_i / T)), the
+teacher z_N detached. Every early exit learns the final exit's whole output
+distribution rather than its label alone; on a frozen backbone (PTEENet) the
+teacher is the backbone itself. conf/loss/eenet_v2_kd.yaml adds it to
+eenet_v2_ce.
 """
 
 from __future__ import annotations
@@ -209,6 +218,51 @@ class MultiExitCE(ExitLoss):
         return {"loss": loss, "nll": loss.detach()}
 
 
+class ExitDistillation(ExitLoss):
+    """Self-distillation of every early exit from the final exit, at temperature T.
+
+    ``L = sum_{i<N} w_i T^2 KL(p_N^T || p_i^T)`` with ``p^T = softmax(z / T)`` and the
+    final exit's logits detached (Phuong & Lampert, ICCV 2019; Hinton et al., 2015).
+    The T^2 keeps the gradient's scale independent of T. The target labels are not
+    used; the final exit learns nothing from this term.
+
+    Args:
+        temperature: T > 0 (Hinton et al.: T > 1 softens the teacher).
+        weights: one weight per early exit, or ``None`` for all ones.
+    """
+
+    uses_confidence = False
+
+    def __init__(self, temperature: float = 4.0, weights: Sequence[float] | None = None):
+        super().__init__()
+        if not temperature > 0:
+            raise EENetError(f"distillation temperature must be > 0, got {temperature}")
+        if weights is not None:
+            weights = [float(w) for w in weights]
+            if any(w < 0 for w in weights):
+                raise EENetError(f"distillation weights must be >= 0, got {weights}")
+        self.temperature = float(temperature)
+        self.weights = weights
+
+    def check(self, num_exits: int) -> None:
+        if num_exits < 2:
+            raise EENetError("distillation from the final exit needs at least one early exit")
+        if self.weights is not None and len(self.weights) != num_exits - 1:
+            raise EENetError(f"distillation has {len(self.weights)} weights for "
+                             f"{num_exits - 1} early exits")
+
+    def forward(self, outputs, target, cost_fractions):
+        t = self.temperature
+        early = outputs.logits[:-1]
+        self.check(len(outputs.logits))
+        teacher = F.log_softmax(outputs.logits[-1].detach() / t, dim=1)
+        w = self.weights if self.weights is not None else [1.0] * len(early)
+        loss = sum(wi * F.kl_div(F.log_softmax(z / t, dim=1), teacher, log_target=True,
+                                 reduction="batchmean")
+                   for wi, z in zip(w, early)) * t * t
+        return {"loss": loss, "nll": loss.detach()}
+
+
 class TwoStageLoss(ExitLoss):
     """``first`` for ``first_epochs`` epochs, then ``second`` (EENets: multi_ce warm-up, then eenet)."""
 
@@ -300,11 +354,12 @@ class SumLoss(ExitLoss):
 
 LOSSES = {"eenet_v1": lambda **kw: EENetLoss(version=1, **kw),
           "eenet_v2": lambda **kw: EENetLoss(version=2, **kw),
-          "multi_ce": MultiExitCE}
+          "multi_ce": MultiExitCE,
+          "distill": ExitDistillation}
 
 
 def create_loss(name: str, **kwargs) -> ExitLoss:
-    """Build a loss by name: ``eenet_v1``, ``eenet_v2`` or ``multi_ce``."""
+    """Build a loss by name: ``eenet_v1``, ``eenet_v2``, ``multi_ce`` or ``distill``."""
     if name not in LOSSES:
         raise unknown_name("loss", name, LOSSES)
     return LOSSES[name](**kwargs)

@@ -33,7 +33,9 @@ Options beyond PTEENet: ``--branch-stride 2 --branch-growth 2`` (downsampling
 branches), ``--targets backbone`` (branches learn the backbone's predictions),
 ``--loss multi_ce`` (per-exit cross-entropy throughout instead of the lambda
 sweep), ``--loss eenet_v2_ce`` (the lambda sweep with eenet_v2 plus per-exit
-cross-entropy, ``conf/loss/eenet_v2_ce.yaml``), ``--policies confidence
+cross-entropy, ``conf/loss/eenet_v2_ce.yaml``), ``--loss eenet_v2_kd`` (the
+same plus self-distillation from the backbone at temperature 4, Phuong &
+Lampert 2019, ``conf/loss/eenet_v2_kd.yaml``), ``--policies confidence
 max_prob`` (each calibrated on val; the one with the lower val cost is
 reported, all are in the JSON).
 """
@@ -56,16 +58,19 @@ RUNS = HERE / "runs" / "pteenet_cifar10"
 # --loss: (tag in run and JSON names, loss overrides, config key of lambda or None: no sweep)
 LOSSES = {"two_stage": ("", ["loss=two_stage", "loss.first_epochs=1"], "loss.second.lambda_coef"),
           "multi_ce": ("_multice", ["loss=multi_ce"], None),
-          "eenet_v2_ce": ("_eenetce", ["loss=eenet_v2_ce"], "loss.terms.eenet.lambda_coef")}
+          "eenet_v2_ce": ("_eenetce", ["loss=eenet_v2_ce"], "loss.terms.eenet.lambda_coef"),
+          "eenet_v2_kd": ("_eenetkd", ["loss=eenet_v2_kd"], "loss.terms.eenet.lambda_coef")}
 
 
-def run(name: str, overrides: list[str], args, force: bool = False) -> dict:
+def run(name: str, overrides: list[str], args, force: bool = False, seed: int | None = None
+        ) -> dict:
     out = RUNS / name
     if (out / "results.json").is_file() and not (args.retrain or force):
         print(f"reusing {out}", flush=True)
         return json.loads((out / "results.json").read_text())
     base = ["dataset=cifar10_jpeg", f"data_root={args.data}", "backbone=resnet20",
-            "trainer.enable_progress_bar=false", "logger=csv", f"threads={args.threads}", f"seed={args.seed}"]
+            "trainer.enable_progress_bar=false", "logger=csv", f"threads={args.threads}",
+            f"seed={args.seed if seed is None else seed}"]
     t0 = time.time()
     results, _ = train(compose_config([*base, *overrides], output_dir=out))
     results["wall_s"] = time.time() - t0
@@ -81,7 +86,9 @@ def main() -> None:
     p.add_argument("--post-epochs", type=int, default=8)
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     p.add_argument("--tolerance", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the branches (initialisation, data order); the backbone is "
+                        "always the seed-0 one, so seeds measure the branches' spread")
     p.add_argument("--branch-convs", type=int, default=2,
                    help="[3x3 conv, BN, ReLU] layers per branch (PTEENet: 2)")
     p.add_argument("--branch-width", type=int, default=None,
@@ -120,14 +127,16 @@ def main() -> None:
           + ("_at" + "-".join(map(str, args.exit_stages)) if args.exit_stages else "")
           + ("_distill" if args.targets == "backbone" else "")
           + loss_tag)
-    post_name = f"post_{bb_tag}_{br}_{args.post_epochs}ep" + ("" if multi else "_lambda_{lam:g}")
+    seed_tag = "" if args.seed == 0 else f"_seed{args.seed}"
+    post_name = (f"post_{bb_tag}_{br}_{args.post_epochs}ep" + seed_tag
+                 + ("" if multi else "_lambda_{lam:g}"))
     # the JSON beside this script: pteenet_cifar10.json for the defaults, else named by settings
     suffix = (("" if br == "c2" else f"_{br}")
               + ("" if args.post_epochs == 8 else f"_post{args.post_epochs}ep")
-              + ("" if bb_tag == "30ep" else f"_{bb_tag}"))
+              + ("" if bb_tag == "30ep" else f"_{bb_tag}") + seed_tag)
     plain = run(bb_name, ["placement.method=explicit", "placement.stages=[]", "loss=multi_ce",
                              f"optimizer={args.backbone_optimizer}",
-                             f"trainer.max_epochs={args.backbone_epochs}"], args)
+                             f"trainer.max_epochs={args.backbone_epochs}"], args, seed=0)
     backbone_acc = plain["exits"][-1]["test_accuracy"]
     branches = ["exit=pteenet", f"exit.convs={args.branch_convs}",
                 f"exit.width={args.branch_width if args.branch_width else 'null'}",

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from eenet.errors import EENetError
-from eenet.losses import (EENetLoss, MultiExitCE, SumLoss, TwoStageLoss, create_loss,
-                          mixture_costs, mixture_log_probs)
+from eenet.losses import (EENetLoss, ExitDistillation, MultiExitCE, SumLoss, TwoStageLoss,
+                          create_loss, mixture_costs, mixture_log_probs)
 from eenet.models import ExitOutputs
 
 
@@ -97,7 +97,7 @@ def test_eenet_loss_rejects_bad_settings():
         EENetLoss(2, -0.1)
     with pytest.raises(EENetError, match="version must be 1 or 2"):
         EENetLoss(3, 1.0)
-    with pytest.raises(EENetError, match="accepted: eenet_v1, eenet_v2, multi_ce"):
+    with pytest.raises(EENetError, match="accepted: distill, eenet_v1, eenet_v2, multi_ce"):
         create_loss("eenet_v3")
 
 
@@ -228,3 +228,52 @@ def test_eenet_v2_ce_config_builds_the_sum_with_the_lambda_from_the_command_line
     assert isinstance(loss, SumLoss) and set(loss.terms) == {"eenet", "ce"}
     assert loss.terms["eenet"].version == 2 and loss.terms["eenet"].lambda_coef == 0.25
     assert isinstance(loss.terms["ce"], MultiExitCE) and loss.weights == {"eenet": 1.0, "ce": 1.0}
+
+
+@pytest.mark.parametrize("t", [1.0, 4.0])
+def test_distillation_equals_naive_softened_kl_and_leaves_the_teacher_alone(t):
+    logits, conf, y, costs = random_outputs(3, b=6, k=5, seed=3)
+    out = ExitOutputs(logits, conf)
+    loss = ExitDistillation(temperature=t, weights=[0.5, 2.0])
+    got = loss(out, y, costs)["loss"]
+    want = torch.zeros((), dtype=torch.float64)
+    for w, z in zip([0.5, 2.0], logits[:-1]):
+        for s in range(6):  # KL(teacher || student) per sample, by its definition
+            p = torch.softmax(logits[-1][s].detach() / t, 0)
+            q = torch.softmax(z[s] / t, 0)
+            want = want + w * t * t * (p * (p.log() - q.log())).sum() / 6
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got, logits, allow_unused=True)
+    assert grads[-1] is None  # the final exit is the teacher: no gradient into it
+    assert all(g.abs().max() > 0 for g in grads[:-1])
+    # an early exit that already equals the teacher contributes nothing
+    same = ExitOutputs([logits[-1].detach().clone(), logits[-1]], conf[1:])
+    assert ExitDistillation(t)(same, y, costs)["loss"].abs() < 1e-12
+
+
+def test_distillation_rejects_bad_settings():
+    with pytest.raises(EENetError, match="temperature must be > 0"):
+        ExitDistillation(temperature=0)
+    with pytest.raises(EENetError, match=">= 0"):
+        ExitDistillation(weights=[1.0, -1.0])
+    with pytest.raises(EENetError, match="2 weights for 3 early exits"):
+        ExitDistillation(weights=[1.0, 1.0]).check(4)
+    with pytest.raises(EENetError, match="at least one early exit"):
+        ExitDistillation().check(1)
+    assert isinstance(create_loss("distill", temperature=2.0), ExitDistillation)
+
+
+def test_eenet_v2_kd_config_adds_distillation_to_eenet_v2_ce():
+    from hydra.utils import instantiate
+
+    from eenet.train import compose_config
+    cfg = compose_config(["loss=eenet_v2_kd", "loss.terms.eenet.lambda_coef=0.5",
+                          "loss.terms.kd.temperature=3"])
+    loss = instantiate(cfg.loss)
+    assert isinstance(loss, SumLoss) and set(loss.terms) == {"eenet", "ce", "kd"}
+    assert loss.terms["eenet"].lambda_coef == 0.5 and loss.terms["kd"].temperature == 3.0
+    logits, conf, y, costs = random_outputs(3)
+    out = ExitOutputs(logits, conf)
+    parts = [EENetLoss(2, 0.5)(out, y, costs)["loss"], MultiExitCE()(out, y, costs)["loss"],
+             ExitDistillation(3.0)(out, y, costs)["loss"]]
+    torch.testing.assert_close(loss(out, y, costs)["loss"], sum(parts))
