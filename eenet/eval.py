@@ -34,7 +34,8 @@ from omegaconf import DictConfig, OmegaConf
 from eenet.cost import CostTable, exit_cost_table
 from eenet.data.batching import make_loader
 from eenet.errors import EENetError
-from eenet.inference import Calibrator, DynamicEngine, cache_exit_outputs, exit_latency_table
+from eenet.inference import (Calibrator, DynamicEngine, cache_exit_outputs, exit_latency_table,
+                             paired_drop)
 from eenet.models.early_exit import EarlyExitNetwork, load_state_dict_checked
 from eenet.plots import plot_curve, plot_exit_distribution
 from eenet.policies import create_policy
@@ -135,6 +136,10 @@ def evaluate(cfg: DictConfig) -> dict:
     val_stats = {"acc": val_point.accuracy, "avg_cost": val_point.avg_cost,
                  "exit_rates": val_point.exit_rates, "n": len(val),
                  "exit_acc": val.correct.double().mean(0).tolist()}
+    chosen_scores = to_score(torch.tensor([float(t) for t in val_point.thresholds]))
+    # drop against the final exit on the same samples, with its paired standard error
+    drops = {"val": paired_drop(val.correct[:, -1], cal.correct_at(chosen_scores)),
+             "test": paired_drop(test.correct[:, -1], pred == y)}
     test_stats["exit_acc"] = test.correct.double().mean(0).tolist()
     over, oracle = overthinking_counts(test.correct)
     test_stats["overthinking"] = (over.double() / len(test)).tolist()
@@ -152,7 +157,8 @@ def evaluate(cfg: DictConfig) -> dict:
         policy={"name": cfg.policy, "thresholds": calibration["chosen"]["thresholds"]},
         config=OmegaConf.to_container(train_cfg, resolve=True),
         run=str(Path(cfg.run).resolve()), target=res.target, calibration=calibration,
-        engine={"batch_size": bs, "wall_s": engine_s, "agreement_with_static": agree})
+        engine={"batch_size": bs, "wall_s": engine_s, "agreement_with_static": agree},
+        drop_vs_final_exit=drops)
 
     # 4. write
     out_dir.mkdir(parents=True, exist_ok=True)

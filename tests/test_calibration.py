@@ -10,7 +10,7 @@ import torch
 
 from eenet.cost import CostTable, ExitCost
 from eenet.errors import EENetError
-from eenet.inference import CachedExits, Calibrator, pareto_indices
+from eenet.inference import CachedExits, Calibrator, paired_drop, pareto_indices
 from eenet.policies import create_policy
 
 
@@ -182,3 +182,31 @@ def test_idle_exits_are_not_charged_and_a_useless_exit_gets_switched_off():
         kept.fractions_skipping([False, True])
     assert Calibrator(cached, "max_prob", kept, grid=16).calibrate(
         tolerance=1).reference.avg_cost == pytest.approx(1.2)
+
+
+def test_paired_drop_counts_disagreements_and_its_standard_error():
+    ref = torch.tensor([1, 1, 1, 1, 0, 0, 1, 1, 1, 1], dtype=torch.bool)
+    pol = torch.tensor([1, 0, 0, 1, 1, 0, 1, 1, 1, 1], dtype=torch.bool)
+    got = paired_drop(ref, pol)
+    d = [0, 1, 1, 0, -1, 0, 0, 0, 0, 0]  # ref - pol per sample
+    mean = sum(d) / 10
+    var = sum((x - mean) ** 2 for x in d) / 9
+    assert got["drop_points"] == pytest.approx(100 * mean)
+    assert got["se_points"] == pytest.approx(100 * math.sqrt(var / 10))
+    assert got["discordant"] == pytest.approx(0.3)
+    same = paired_drop(ref, ref)
+    assert same["drop_points"] == 0 and same["se_points"] == 0 and same["discordant"] == 0
+    with pytest.raises(EENetError, match="at least 2 samples"):
+        paired_drop(ref[:1], pol[:1])
+
+
+@pytest.mark.parametrize("policy", ["confidence", "max_prob"])
+def test_correct_at_matches_the_accuracy_of_evaluate(policy):
+    cached, costs = synthetic(n_exits=4, seed=2)
+    cal = Calibrator(cached, policy, costs, grid=6)
+    vecs = torch.cartesian_prod(*cal.candidates)[::37]
+    acc, _, _ = cal.evaluate(vecs)
+    for t in range(len(vecs)):
+        assert float(cal.correct_at(vecs[t]).double().mean()) == pytest.approx(float(acc[t]))
+    never = torch.full((3,), math.inf)
+    assert torch.equal(cal.correct_at(never), cached.correct[:, -1])

@@ -49,6 +49,13 @@ def test_eval_with_tolerance_writes_the_report(digits_run, tmp_path):
     fr = [e["cost_fraction"] for e in saved["exits"]]
     assert t["avg_cost_fraction"] == pytest.approx(sum(r * c for r, c in zip(t["exit_rates"], fr)))
     assert res["test"]["accuracy"] == t["accuracy"]
+    # the drop against the final exit, with its paired standard error, on both splits
+    drops = saved["drop_vs_final_exit"]
+    assert drops["val"]["drop_points"] == pytest.approx(
+        100 * (cal["reference_final_exit"]["accuracy"] - cal["chosen"]["accuracy"]))
+    assert drops["test"]["drop_points"] == pytest.approx(
+        100 * (cal["final_exit_test"]["accuracy"] - t["accuracy"]))
+    assert all(d["se_points"] >= 0 and 0 <= d["discordant"] <= 1 for d in drops.values())
     # the training run's own files are untouched
     assert json.loads((digits_run / "results.json").read_text())["dataset"] == "digits"
 

@@ -205,6 +205,11 @@ class Calibrator:
             rates.append(counts.double() / b)
         return torch.cat(accs), torch.cat(costs), torch.cat(rates)
 
+    def correct_at(self, thresholds: torch.Tensor) -> torch.Tensor:
+        """Per-sample correctness (B,) of one threshold vector (score units)."""
+        exits = first_exit(self.scores, thresholds.view(-1).to(self.scores.dtype))
+        return self.correct.gather(1, exits.view(-1, 1)).view(-1)
+
     def point(self, thresholds: torch.Tensor) -> OperatingPoint:
         """The operating point of one threshold vector (score units)."""
         acc, cost, rates = self.evaluate(thresholds.view(1, -1))
@@ -341,6 +346,24 @@ class Calibrator:
             reachable=reachable, message=message,
             curve=[self.point(shared[k]) for k in pareto_indices(acc, cost, keep_all=True)],
             pareto=[self.point(everything[k]) for k in front])
+
+
+def paired_drop(reference_correct: torch.Tensor, policy_correct: torch.Tensor) -> dict:
+    """Accuracy drop of a policy against a reference on the same samples, with its standard error.
+
+    Both are per-sample correctness (B,). The per-sample difference d_b =
+    ref_b - pol_b is -1, 0 or 1; the drop is mean(d) and its standard error
+    std(d) / sqrt(B) (the paired difference of two proportions, as in McNemar's
+    test): only the samples on which the two disagree make it uncertain. In
+    accuracy points, like a tolerance.
+    """
+    d = reference_correct.double() - policy_correct.double()
+    n = d.numel()
+    if n < 2:
+        raise EENetError(f"a paired drop needs at least 2 samples, got {n}")
+    return {"drop_points": 100 * float(d.mean()),
+            "se_points": 100 * float(d.std(unbiased=True)) / math.sqrt(n),
+            "discordant": float((d != 0).double().mean())}
 
 
 def pareto_indices(acc: torch.Tensor, cost: torch.Tensor, keep_all: bool = False) -> list[int]:
