@@ -102,7 +102,8 @@ def evaluate(cfg: DictConfig) -> dict:
     val = cache_exit_outputs(net, make_loader(dm.val_dataset, bs, shuffle=False))
     cal = Calibrator(val, cfg.policy, cost, grid=int(cfg.grid))
     res = cal.calibrate(budget=cfg.get("budget"), tolerance=cfg.get("tolerance"),
-                        min_accuracy=cfg.get("min_accuracy"))
+                        min_accuracy=cfg.get("min_accuracy"),
+                        optimism_folds=int(cfg.get("optimism_folds") or 0))
     policy = create_policy(cfg.policy, res.chosen.thresholds)
 
     # 2. test with the dynamic engine: real early exit

@@ -17,6 +17,9 @@ Augmentation for Inference Cost Optimization", IEEE Access 2022.
    final exit (= the backbone) and evaluated on test with the dynamic engine
    (``eenet-eval``). One lambda is also chosen without the test set: the one
    whose calibrated point costs least on val (``chosen_on_val`` in the JSON).
+   ``--optimism-folds 5`` tightens the tolerance by a 5-fold estimate, on val,
+   of how optimistic the search over per-exit thresholds is (see
+   ``eenet/inference/calibration.py``); the JSON name then ends in ``_cv5``.
    Each drop comes with its paired standard error (``drop_vs_final_exit``):
    on 10,000 test images a drop near the 1-point target is uncertain by a
    few tenths of a point. An exit whose threshold comes out as ``inf`` releases no
@@ -90,6 +93,9 @@ def main() -> None:
     p.add_argument("--post-epochs", type=int, default=8)
     p.add_argument("--lambdas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0])
     p.add_argument("--tolerance", type=float, default=1.0)
+    p.add_argument("--optimism-folds", type=int, default=0,
+                   help="K >= 2: tighten the tolerance by the K-fold estimate of the threshold "
+                        "search's optimism on val (eenet-eval optimism_folds=K)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the branches (initialisation, data order); the backbone is "
                         "always the seed-0 one, so seeds measure the branches' spread")
@@ -132,12 +138,13 @@ def main() -> None:
           + ("_distill" if args.targets == "backbone" else "")
           + loss_tag)
     seed_tag = "" if args.seed == 0 else f"_seed{args.seed}"
+    cv_tag = f"_cv{args.optimism_folds}" if args.optimism_folds else ""
     post_name = (f"post_{bb_tag}_{br}_{args.post_epochs}ep" + seed_tag
                  + ("" if multi else "_lambda_{lam:g}"))
     # the JSON beside this script: pteenet_cifar10.json for the defaults, else named by settings
     suffix = (("" if br == "c2" else f"_{br}")
               + ("" if args.post_epochs == 8 else f"_post{args.post_epochs}ep")
-              + ("" if bb_tag == "30ep" else f"_{bb_tag}") + seed_tag)
+              + ("" if bb_tag == "30ep" else f"_{bb_tag}") + seed_tag + cv_tag)
     plain = run(bb_name, ["placement.method=explicit", "placement.stages=[]", "loss=multi_ce",
                              f"optimizer={args.backbone_optimizer}",
                              f"trainer.max_epochs={args.backbone_epochs}"], args, seed=0)
@@ -165,10 +172,11 @@ def main() -> None:
         # each policy calibrated on val; the cheapest on val (its chosen point) is reported
         evs = {}
         for policy in args.policies:
+            folder = ("eval" if policy == "confidence" else f"eval_{policy}") + cv_tag
             evs[policy] = evaluate(compose_config(
-                [f"run={RUNS / name}", f"tolerance={args.tolerance}", f"policy={policy}"],
-                output_dir=RUNS / name / ("eval" if policy == "confidence" else f"eval_{policy}"),
-                config_name="eval"))
+                [f"run={RUNS / name}", f"tolerance={args.tolerance}", f"policy={policy}",
+                 f"optimism_folds={args.optimism_folds}"],
+                output_dir=RUNS / name / folder, config_name="eval"))
         val_cost = {k: v["calibration"]["chosen"]["avg_cost"] for k, v in evs.items()}
         policy = min(args.policies, key=lambda k: val_cost[k])
         ev = evs[policy]
@@ -192,7 +200,8 @@ def main() -> None:
                  "exit_stages": [e["stage"] for e in r["exits"]],
                  "exit_test_accuracy": [e["test_accuracy"] for e in r["exits"]],
                  "post_epoch_seconds": r["train_epoch_seconds"],
-                 "calibration_message": ev["calibration"]["message"]}
+                 "calibration_message": ev["calibration"]["message"],
+                 "optimism": ev["calibration"]["target"].get("optimism")}
         sweep.append(entry)
         print(f"lambda {lam}: backbone hash {r['backbone_hash_before'][:16]}... -> "
               f"{r['backbone_hash_after'][:16]}... ({'unchanged' if entry['hash_unchanged'] else 'CHANGED'})",

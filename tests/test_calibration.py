@@ -210,3 +210,49 @@ def test_correct_at_matches_the_accuracy_of_evaluate(policy):
         assert float(cal.correct_at(vecs[t]).double().mean()) == pytest.approx(float(acc[t]))
     never = torch.full((3,), math.inf)
     assert torch.equal(cal.correct_at(never), cached.correct[:, -1])
+
+
+def _sliced(cached, index):
+    return CachedExits([lg[index] for lg in cached.logits],
+                       [z[index] for z in cached.conf_logits], cached.targets[index])
+
+
+def test_optimism_equals_k_fold_calibrations_done_by_hand():
+    cached, costs = synthetic(n_exits=3, b=300, seed=4)
+    cal = Calibrator(cached, "max_prob", costs, grid=12)
+    got = cal.optimism(tolerance=2.0, folds=3, seed=7)
+    chunks = torch.randperm(300, generator=torch.Generator().manual_seed(7)).chunk(3)
+    gaps = []
+    for k in range(3):
+        rest = torch.cat([c for j, c in enumerate(chunks) if j != k])
+        res = Calibrator(_sliced(cached, rest), "max_prob", costs, grid=12).calibrate(tolerance=2.0)
+        held = Calibrator(_sliced(cached, chunks[k]), "max_prob", costs, grid=12)
+        vec = held.policy.to_score_units(torch.tensor(res.chosen.thresholds, dtype=torch.float64))
+        acc, _, _ = held.evaluate(vec.view(1, -1))
+        final = held.correct[:, -1].double().mean()
+        gaps.append(100 * ((float(final) - float(acc[0]))
+                           - (res.reference.accuracy - res.chosen.accuracy)))
+    assert got["per_fold_points"] == pytest.approx(gaps)
+    assert got["optimism_points"] == pytest.approx(sum(gaps) / 3)
+
+
+def test_optimism_correction_tightens_the_tolerance_and_never_loosens_it():
+    cached, costs = synthetic(n_exits=4, b=500, seed=5)
+    cal = Calibrator(cached, "max_prob", costs, grid=16)
+    plain = cal.calibrate(tolerance=3.0)
+    corrected = cal.calibrate(tolerance=3.0, optimism_folds=4)
+    opt = corrected.target["optimism"]
+    assert corrected.target["value"] == 3.0 and opt["folds"] == 4
+    assert opt["effective_tolerance"] == pytest.approx(max(0.0, 3.0 - max(0.0, opt["optimism_points"])))
+    assert opt["effective_tolerance"] <= 3.0
+    # the search ran for the tightened tolerance: same as asking for it directly
+    direct = cal.calibrate(tolerance=opt["effective_tolerance"])
+    assert corrected.chosen.accuracy == direct.chosen.accuracy
+    assert corrected.chosen.avg_cost == direct.chosen.avg_cost
+    assert corrected.chosen.accuracy >= plain.chosen.accuracy - 1e-12
+    assert corrected.target["min_accuracy"] == pytest.approx(
+        corrected.reference.accuracy - opt["effective_tolerance"] / 100)
+    with pytest.raises(EENetError, match="corrects a tolerance target"):
+        cal.calibrate(budget=0.5, optimism_folds=3)
+    with pytest.raises(EENetError, match="2 <= folds"):
+        cal.optimism(1.0, folds=1)

@@ -129,3 +129,16 @@ def test_eval_cli(digits_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Calibrated on val for tolerance 2.0 points" in proc.stdout
     assert (out / "curve.png").is_file()
+
+
+def test_eval_with_optimism_correction_records_it(digits_run, tmp_path):
+    out = tmp_path / "eval_cv"
+    evaluate(eval_config(digits_run, out, "tolerance=1.0", "optimism_folds=3"))
+    saved = json.loads((out / "results.json").read_text())
+    target = saved["calibration"]["target"]
+    opt = target["optimism"]
+    assert target["value"] == 1.0 and opt["folds"] == 3 and len(opt["per_fold_points"]) == 3
+    assert 0 <= opt["effective_tolerance"] <= 1.0
+    assert target["min_accuracy"] == pytest.approx(
+        target["final_exit_accuracy"] - opt["effective_tolerance"] / 100)
+    assert "tightened" in saved["calibration"]["message"] or not saved["calibration"]["reachable"]

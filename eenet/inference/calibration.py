@@ -29,6 +29,14 @@ every point the search evaluated, the Pareto front. Thresholds are never tuned
 on the test split: the caller passes validation outputs, and ``eenet-eval``
 only evaluates the chosen thresholds on test.
 
+Searching many thresholds on one split is optimistic: the chosen point sits
+right at the tolerance on val, partly because val's noise happens to favour
+it, and on new samples its drop is larger. ``optimism_folds=K`` estimates that
+optimism by K-fold cross-validation on val (calibrate on K-1 folds, measure the
+drop on the held-out fold, compare with the drop the calibration saw; the
+optimism of an apparent error, Efron, JASA 1983) and tightens the tolerance by
+it (never loosens it) before the final search on the whole split.
+
 MSDNet (Huang et al., ICLR 2018) chooses thresholds for a budget from an
 assumed exit distribution; searching threshold vectors directly on validation
 outputs reaches any distribution the data allows.
@@ -36,6 +44,7 @@ outputs reaches any distribution the data allows.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Iterable, Sequence
@@ -153,6 +162,7 @@ class Calibrator:
                  cost_fractions: CostTable | Sequence[float],
                  grid: int = 64, exhaustive_limit: int = 20_000):
         self.exhaustive_limit = exhaustive_limit
+        self.grid = grid
         self.policy: ExitPolicy = create_policy(policy, 0.5)
         self.scores = self.policy.scores(cached.outputs)  # (B, N), score units
         self.correct = cached.correct                     # (B, N+1)
@@ -204,6 +214,41 @@ class Calibrator:
                 costs.append(counts.double() @ self.costs / b)
             rates.append(counts.double() / b)
         return torch.cat(accs), torch.cat(costs), torch.cat(rates)
+
+    def subset(self, index: torch.Tensor) -> "Calibrator":
+        """The same calibrator over the samples ``index`` only (candidates from their scores)."""
+        sub = copy.copy(self)
+        sub.scores, sub.correct = self.scores[index], self.correct[index]
+        sub.candidates = [sub._candidates(sub.scores[:, i], self.grid) for i in range(self.n)]
+        return sub
+
+    def optimism(self, tolerance: float, folds: int = 5, seed: int = 0) -> dict:
+        """K-fold estimate of how much a ``tolerance`` calibration understates its drop.
+
+        The samples are shuffled with ``torch.randperm(B, generator=manual_seed(seed))``
+        and cut into ``folds`` chunks (``Tensor.chunk``). For each chunk k the other
+        chunks are calibrated for ``tolerance``; the calibration sees a drop
+        d_in = (their final-exit accuracy - their chosen accuracy), and the held-out
+        chunk shows d_out for the same thresholds. The optimism is mean_k (d_out - d_in),
+        in accuracy points (positive: the calibration promises less drop than it gives).
+        """
+        b = self.scores.shape[0]
+        if not 2 <= folds <= b:
+            raise EENetError(f"optimism needs 2 <= folds <= {b} samples, got {folds}")
+        perm = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
+        chunks = perm.chunk(folds)
+        gaps = []
+        for k, held in enumerate(chunks):
+            rest = torch.cat([c for j, c in enumerate(chunks) if j != k])
+            res = self.subset(rest).calibrate(tolerance=tolerance)
+            vec = self.policy.to_score_units(
+                torch.tensor([float(t) for t in res.chosen.thresholds], dtype=torch.float64))
+            got = self.correct_at(vec)[held].double().mean()
+            ref = self.correct[held, -1].double().mean()
+            d_in = res.reference.accuracy - res.chosen.accuracy
+            gaps.append(100 * (float(ref - got) - d_in))
+        return {"folds": folds, "seed": seed, "optimism_points": sum(gaps) / len(gaps),
+                "per_fold_points": gaps}
 
     def correct_at(self, thresholds: torch.Tensor) -> torch.Tensor:
         """Per-sample correctness (B,) of one threshold vector (score units)."""
@@ -278,13 +323,29 @@ class Calibrator:
         return (1, -cost, acc) if ok else (0, acc, -cost)
 
     def calibrate(self, budget: float | None = None, tolerance: float | None = None,
-                  min_accuracy: float | None = None) -> CalibrationResult:
+                  min_accuracy: float | None = None, optimism_folds: int = 0,
+                  optimism_seed: int = 0) -> CalibrationResult:
         """Thresholds for a cost ``budget``, an accuracy ``tolerance`` (accuracy points below
         the final exit) or an absolute ``min_accuracy`` (a fraction, e.g. a reference model's
-        validation accuracy minus a tolerance)."""
+        validation accuracy minus a tolerance).
+
+        ``optimism_folds=K`` (tolerance only): tighten the tolerance by the K-fold
+        estimate of the calibration's optimism (:meth:`optimism`), never loosen it.
+        """
         if sum(v is not None for v in (budget, tolerance, min_accuracy)) != 1:
             raise EENetError("give exactly one calibration target: budget=B (average cost "
                              "fraction) or tolerance=D (accuracy points below the final exit)")
+        correction = None
+        if optimism_folds:
+            if tolerance is None:
+                raise EENetError("optimism_folds corrects a tolerance target; give tolerance=D")
+            if not tolerance >= 0:
+                raise EENetError(f"tolerance must be >= 0 accuracy points, got {tolerance}")
+            correction = self.optimism(float(tolerance), int(optimism_folds), int(optimism_seed))
+            correction["tolerance"] = float(tolerance)
+            correction["effective_tolerance"] = max(
+                0.0, float(tolerance) - max(0.0, correction["optimism_points"]))
+            tolerance = correction["effective_tolerance"]
         never = torch.full((self.n,), math.inf)
         always_first = torch.full((self.n,), -math.inf)
         reference = self.point(never)
@@ -305,6 +366,8 @@ class Calibrator:
             kind, value = "tolerance", reference.accuracy - float(tolerance) / 100
             target = {"kind": "tolerance", "value": float(tolerance),
                       "min_accuracy": value, "final_exit_accuracy": reference.accuracy}
+            if correction is not None:  # value: the tolerance asked for; searched: the tightened one
+                target.update(value=correction["tolerance"], optimism=correction)
 
         shared = self.shared_sweep()
         acc, cost, _ = self.evaluate(shared)
@@ -332,6 +395,11 @@ class Calibrator:
         if reachable:
             message = (f"{kind} target met on val: accuracy {100 * chosen.accuracy:.2f}% at "
                        f"average cost fraction {chosen.avg_cost:.4f}")
+            if correction is not None:
+                message += (f" (tolerance {correction['tolerance']:g} tightened to "
+                            f"{correction['effective_tolerance']:.3f} by a "
+                            f"{correction['folds']}-fold optimism of "
+                            f"{correction['optimism_points']:+.3f} points)")
         elif kind == "budget":
             message = (f"budget {value} is unreachable: the cheapest point costs "
                        f"{chosen.avg_cost:.4f} (every sample at the first exit); returning it")
