@@ -103,7 +103,8 @@ def evaluate(cfg: DictConfig) -> dict:
     cal = Calibrator(val, cfg.policy, cost, grid=int(cfg.grid))
     res = cal.calibrate(budget=cfg.get("budget"), tolerance=cfg.get("tolerance"),
                         min_accuracy=cfg.get("min_accuracy"),
-                        optimism_folds=int(cfg.get("optimism_folds") or 0))
+                        optimism_folds=int(cfg.get("optimism_folds") or 0),
+                        optimism_repeats=int(cfg.get("optimism_repeats") or 1))
     policy = create_policy(cfg.policy, res.chosen.thresholds)
 
     # 2. test with the dynamic engine: real early exit

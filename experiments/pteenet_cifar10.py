@@ -18,8 +18,9 @@ Augmentation for Inference Cost Optimization", IEEE Access 2022.
    (``eenet-eval``). One lambda is also chosen without the test set: the one
    whose calibrated point costs least on val (``chosen_on_val`` in the JSON).
    ``--optimism-folds 5`` tightens the tolerance by a 5-fold estimate, on val,
-   of how optimistic the search over per-exit thresholds is (see
-   ``eenet/inference/calibration.py``); the JSON name then ends in ``_cv5``.
+   of how optimistic the search over per-exit thresholds is, averaged over 4
+   shuffles (``--optimism-repeats``; see ``eenet/inference/calibration.py``);
+   the JSON name then ends in ``_cv5x4``.
    Each drop comes with its paired standard error (``drop_vs_final_exit``):
    on 10,000 test images a drop near the 1-point target is uncertain by a
    few tenths of a point. An exit whose threshold comes out as ``inf`` releases no
@@ -96,6 +97,8 @@ def main() -> None:
     p.add_argument("--optimism-folds", type=int, default=0,
                    help="K >= 2: tighten the tolerance by the K-fold estimate of the threshold "
                         "search's optimism on val (eenet-eval optimism_folds=K)")
+    p.add_argument("--optimism-repeats", type=int, default=4,
+                   help="shuffles averaged in that estimate (repeated K-fold)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the branches (initialisation, data order); the backbone is "
                         "always the seed-0 one, so seeds measure the branches' spread")
@@ -138,7 +141,7 @@ def main() -> None:
           + ("_distill" if args.targets == "backbone" else "")
           + loss_tag)
     seed_tag = "" if args.seed == 0 else f"_seed{args.seed}"
-    cv_tag = f"_cv{args.optimism_folds}" if args.optimism_folds else ""
+    cv_tag = (f"_cv{args.optimism_folds}x{args.optimism_repeats}" if args.optimism_folds else "")
     post_name = (f"post_{bb_tag}_{br}_{args.post_epochs}ep" + seed_tag
                  + ("" if multi else "_lambda_{lam:g}"))
     # the JSON beside this script: pteenet_cifar10.json for the defaults, else named by settings
@@ -175,7 +178,8 @@ def main() -> None:
             folder = ("eval" if policy == "confidence" else f"eval_{policy}") + cv_tag
             evs[policy] = evaluate(compose_config(
                 [f"run={RUNS / name}", f"tolerance={args.tolerance}", f"policy={policy}",
-                 f"optimism_folds={args.optimism_folds}"],
+                 f"optimism_folds={args.optimism_folds}",
+                 f"optimism_repeats={args.optimism_repeats}"],
                 output_dir=RUNS / name / folder, config_name="eval"))
         val_cost = {k: v["calibration"]["chosen"]["avg_cost"] for k, v in evs.items()}
         policy = min(args.policies, key=lambda k: val_cost[k])

@@ -234,6 +234,11 @@ def test_optimism_equals_k_fold_calibrations_done_by_hand():
                            - (res.reference.accuracy - res.chosen.accuracy)))
     assert got["per_fold_points"] == pytest.approx(gaps)
     assert got["optimism_points"] == pytest.approx(sum(gaps) / 3)
+    # repeats: the folds of seeds 7 and 8, averaged
+    two = cal.optimism(tolerance=2.0, folds=3, seed=7, repeats=2)
+    again = cal.optimism(tolerance=2.0, folds=3, seed=8)
+    assert two["per_fold_points"] == pytest.approx(gaps + again["per_fold_points"])
+    assert two["optimism_points"] == pytest.approx(sum(two["per_fold_points"]) / 6)
 
 
 def test_optimism_correction_tightens_the_tolerance_and_never_loosens_it():
@@ -256,3 +261,5 @@ def test_optimism_correction_tightens_the_tolerance_and_never_loosens_it():
         cal.calibrate(budget=0.5, optimism_folds=3)
     with pytest.raises(EENetError, match="2 <= folds"):
         cal.optimism(1.0, folds=1)
+    with pytest.raises(EENetError, match="repeats >= 1"):
+        cal.optimism(1.0, folds=2, repeats=0)

@@ -133,11 +133,13 @@ def test_eval_cli(digits_run, tmp_path):
 
 def test_eval_with_optimism_correction_records_it(digits_run, tmp_path):
     out = tmp_path / "eval_cv"
-    evaluate(eval_config(digits_run, out, "tolerance=1.0", "optimism_folds=3"))
+    evaluate(eval_config(digits_run, out, "tolerance=1.0", "optimism_folds=3",
+                            "optimism_repeats=2"))
     saved = json.loads((out / "results.json").read_text())
     target = saved["calibration"]["target"]
     opt = target["optimism"]
-    assert target["value"] == 1.0 and opt["folds"] == 3 and len(opt["per_fold_points"]) == 3
+    assert target["value"] == 1.0 and opt["folds"] == 3 and opt["repeats"] == 2
+    assert len(opt["per_fold_points"]) == 6
     assert 0 <= opt["effective_tolerance"] <= 1.0
     assert target["min_accuracy"] == pytest.approx(
         target["final_exit_accuracy"] - opt["effective_tolerance"] / 100)

@@ -222,7 +222,7 @@ class Calibrator:
         sub.candidates = [sub._candidates(sub.scores[:, i], self.grid) for i in range(self.n)]
         return sub
 
-    def optimism(self, tolerance: float, folds: int = 5, seed: int = 0) -> dict:
+    def optimism(self, tolerance: float, folds: int = 5, seed: int = 0, repeats: int = 1) -> dict:
         """K-fold estimate of how much a ``tolerance`` calibration understates its drop.
 
         The samples are shuffled with ``torch.randperm(B, generator=manual_seed(seed))``
@@ -231,10 +231,23 @@ class Calibrator:
         d_in = (their final-exit accuracy - their chosen accuracy), and the held-out
         chunk shows d_out for the same thresholds. The optimism is mean_k (d_out - d_in),
         in accuracy points (positive: the calibration promises less drop than it gives).
+        ``repeats`` > 1 averages over shuffles with seeds ``seed .. seed + repeats - 1``
+        (repeated K-fold: one split's folds are a few hundred samples, so one shuffle's
+        estimate varies by tenths of a point).
         """
         b = self.scores.shape[0]
         if not 2 <= folds <= b:
             raise EENetError(f"optimism needs 2 <= folds <= {b} samples, got {folds}")
+        if repeats < 1:
+            raise EENetError(f"optimism needs repeats >= 1, got {repeats}")
+        gaps = []
+        for r in range(repeats):
+            gaps += self._fold_gaps(tolerance, folds, seed + r)
+        return {"folds": folds, "seed": seed, "repeats": repeats,
+                "optimism_points": sum(gaps) / len(gaps), "per_fold_points": gaps}
+
+    def _fold_gaps(self, tolerance: float, folds: int, seed: int) -> list[float]:
+        b = self.scores.shape[0]
         perm = torch.randperm(b, generator=torch.Generator().manual_seed(seed))
         chunks = perm.chunk(folds)
         gaps = []
@@ -247,8 +260,7 @@ class Calibrator:
             ref = self.correct[held, -1].double().mean()
             d_in = res.reference.accuracy - res.chosen.accuracy
             gaps.append(100 * (float(ref - got) - d_in))
-        return {"folds": folds, "seed": seed, "optimism_points": sum(gaps) / len(gaps),
-                "per_fold_points": gaps}
+        return gaps
 
     def correct_at(self, thresholds: torch.Tensor) -> torch.Tensor:
         """Per-sample correctness (B,) of one threshold vector (score units)."""
@@ -324,13 +336,14 @@ class Calibrator:
 
     def calibrate(self, budget: float | None = None, tolerance: float | None = None,
                   min_accuracy: float | None = None, optimism_folds: int = 0,
-                  optimism_seed: int = 0) -> CalibrationResult:
+                  optimism_seed: int = 0, optimism_repeats: int = 1) -> CalibrationResult:
         """Thresholds for a cost ``budget``, an accuracy ``tolerance`` (accuracy points below
         the final exit) or an absolute ``min_accuracy`` (a fraction, e.g. a reference model's
         validation accuracy minus a tolerance).
 
         ``optimism_folds=K`` (tolerance only): tighten the tolerance by the K-fold
-        estimate of the calibration's optimism (:meth:`optimism`), never loosen it.
+        estimate of the calibration's optimism (:meth:`optimism`, averaged over
+        ``optimism_repeats`` shuffles), never loosen it.
         """
         if sum(v is not None for v in (budget, tolerance, min_accuracy)) != 1:
             raise EENetError("give exactly one calibration target: budget=B (average cost "
@@ -341,7 +354,8 @@ class Calibrator:
                 raise EENetError("optimism_folds corrects a tolerance target; give tolerance=D")
             if not tolerance >= 0:
                 raise EENetError(f"tolerance must be >= 0 accuracy points, got {tolerance}")
-            correction = self.optimism(float(tolerance), int(optimism_folds), int(optimism_seed))
+            correction = self.optimism(float(tolerance), int(optimism_folds), int(optimism_seed),
+                                       int(optimism_repeats))
             correction["tolerance"] = float(tolerance)
             correction["effective_tolerance"] = max(
                 0.0, float(tolerance) - max(0.0, correction["optimism_points"]))
@@ -398,7 +412,7 @@ class Calibrator:
             if correction is not None:
                 message += (f" (tolerance {correction['tolerance']:g} tightened to "
                             f"{correction['effective_tolerance']:.3f} by a "
-                            f"{correction['folds']}-fold optimism of "
+                            f"{correction['folds']}-fold (x{correction['repeats']}) optimism of "
                             f"{correction['optimism_points']:+.3f} points)")
         elif kind == "budget":
             message = (f"budget {value} is unreachable: the cheapest point costs "
