@@ -126,11 +126,8 @@ def evaluate(cfg: DictConfig) -> dict:
     static_exits = policy.decide(test.outputs)
     agree = float((static_exits == exit_idx).double().mean())
     test_cal = Calibrator(test, cfg.policy, cost, grid=2)
-    to_score = cal.policy.to_score_units
-
     def on_test(points):
-        vecs = torch.stack([to_score(torch.tensor([float(t) for t in p.thresholds]))
-                            for p in points])
+        vecs = torch.stack([cal.score_vector(p.thresholds) for p in points])
         a, c, _ = test_cal.evaluate(vecs)
         return list(zip(c.tolist(), a.tolist()))
 
@@ -138,9 +135,9 @@ def evaluate(cfg: DictConfig) -> dict:
     val_stats = {"acc": val_point.accuracy, "avg_cost": val_point.avg_cost,
                  "exit_rates": val_point.exit_rates, "n": len(val),
                  "exit_acc": val.correct.double().mean(0).tolist()}
-    chosen_scores = to_score(torch.tensor([float(t) for t in val_point.thresholds]))
     # drop against the final exit on the same samples, with its paired standard error
-    drops = {"val": paired_drop(val.correct[:, -1], cal.correct_at(chosen_scores)),
+    drops = {"val": paired_drop(val.correct[:, -1],
+                                cal.correct_at(cal.score_vector(val_point.thresholds))),
              "test": paired_drop(test.correct[:, -1], pred == y)}
     test_stats["exit_acc"] = test.correct.double().mean(0).tolist()
     over, oracle = overthinking_counts(test.correct)

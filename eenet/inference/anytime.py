@@ -20,8 +20,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
-
 from eenet.cost import CostTable
 from eenet.inference.calibration import CachedExits, Calibrator
 
@@ -50,10 +48,8 @@ def anytime_view(val: CachedExits, test: CachedExits, policy: str,
     """Test accuracy at val-chosen thresholds for each budget, and the test AUC."""
     cal_val = Calibrator(val, policy, cost_fractions)
     cal_test = Calibrator(test, policy, cost_fractions, grid=2)
-    to_score = cal_val.policy.to_score_units
-
     def on_test(thresholds):
-        vec = to_score(torch.tensor([float(t) for t in thresholds])).view(1, -1)
+        vec = cal_val.score_vector(thresholds).view(1, -1)
         acc, cost, _ = cal_test.evaluate(vec)
         return float(acc[0]), float(cost[0])
 

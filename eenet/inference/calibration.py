@@ -254,13 +254,17 @@ class Calibrator:
         for k, held in enumerate(chunks):
             rest = torch.cat([c for j, c in enumerate(chunks) if j != k])
             res = self.subset(rest).calibrate(tolerance=tolerance)
-            vec = self.policy.to_score_units(
-                torch.tensor([float(t) for t in res.chosen.thresholds], dtype=torch.float64))
-            got = self.correct_at(vec)[held].double().mean()
+            got = self.correct_at(self.score_vector(res.chosen.thresholds))[held].double().mean()
             ref = self.correct[held, -1].double().mean()
             d_in = res.reference.accuracy - res.chosen.accuracy
             gaps.append(100 * (float(ref - got) - d_in))
         return gaps
+
+    def score_vector(self, thresholds: Sequence[float | str]) -> torch.Tensor:
+        """Thresholds in the user's units (floats, or ``"inf"`` as JSON writes it) as an (N,)
+        vector in score units, for :meth:`evaluate` and :meth:`correct_at`."""
+        return self.policy.to_score_units(
+            torch.tensor([float(t) for t in thresholds], dtype=torch.float64))
 
     def correct_at(self, thresholds: torch.Tensor) -> torch.Tensor:
         """Per-sample correctness (B,) of one threshold vector (score units)."""
@@ -352,8 +356,6 @@ class Calibrator:
         if optimism_folds:
             if tolerance is None:
                 raise EENetError("optimism_folds corrects a tolerance target; give tolerance=D")
-            if not tolerance >= 0:
-                raise EENetError(f"tolerance must be >= 0 accuracy points, got {tolerance}")
             correction = self.optimism(float(tolerance), int(optimism_folds), int(optimism_seed),
                                        int(optimism_repeats))
             correction["tolerance"] = float(tolerance)
