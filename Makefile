@@ -44,10 +44,10 @@ experiments-core: $(STAMP) ## Core acceptance: MNIST lambda sweep and training-t
 SMOKE ?=
 TABLE_ARGS ?=
 table-%: $(STAMP) ## paper tables: table-eenets, table-baselines, table-pteenet, table-trecx (SMOKE=1: tiny data)
-	SMOKE=$(SMOKE) $(PY) -m eenet.tables $* --data $(DATA_ROOT) $(TABLE_ARGS)
+	SMOKE=$(SMOKE) $(PY) experiments/tables.py $* --data $(DATA_ROOT) $(TABLE_ARGS)
 
 tables: $(STAMP) ## every paper table (SMOKE=1 runs each pipeline on tiny data in a few minutes)
-	SMOKE=$(SMOKE) $(PY) -m eenet.tables all --data $(DATA_ROOT) $(TABLE_ARGS)
+	SMOKE=$(SMOKE) $(PY) experiments/tables.py all --data $(DATA_ROOT) $(TABLE_ARGS)
 
 clean: ## remove outputs, multirun folders and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .hypothesis

@@ -19,8 +19,9 @@ import time
 
 import torch
 
-from eenet.inference import CachedExits, Calibrator
-from eenet.reporting import markdown_table, save_report
+from eenet.calibration import CachedExits, Calibrator
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
 
 
 def synthetic(n_exits: int, samples: int, classes: int = 10, seed: int = 0) -> CachedExits:

@@ -34,10 +34,11 @@ from pathlib import Path
 import torch
 
 from eenet.data.batching import make_loader
-from eenet.eval import load_run
+from eenet.runs import load_run
 from eenet.inference import DynamicEngine, exit_latency_table, fold_batchnorm
 from eenet.policies import create_policy
-from eenet.reporting import markdown_table, save_report
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs"

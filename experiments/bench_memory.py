@@ -1,7 +1,7 @@
 """Memory: peak RSS of training over epochs (no growth after the first), and of the dynamic engine.
 
 Each measurement runs in a fresh process. Training: resnet20 with 2 exits on
-the bundled digits for ``--epochs`` epochs through ``eenet.train.train``; a
+the bundled digits for ``--epochs`` epochs through ``eenet.jobs.train.train``; a
 callback reads the process's resident set (VmRSS) and its peak (VmHWM) from
 /proc/self/status at the end of every epoch. EENets' reference code appended
 to a Python list on every batch; here nothing should grow: the target is a
@@ -22,7 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from eenet.reporting import markdown_table, save_report
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
 
 
 def rss_kib() -> tuple[int, int]:
@@ -38,7 +39,8 @@ def rss_kib() -> tuple[int, int]:
 def child_train(epochs: int) -> dict:
     import lightning as L
 
-    from eenet.train import compose_config, train
+    from eenet.config import compose_config
+from eenet.jobs.train import train
 
     per_epoch = []
 
@@ -60,7 +62,8 @@ def child_engine() -> dict:
     from eenet.data.batching import make_loader
     from eenet.inference import DynamicEngine
     from eenet.policies import create_policy
-    from eenet.train import compose_config, train
+    from eenet.config import compose_config
+from eenet.jobs.train import train
 
     with tempfile.TemporaryDirectory() as out:
         _, objs = train(compose_config(["trainer.max_epochs=2", "trainer.enable_progress_bar=false",

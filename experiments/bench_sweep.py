@@ -22,12 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from eenet.reporting import markdown_table, save_report
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
 
 
 def sweep(launcher: list[str], threads: int, epochs: int) -> float:
     out = Path(tempfile.mkdtemp(prefix="eenet-sweep-"))
-    cmd = [sys.executable, "-m", "eenet.train", "-m", "seed=0,1,2", f"trainer.max_epochs={epochs}",
+    cmd = [sys.executable, "-m", "eenet.cli.train", "-m", "seed=0,1,2", f"trainer.max_epochs={epochs}",
            "trainer.enable_progress_bar=false", "logger=none", "checkpoint.enabled=false",
            f"threads={threads}", *launcher, f"hydra.sweep.dir={out}"]
     t0 = time.perf_counter()

@@ -28,7 +28,8 @@ from eenet.cost import exit_cost_table
 from eenet.data import ClassificationDataModule
 from eenet.losses import EENetLoss
 from eenet.models import ExitBlock, create_backbone
-from eenet.reporting import markdown_table, save_report
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
 from eenet.training import EarlyExitModule
 
 HERE = Path(__file__).resolve().parent

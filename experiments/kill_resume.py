@@ -25,14 +25,15 @@ from pathlib import Path
 
 import torch
 
-from eenet.reporting import markdown_table, save_report
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
 
 HERE = Path(__file__).resolve().parent
 RUNS = HERE / "runs" / "kill_resume"
 
 
 def command(out: Path, args, extra=()) -> list[str]:
-    return [sys.executable, "-m", "eenet.train", f"trainer.max_epochs={args.epochs}",
+    return [sys.executable, "-m", "eenet.cli.train", f"trainer.max_epochs={args.epochs}",
             "trainer.enable_progress_bar=false", "logger=csv", "trainer.log_every_n_steps=1",
             "dataset.datamodule.batch_size=16", "dataset.datamodule.augment=[crop]", "threads=1",
             f"seed={args.seed}", f"hydra.run.dir={out}", *extra]

@@ -25,13 +25,16 @@ import numpy as np
 import torch
 
 from eenet.data.batching import make_loader
-from eenet.eval import evaluate, load_run
+from eenet.jobs.evaluate import evaluate
+from eenet.runs import load_run
 from eenet.export import export_segments
 from eenet.inference import DynamicEngine
-from eenet.onnx_runner import OnnxEarlyExitRunner
+from eenet.export.onnx_runner import OnnxEarlyExitRunner
 from eenet.policies import create_policy
-from eenet.reporting import markdown_table, save_report
-from eenet.train import compose_config, train
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
+from eenet.config import compose_config
+from eenet.jobs.train import train
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"

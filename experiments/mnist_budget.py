@@ -27,11 +27,14 @@ import json
 import shutil
 from pathlib import Path
 
-from eenet.eval import evaluate, load_run
-from eenet.inference import Calibrator, cache_exit_outputs
+from eenet.jobs.evaluate import evaluate
+from eenet.runs import load_run
+from eenet.calibration import Calibrator, cache_exit_outputs
 from eenet.data.batching import make_loader
-from eenet.reporting import markdown_table, save_report
-from eenet.train import compose_config, train
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
+from eenet.config import compose_config
+from eenet.jobs.train import train
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"

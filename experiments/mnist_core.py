@@ -27,8 +27,10 @@ import json
 import time
 from pathlib import Path
 
-from eenet.reporting import markdown_table, save_report
-from eenet.train import compose_config, train
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
+from eenet.config import compose_config
+from eenet.jobs.train import train
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"

@@ -23,12 +23,13 @@ import numpy as np
 import torch
 
 from eenet.data.batching import make_loader
-from eenet.eval import load_run
+from eenet.runs import load_run
 from eenet.export import export_segments
 from eenet.inference import DynamicEngine
-from eenet.onnx_runner import OnnxEarlyExitRunner
+from eenet.export.onnx_runner import OnnxEarlyExitRunner
 from eenet.policies import create_policy
-from eenet.reporting import markdown_table, save_report
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
 
 
 def compare(run: str, results: str, out: Path, batch_size: int, threads: int) -> dict:

@@ -31,11 +31,14 @@ import time
 from pathlib import Path
 
 from eenet.data.batching import make_loader
-from eenet.eval import load_run
-from eenet.inference import Calibrator, DynamicEngine, cache_exit_outputs
+from eenet.runs import load_run
+from eenet.calibration import Calibrator, cache_exit_outputs
+from eenet.inference import DynamicEngine
 from eenet.policies import create_policy
-from eenet.reporting import markdown_table, save_report
-from eenet.train import compose_config, train
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
+from eenet.config import compose_config
+from eenet.jobs.train import train
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parent.parent / "shared" / "data"

@@ -27,7 +27,7 @@ def shared_data() -> Path:
 
 def compose_train_config(overrides: list[str], output_dir: Path):
     """The real ``conf/train.yaml`` with ``overrides``, writing into ``output_dir``."""
-    from eenet.train import compose_config
+    from eenet.config import compose_config
 
     return compose_config([f"data_root={SHARED_DATA}", *overrides], output_dir)
 

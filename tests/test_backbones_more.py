@@ -86,7 +86,7 @@ def test_stem_stages_head_equal_the_torchvision_model_exactly(arch):
 def test_hydra_config_builds_the_backbone(name, tmp_path):
     from hydra.utils import instantiate
 
-    from eenet.train import compose_config
+    from eenet.config import compose_config
 
     _, kw = NEW[name]
     overrides = ["dataset=cifar10", f"backbone={name}"]

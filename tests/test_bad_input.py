@@ -1,7 +1,7 @@
 """Bad configurations and inputs, as a table: one clear line, exit code 2, earlier outputs untouched.
 
-Every row goes through the real entry points (``run_cli(train, cfg)`` /
-``run_cli(evaluate, cfg)``, what ``eenet-train`` and ``eenet-eval`` call after
+Every row goes through the real entry points (``run_job(train, cfg)`` /
+``run_job(evaluate, cfg)``, what ``eenet-train`` and ``eenet-eval`` call after
 Hydra composed the config), a few through the command line itself.
 """
 
@@ -17,8 +17,10 @@ import pytest
 import torch
 
 from eenet.errors import EENetError
-from eenet.eval import evaluate
-from eenet.train import compose_config, run_cli, train
+from eenet.jobs.evaluate import evaluate
+from eenet.cli.common import run_job
+from eenet.config import compose_config
+from eenet.jobs.train import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
@@ -67,7 +69,7 @@ def _earlier_run(folder: Path) -> dict[str, bytes]:
 
 def _expect_one_line_exit(fn, cfg, capsys, message):
     with pytest.raises(SystemExit) as code:
-        run_cli(fn, cfg)
+        run_job(fn, cfg)
     assert code.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -196,9 +198,9 @@ def test_eval_of_weights_that_do_not_match_the_config(digits_run, tmp_path, caps
 # ---- the command line itself -------------------------------------------------------------------
 
 CLI_ROWS = [
-    ("unknown config group option", ["eenet.train", "backbone=resnet21"], "error: unknown backbone 'resnet21'"),
-    ("unknown loss group option", ["eenet.train", "loss=focal"], "error: unknown loss 'focal'"),
-    ("eval of a missing run", ["eenet.eval", "run=/nonexistent/run", "tolerance=1",
+    ("unknown config group option", ["eenet.cli.train", "backbone=resnet21"], "error: unknown backbone 'resnet21'"),
+    ("unknown loss group option", ["eenet.cli.train", "loss=focal"], "error: unknown loss 'focal'"),
+    ("eval of a missing run", ["eenet.cli.eval", "run=/nonexistent/run", "tolerance=1",
                                "hydra.run.dir=EVAL"], "is not a finished eenet-train run"),
 ]
 
@@ -220,7 +222,7 @@ def test_cli_rows(tmp_path, name, args, message):
 def test_model_and_engine_inputs_of_the_wrong_shape():
     from eenet.inference import DynamicEngine
     from eenet.policies import create_policy
-    from eenet.train import build_network
+    from eenet.runs import build_network
 
     net = build_network(compose_config(QUICK, output_dir="unused"), (1, 8, 8)).eval()
     with pytest.raises(EENetError, match=r"expected \(batch, 1, 8, 8\)"):

@@ -10,7 +10,7 @@ import torch
 
 from eenet.cost import CostTable, ExitCost
 from eenet.errors import EENetError
-from eenet.inference import CachedExits, Calibrator, paired_drop, pareto_indices
+from eenet.calibration import CachedExits, Calibrator, paired_drop, pareto_indices
 from eenet.policies import create_policy
 
 

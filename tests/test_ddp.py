@@ -26,7 +26,7 @@ RECIPE = ["trainer.max_epochs=1", "+trainer.max_steps=4", "trainer.enable_progre
 
 def _run(args, out: Path, cwd: Path):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "eenet.train", *RECIPE, *args,
+    proc = subprocess.run([sys.executable, "-m", "eenet.cli.train", *RECIPE, *args,
                            f"hydra.run.dir={out}"], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -14,8 +14,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from eenet.build import build_early_exit_network
 from eenet.cost import exit_cost_table
 from eenet.errors import EENetError
-from eenet.inference import (Calibrator, DynamicEngine, cache_exit_outputs,
-                             exit_latency_table, fold_batchnorm)
+from eenet.calibration import Calibrator, cache_exit_outputs
+from eenet.inference import DynamicEngine, exit_latency_table, fold_batchnorm
 from eenet.inference.latency import run_to_exit
 from eenet.models import ExitBlock, create_backbone
 from eenet.policies import POLICIES, create_policy

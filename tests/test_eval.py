@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from eenet.errors import EENetError
-from eenet.eval import evaluate, load_run
-from eenet.train import compose_config, train
+from eenet.jobs.evaluate import evaluate
+from eenet.runs import load_run
+from eenet.config import compose_config
+from eenet.jobs.train import train
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,7 @@ def test_truncated_or_mismatching_weights_are_named(digits_run, tmp_path):
 def test_eval_cli(digits_run, tmp_path):
     out = tmp_path / "cli"
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "eenet.eval", f"run={digits_run}", "tolerance=2",
+    proc = subprocess.run([sys.executable, "-m", "eenet.cli.eval", f"run={digits_run}", "tolerance=2",
                            f"hydra.run.dir={out}"], capture_output=True, text=True, env=env,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

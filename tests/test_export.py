@@ -18,13 +18,15 @@ from eenet.build import build_early_exit_network
 from eenet.cost import exit_cost_table
 from eenet.data.batching import make_loader
 from eenet.errors import EENetError
-from eenet.eval import load_run
-from eenet.export import export_run, export_segments
+from eenet.runs import load_run
+from eenet.export import export_segments
+from eenet.jobs.export import export_run
 from eenet.inference import DynamicEngine
 from eenet.models import ExitBlock, create_backbone
-from eenet.onnx_runner import OnnxEarlyExitRunner
+from eenet.export.onnx_runner import OnnxEarlyExitRunner
 from eenet.policies import POLICIES, create_policy
-from eenet.train import compose_config, train
+from eenet.config import compose_config
+from eenet.jobs.train import train
 
 INPUT = (1, 16, 16)
 
@@ -282,7 +284,7 @@ def digits_run(tmp_path_factory):
 
 def cli(*args, cwd):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "eenet.export", "threads=1", *args],
+    return subprocess.run([sys.executable, "-m", "eenet.cli.export", "threads=1", *args],
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
@@ -347,7 +349,7 @@ def test_export_of_a_network_with_dropout_in_its_head_and_keras_same_padding(tmp
     from eenet.inference import DynamicEngine
     from eenet.models import create_backbone
     from eenet.models.trecx import TRecXExit
-    from eenet.onnx_runner import OnnxEarlyExitRunner
+    from eenet.export.onnx_runner import OnnxEarlyExitRunner
     from eenet.policies import create_policy
 
     torch.manual_seed(0)

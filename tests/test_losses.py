@@ -222,7 +222,7 @@ def test_sum_loss_validation_schedules_and_bad_settings():
 def test_eenet_v2_ce_config_builds_the_sum_with_the_lambda_from_the_command_line():
     from hydra.utils import instantiate
 
-    from eenet.train import compose_config
+    from eenet.config import compose_config
     cfg = compose_config(["loss=eenet_v2_ce", "loss.terms.eenet.lambda_coef=0.25"])
     loss = instantiate(cfg.loss)
     assert isinstance(loss, SumLoss) and set(loss.terms) == {"eenet", "ce"}
@@ -266,7 +266,7 @@ def test_distillation_rejects_bad_settings():
 def test_eenet_v2_kd_config_adds_distillation_to_eenet_v2_ce():
     from hydra.utils import instantiate
 
-    from eenet.train import compose_config
+    from eenet.config import compose_config
     cfg = compose_config(["loss=eenet_v2_kd", "loss.terms.eenet.lambda_coef=0.5",
                           "loss.terms.kd.temperature=3"])
     loss = instantiate(cfg.loss)

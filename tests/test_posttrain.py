@@ -10,14 +10,15 @@ import torch
 
 from eenet.errors import EENetError
 from eenet.models.weights import load_backbone_weights, state_hash
-from eenet.train import build_network, train
+from eenet.jobs.train import train
+from eenet.runs import build_network
 
 QUICK = ["trainer.enable_progress_bar=false", "logger=none", "checkpoint.enabled=false"]
 
 
 @pytest.fixture(scope="module")
 def plain_run(tmp_path_factory):
-    from eenet.train import compose_config
+    from eenet.config import compose_config
 
     out = tmp_path_factory.mktemp("plain")
     train(compose_config(QUICK + ["trainer.max_epochs=3", "placement.method=explicit",

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from eenet.errors import EENetError
-from eenet.train import train
-from eenet.training.checkpoint import SafeCheckpointIO, safe_torch_load
+from eenet.jobs.train import train
+from eenet.io import safe_torch_load
+from eenet.training.checkpoint import SafeCheckpointIO
 from eenet.training.module import EarlyExitModule
 
 BASE = ["trainer.max_epochs=3", "trainer.enable_progress_bar=false", "logger=none",

@@ -14,7 +14,7 @@ FAST = ["debug=fdr", "logger=none", "trainer.enable_progress_bar=false", "thread
 
 def _sweep(args, sweep_dir, timeout=600):
     env = {**os.environ, "WANDB_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "eenet.train", "-m", *FAST, *args,
+    proc = subprocess.run([sys.executable, "-m", "eenet.cli.train", "-m", *FAST, *args,
                            f"hydra.sweep.dir={sweep_dir}"], capture_output=True, text=True,
                           env=env, timeout=timeout, cwd=sweep_dir.parent)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -190,7 +190,7 @@ def test_mobilenet_early_exit_network_with_cost_placement():
 def test_backbone_configs_compose(name, tmp_path):
     from hydra.utils import instantiate
 
-    from eenet.train import compose_config
+    from eenet.config import compose_config
 
     dataset = "kws12_subset" if name == "dscnn_kws" else "vww"
     cfg = compose_config([f"backbone={name}", f"dataset={dataset}"], tmp_path)

@@ -13,7 +13,8 @@ import torch
 import yaml
 
 from eenet.errors import EENetError
-from eenet.train import build_network, train
+from eenet.jobs.train import train
+from eenet.runs import build_network
 
 QUICK = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=csv"]
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def _cli(args, cwd, env_extra=None, timeout=300):
     env = {**os.environ, "WANDB_MODE": "disabled", "EENET_DATA_ROOT": str(REPO.parent / "shared" / "data")}
     env.pop("HYDRA_FULL_ERROR", None)
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-m", "eenet.train", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "eenet.cli.train", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -158,7 +159,7 @@ def test_every_experiment_config_runs(train_config, experiment, tmp_path):
         # post-training starts from a trained backbone: give it one (random weights suffice here)
         from omegaconf import open_dict
 
-        from eenet.train import build_network
+        from eenet.runs import build_network
 
         ckpt = tmp_path / "backbone.pt"
         net = build_network(cfg, tuple([cfg.dataset.in_chans, *cfg.dataset.image_size]), stages=[])

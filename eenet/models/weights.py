@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from eenet.errors import EENetError
+from eenet.io import safe_torch_load
 from eenet.models.early_exit import load_state_dict_checked
 
 
@@ -37,11 +38,7 @@ def load_backbone_weights(backbone: nn.Module, source: str | Path) -> Path:
         path = path / "model.pt"
     if not path.is_file():
         raise EENetError(f"backbone checkpoint not found: {path}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EENetError(f"cannot load {path} safely (weights_only=True): {first}") from exc
+    state = safe_torch_load(path, what="backbone checkpoint")
     if isinstance(state, dict) and "state_dict" in state:  # a Lightning checkpoint
         state = {k.removeprefix("net."): v for k, v in state["state_dict"].items()}
     if not isinstance(state, dict):

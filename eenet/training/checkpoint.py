@@ -17,19 +17,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from eenet.errors import EENetError
-from eenet.results import atomic_write
-
-
-def safe_torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
-    """``torch.load(path, weights_only=True)`` with a one-line error for bad files."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except FileNotFoundError:
-        raise EENetError(f"checkpoint not found: {path}") from None
-    except Exception as exc:  # truncated file, foreign pickle, wrong format
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise EENetError(f"cannot load {path} safely (weights_only=True): {first}") from exc
+from eenet.io import atomic_write, safe_torch_load
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -1,10 +1,10 @@
 """The papers' tables as commands: Hydra sweeps, calibrated evaluation, one markdown + JSON each.
 
-    python -m eenet.tables eenets            # make table-eenets
-    python -m eenet.tables baselines         # make table-baselines
-    python -m eenet.tables pteenet           # make table-pteenet
-    python -m eenet.tables trecx             # make table-trecx
-    python -m eenet.tables all --smoke       # SMOKE=1 make tables: every pipeline on tiny data
+    python experiments/tables.py eenets            # make table-eenets
+    python experiments/tables.py baselines         # make table-baselines
+    python experiments/tables.py pteenet           # make table-pteenet
+    python experiments/tables.py trecx             # make table-trecx
+    python experiments/tables.py all --smoke       # SMOKE=1 make tables: every pipeline on tiny data
 
 Every table runs real Hydra multirun sweeps (``eenet-train -m ...``, one folder
 per job), evaluates each early-exit job with ``eenet-eval``'s code
@@ -31,12 +31,13 @@ import time
 from pathlib import Path
 
 from eenet.errors import EENetError
-from eenet.eval import evaluate
-from eenet.reporting import machine_info, markdown_table
-from eenet.results import atomic_write_text
-from eenet.train import CONFIG_DIR, compose_config
+from eenet.jobs.evaluate import evaluate
+from eenet.reporting.experiment import machine_info
+from eenet.reporting.markdown import markdown_table
+from eenet.io import atomic_write_text
+from eenet.config import compose_config
 
-REPO = Path(CONFIG_DIR).parent
+REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
 SMOKE = ["dataset.datamodule.train_subset=600", "dataset.datamodule.val_size=150",
          "dataset.datamodule.test_subset=200", "trainer.max_epochs=1", "anytime=false"]
@@ -77,7 +78,7 @@ class Table:
         args = [f"data_root={self.data}", "trainer.enable_progress_bar=false", "logger=csv",
                 *overrides, f"seed={','.join(str(s) for s in self.seeds)}",
                 *(SMOKE if self.smoke else []), f"hydra.sweep.dir={folder}"]
-        cmd = [sys.executable, "-m", "eenet.train", "-m", *args]
+        cmd = [sys.executable, "-m", "eenet.cli.train", "-m", *args]
         self.commands[key] = "eenet-train -m " + shlex.join(args)
         done = folder / ".done"
         if done.is_file() and done.read_text() == shlex.join(args):
@@ -336,7 +337,7 @@ TABLES = ("eenets", "baselines", "pteenet", "trecx")
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m eenet.tables", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python experiments/tables.py", description=__doc__.splitlines()[0])
     p.add_argument("table", help=f"one of {', '.join(TABLES)}, or all")
     p.add_argument("--smoke", action="store_true", default=os.environ.get("SMOKE") == "1")
     p.add_argument("--data", default=str(DATA))

@@ -52,56 +52,11 @@ from typing import Iterable, Sequence
 import torch
 
 from eenet.cost import CostTable
+from eenet.calibration.cache import CachedExits
+from eenet.calibration.stats import pareto_indices
 from eenet.errors import EENetError
-from eenet.models.early_exit import EarlyExitNetwork, ExitOutputs
+from eenet.io import json_float
 from eenet.policies import ExitPolicy, create_policy, first_exit
-
-
-@dataclass
-class CachedExits:
-    """Every exit's logits and confidence logits on one split, and the targets."""
-
-    logits: list[torch.Tensor]
-    conf_logits: list[torch.Tensor]
-    targets: torch.Tensor
-
-    @property
-    def outputs(self) -> ExitOutputs:
-        return ExitOutputs(self.logits, self.conf_logits)
-
-    @property
-    def correct(self) -> torch.Tensor:
-        """(B, N+1) bool: exit i predicts sample b correctly."""
-        return torch.stack([lg.argmax(1) for lg in self.logits], 1) == self.targets.unsqueeze(1)
-
-    def __len__(self) -> int:
-        return self.targets.numel()
-
-
-def cache_exit_outputs(net: EarlyExitNetwork, batches: Iterable, device: str | torch.device = "cpu"
-                       ) -> CachedExits:
-    """One static pass (eval mode) over ``(x, y)`` batches, keeping every exit's outputs."""
-    was_training = net.training
-    net.eval()
-    logits: list[list[torch.Tensor]] = []
-    conf: list[list[torch.Tensor]] = []
-    ys = []
-    try:
-        with torch.inference_mode():
-            for x, y in batches:
-                out = net(x.to(device))
-                if not logits:
-                    logits = [[] for _ in out.logits]
-                    conf = [[] for _ in out.conf_logits]
-                for i, (lg, z) in enumerate(zip(out.logits, out.conf_logits)):
-                    logits[i].append(lg.float().cpu())
-                    conf[i].append(z.float().cpu())
-                ys.append(y.cpu())
-    finally:
-        net.train(was_training)
-    if not ys:
-        raise EENetError("no batches to calibrate on (is the validation split empty?)")
-    return CachedExits([torch.cat(v) for v in logits], [torch.cat(v) for v in conf], torch.cat(ys))
 
 
 @dataclass
@@ -117,11 +72,6 @@ class OperatingPoint:
         d = asdict(self)
         d["thresholds"] = [json_float(t) for t in self.thresholds]
         return d
-
-
-def json_float(v: float) -> float | str:
-    """JSON has no infinity: write ``"inf"`` / ``"-inf"`` (``float()`` reads them back)."""
-    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")
 
 
 @dataclass
@@ -430,41 +380,3 @@ class Calibrator:
             reachable=reachable, message=message,
             curve=[self.point(shared[k]) for k in pareto_indices(acc, cost, keep_all=True)],
             pareto=[self.point(everything[k]) for k in front])
-
-
-def paired_drop(reference_correct: torch.Tensor, policy_correct: torch.Tensor) -> dict:
-    """Accuracy drop of a policy against a reference on the same samples, with its standard error.
-
-    Both are per-sample correctness (B,). The per-sample difference d_b =
-    ref_b - pol_b is -1, 0 or 1; the drop is mean(d) and its standard error
-    std(d) / sqrt(B) (the paired difference of two proportions, as in McNemar's
-    test): only the samples on which the two disagree make it uncertain. In
-    accuracy points, like a tolerance.
-    """
-    d = reference_correct.double() - policy_correct.double()
-    n = d.numel()
-    if n < 2:
-        raise EENetError(f"a paired drop needs at least 2 samples, got {n}")
-    return {"drop_points": 100 * float(d.mean()),
-            "se_points": 100 * float(d.std(unbiased=True)) / math.sqrt(n),
-            "discordant": float((d != 0).double().mean())}
-
-
-def pareto_indices(acc: torch.Tensor, cost: torch.Tensor, keep_all: bool = False) -> list[int]:
-    """Indices of the non-dominated points (lower cost, higher accuracy), by increasing cost.
-
-    With ``keep_all`` every distinct (cost, accuracy) point is kept, sorted by cost
-    (the raw curve for plots).
-    """
-    pts = sorted(range(len(acc)), key=lambda k: (float(cost[k]), -float(acc[k])))
-    out, best_acc, seen = [], -1.0, set()
-    for k in pts:
-        key = (round(float(cost[k]), 12), round(float(acc[k]), 12))
-        if keep_all:
-            if key not in seen:
-                seen.add(key)
-                out.append(k)
-        elif float(acc[k]) > best_acc + 1e-12:
-            best_acc = float(acc[k])
-            out.append(k)
-    return out

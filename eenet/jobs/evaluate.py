@@ -1,4 +1,6 @@
-"""``eenet-eval``: calibrate exit thresholds on val, evaluate with real early exit on test.
+"""The evaluation job: calibrate exit thresholds on val, evaluate with real early exit on test.
+
+``evaluate(cfg)`` is what the command ``eenet-eval`` (:mod:`eenet.cli.eval`) runs:
 
     eenet-eval run=RUN_DIR budget=0.5          # best accuracy at average cost fraction <= 0.5
     eenet-eval run=RUN_DIR tolerance=0.3       # cheapest point within 0.3 accuracy points
@@ -8,7 +10,7 @@
 It loads a run written by ``eenet-train`` (``config.yaml`` and ``model.pt``,
 read with ``torch.load(..., weights_only=True)``), caches every exit's outputs
 on the validation split, chooses per-exit thresholds there
-(:mod:`eenet.inference.calibration`), then runs the test split through the
+(:mod:`eenet.calibration.search`), then runs the test split through the
 dynamic engine (:mod:`eenet.inference.engine`), which really stops computing
 for samples that leave. Nothing is tuned on test: the test curve in the plot
 evaluates the validation-chosen threshold vectors, for reporting only.
@@ -22,62 +24,24 @@ from the dynamic engine, plus ``calibration``), ``results.md``, ``curve.png``,
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from eenet.cost import CostTable, exit_cost_table
+from eenet.calibration import Calibrator, cache_exit_outputs, paired_drop
 from eenet.data.batching import make_loader
 from eenet.errors import EENetError
-from eenet.inference import (Calibrator, DynamicEngine, cache_exit_outputs, exit_latency_table,
-                             paired_drop)
-from eenet.models.early_exit import EarlyExitNetwork, load_state_dict_checked
-from eenet.plots import plot_curve, plot_exit_distribution
+from eenet.inference import DynamicEngine, exit_latency_table
+from eenet.io import atomic_write_text
 from eenet.policies import create_policy
-from eenet.reporting import markdown_table
+from eenet.reporting.markdown import markdown_table, results_markdown
+from eenet.reporting.plots import plot_curve, plot_exit_distribution
+from eenet.reporting.results import make_results, write_results
+from eenet.reporting.wandb import log_evaluation_results
+from eenet.runs import load_run
 from eenet.training.metrics import overthinking_counts
-from eenet.results import atomic_write_text, make_results, results_markdown, write_results
-from eenet.train import CONFIG_DIR, _instantiate, build_network, check_group_overrides, run_cli
-
-
-def load_run(run_dir: str | Path, data_root: str | None = None
-             ) -> tuple[DictConfig, Any, EarlyExitNetwork, CostTable]:
-    """Rebuild a trained run: its config, data module (set up), network (eval mode) and costs.
-
-    Args:
-        run_dir: a folder written by ``eenet-train``.
-        data_root: where the data is now, if it moved since training.
-    """
-    run_dir = Path(run_dir)
-    cfg_path, weights = run_dir / "config.yaml", run_dir / "model.pt"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise EENetError(f"{run_dir} is not a finished eenet-train run: {p.name} is missing")
-    cfg = OmegaConf.load(cfg_path)
-    if data_root:
-        old = str(cfg.get("data_root") or "")
-        root = cfg.dataset.datamodule.get("root")
-        if root and old and str(root).startswith(old):
-            cfg.dataset.datamodule.root = str(Path(data_root).resolve()) + str(root)[len(old):]
-        cfg.data_root = str(Path(data_root).resolve())
-    datamodule = _instantiate(cfg.dataset.datamodule, "dataset")
-    datamodule.setup("fit")
-    datamodule.setup("test")
-    input_size = tuple(datamodule.input_size)
-    net = build_network(cfg, input_size)
-    try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception as exc:  # a truncated file or a pickle that is not plain tensors
-        raise EENetError(f"cannot load {weights} safely (weights_only=True): "
-                         f"{str(exc).splitlines()[0]}") from exc
-    load_state_dict_checked(net, state, what=str(weights))
-    net.eval()
-    return cfg, datamodule, net, exit_cost_table(net, input_size)
 
 
 def _split_stats(exits: torch.Tensor, correct: torch.Tensor, costs: torch.Tensor,
@@ -180,30 +144,10 @@ def evaluate(cfg: DictConfig) -> dict:
         results["latency"] = rows
         write_results(out_dir, results)
     if cfg.get("wandb"):
-        _log_wandb(cfg, results, out_dir)
+        log_evaluation_results({**OmegaConf.to_container(cfg.wandb),
+                                "config": {"eval": OmegaConf.to_container(cfg),
+                                           "train": results["config"]}}, results, out_dir)
     return results
-
-
-def _log_wandb(cfg: DictConfig, results: dict, out_dir: Path) -> None:
-    """Plots, the per-exit table and the summary to a W&B run (offline without a key)."""
-    import wandb
-
-    from eenet.loggers import wandb_mode
-
-    run = wandb.init(project=cfg.wandb.get("project", "eenet"), dir=str(out_dir),
-                     mode=wandb_mode(cfg.wandb.get("offline")), job_type="eval",
-                     group=cfg.wandb.get("group"), config={"eval": OmegaConf.to_container(cfg),
-                                                          "train": results["config"]})
-    cols = ["exit", "stage", "macs", "cost_fraction", "val_accuracy", "test_accuracy",
-            "test_exit_rate"]
-    rows = [[e["name"], e["stage"], e["macs"], e["cost_fraction"], e["val_accuracy"],
-             e["test_accuracy"], r] for e, r in zip(results["exits"], results["test"]["exit_rates"])]
-    run.log({"eval/exits": wandb.Table(columns=cols, data=rows),
-             "eval/curve": wandb.Image(str(out_dir / "curve.png")),
-             "eval/exit_distribution": wandb.Image(str(out_dir / "exits.png")),
-             "eval/test_accuracy": results["test"]["accuracy"],
-             "eval/test_avg_cost": results["test"]["avg_cost_fraction"]})
-    run.finish()
 
 
 def report(results: dict) -> str:
@@ -232,20 +176,3 @@ def report(results: dict) -> str:
                   markdown_table(["exit", "batch", "ms / batch", "us / sample",
                                   "fraction of final"], rows)]
     return "\n".join(lines)
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="eval")
-def _main(cfg: DictConfig) -> None:
-    results = run_cli(evaluate, cfg)
-    print(report(results))
-    print(f"\nWritten to {cfg.output_dir}: results.json, results.md, curve.png, exits.png")
-
-
-def main() -> None:
-    """Console entry point ``eenet-eval``."""
-    check_group_overrides(sys.argv[1:])
-    _main()
-
-
-if __name__ == "__main__":
-    main()

@@ -21,7 +21,8 @@ from __future__ import annotations
 from typing import Sequence
 
 from eenet.cost import CostTable
-from eenet.inference.calibration import CachedExits, Calibrator
+from eenet.calibration.cache import CachedExits
+from eenet.calibration.search import Calibrator
 
 BUDGETS = (0.25, 0.5, 0.75, 1.0)
 

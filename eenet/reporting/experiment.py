@@ -1,4 +1,4 @@
-"""Helpers for experiment scripts: machine facts, markdown tables, JSON next to the script.
+"""Helpers for experiment scripts: machine facts and the JSON report saved next to the script.
 
 Every benchmark or accuracy/cost script under ``experiments/`` prints a table
 and saves a JSON file beside itself with the command line, the machine and the
@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from eenet.results import atomic_write_text
+from eenet.io import atomic_write_text
 
 
 def machine_info() -> dict[str, Any]:
@@ -41,18 +41,6 @@ def machine_info() -> dict[str, Any]:
         "lightning": lightning.__version__,
         "platform": platform.platform(),
     }
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A markdown table; floats are printed with 4 significant decimals."""
-    def fmt(v):
-        if isinstance(v, float):
-            return f"{v:.4f}"
-        return str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def save_report(script: str, payload: dict, suffix: str = "") -> Path:

@@ -1,11 +1,13 @@
-"""``eenet-export``: an early-exit network as ONNX segments plus a JSON manifest.
+"""An early-exit network as ONNX segments plus a JSON manifest (:func:`export_segments`).
+
+The command ``eenet-export`` (:mod:`eenet.cli.export`, job :mod:`eenet.jobs.export`)::
 
     eenet-export run=RUN_DIR eval=RUN_DIR/eval/<time>/results.json out=DIR
     eenet-export run=RUN_DIR policy=max_prob thresholds=[0.9,0.8] out=DIR
 
 The network is cut where :meth:`EarlyExitNetwork.segments` cuts it, so that a
 runner can stop per sample exactly as the PyTorch dynamic engine
-(``eenet/inference/engine.py``) does. For N early exits (exits 0..N-1, the
+(:mod:`eenet.inference.engine`) does. For N early exits (exits 0..N-1, the
 final exit N), the output folder holds::
 
     segment_0.onnx   stem + stages up to exit 0's stage  x (B, C, H, W) -> features
@@ -15,7 +17,7 @@ final exit N), the output folder holds::
     segment_N.onnx   the remaining stages
     final.onnx       the final exit, the backbone's head  features -> logits (B, K)
     manifest.json    what to run in which order, the policy, costs, preprocessing
-    onnx_runner.py   a copy of :mod:`eenet.onnx_runner` (numpy + onnxruntime only)
+    onnx_runner.py   a copy of :mod:`eenet.export.onnx_runner` (numpy + onnxruntime only)
 
 The last segment and the final exit are separate files, so every piece is
 "segment, then head" and the only special case is that the final head releases
@@ -46,26 +48,20 @@ from __future__ import annotations
 import inspect
 import json
 import shutil
-import sys
 import warnings
 from pathlib import Path
 from typing import Sequence
 
-import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 import eenet
 from eenet.cost import CostTable, exit_cost_table
 from eenet.errors import EENetError
-from eenet.eval import load_run
-from eenet.inference.calibration import json_float
+from eenet.io import atomic_write_text, json_float
 from eenet.models.early_exit import EarlyExitNetwork
-from eenet.policies import ExitPolicy, create_policy
-from eenet.results import atomic_write_text
-from eenet.train import CONFIG_DIR, run_cli
+from eenet.policies import ExitPolicy
 
 MANIFEST = "manifest.json"
 FORMAT = "eenet-onnx-segments"
@@ -197,75 +193,3 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
     path = out / MANIFEST
     atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
     return path
-
-
-def _policy_from(cfg: DictConfig) -> ExitPolicy:
-    """The policy from ``eval=RESULTS_JSON`` or from ``policy=`` / ``thresholds=``."""
-    if cfg.get("eval"):
-        if cfg.get("policy") is not None or cfg.get("thresholds") is not None:
-            raise EENetError("give either eval=RESULTS_JSON or policy=/thresholds=, not both")
-        path = Path(cfg.eval)
-        if not path.is_file():
-            raise EENetError(f"eval results {path} not found: give the results.json of eenet-eval")
-        try:
-            results = json.loads(path.read_text())
-            name, thresholds = results["policy"]["name"], results["policy"]["thresholds"]
-        except (ValueError, KeyError, TypeError):
-            raise EENetError(f"{path} is not an eenet-eval results.json (no policy with "
-                             "name and thresholds)") from None
-        run = results.get("run")
-        if run and Path(run).resolve() != Path(cfg.run).resolve():
-            print(f"warning: {path} was calibrated for the run {run}, not {cfg.run}",
-                  file=sys.stderr)
-    elif cfg.get("thresholds") is None:
-        raise EENetError("give the thresholds: eval=RESULTS_JSON (from eenet-eval) or "
-                         "thresholds=T, or one per early exit: thresholds=[t0,t1]")
-    else:
-        name = cfg.get("policy") or "confidence"
-        thresholds = cfg.thresholds
-        if OmegaConf.is_config(thresholds):
-            thresholds = OmegaConf.to_container(thresholds)
-    try:
-        return create_policy(name, thresholds)
-    except EENetError:
-        raise
-    except (TypeError, ValueError):
-        raise EENetError(f"thresholds must be numbers (or inf / -inf), "
-                         f"got {thresholds!r}") from None
-
-
-def export_run(cfg: DictConfig) -> Path:
-    """Load the run, take the policy and write the export; returns the manifest's path."""
-    if cfg.get("threads"):
-        torch.set_num_threads(int(cfg.threads))
-    if not cfg.get("run"):
-        raise EENetError("give the training run to export: run=RUN_DIR")
-    policy = _policy_from(cfg)
-    _, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
-    out = Path(cfg.out) if cfg.get("out") else Path(cfg.run) / "onnx"
-    return export_segments(net, tuple(dm.input_size), out, policy, cost, opset=int(cfg.opset),
-                           mean=getattr(dm, "mean", None), std=getattr(dm, "std", None),
-                           check=bool(cfg.check))
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
-def _main(cfg: DictConfig) -> None:
-    path = run_cli(export_run, cfg)
-    m = json.loads(path.read_text())
-    files = [f for p in m["pieces"] for f in (p["segment"], p["head"])]
-    print(f"Exported {m['num_exits']} exits ({m['num_exits'] - 1} early) to {path.parent}: "
-          f"{', '.join(files)}, {path.name}, {m['runner']}")
-    print(f"Policy {m['policy']['name']}, thresholds {m['policy']['thresholds']}; "
-          f"cost fractions {[round(e['cost_fraction'], 4) for e in m['cost']['exits']]}")
-
-
-def main() -> None:
-    """Console entry point ``eenet-export``."""
-    # fvcore's import scripts its focal loss, which torch reports as deprecated: not the
-    # user's business, and a user's mistake must stay one line on stderr
-    warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
-    _main()
-
-
-if __name__ == "__main__":
-    main()

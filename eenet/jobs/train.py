@@ -1,7 +1,8 @@
-"""``eenet-train``: joint training of an early-exit network, composed by Hydra.
+"""The training job: train an early-exit network from a composed config, write its run folder.
 
-``train(cfg)`` is a plain function (tests call it with a composed config);
-only :func:`main` carries ``@hydra.main``. Order of work: build and check every
+``train(cfg)`` is a plain function (tests, experiment scripts and users' code
+call it with a config from :func:`eenet.config.compose_config`); the command
+``eenet-train`` (:mod:`eenet.cli.train`) only composes the config and prints. Order of work: build and check every
 object first (data, backbone, exits, cost table, loss, policy), so that a bad
 configuration fails with one line before anything is written; then train,
 reload the best checkpoint (chosen on the validation split, never on test),
@@ -10,7 +11,7 @@ evaluate on val and test, and write into the run's output folder:
 - ``config.yaml``: the resolved configuration of the run;
 - ``model.pt``: the network's plain ``state_dict`` (load with ``weights_only=True``);
 - ``cost.json``: the fvcore per-exit cost table;
-- ``results.json`` and ``results.md``: see :mod:`eenet.results`.
+- ``results.json`` and ``results.md``: see :mod:`eenet.reporting.results`.
 
 Usage::
 
@@ -24,30 +25,28 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from eenet.build import build_early_exit_network
+from eenet.calibration import Calibrator, anytime_view, cache_exit_outputs
+from eenet.config import instantiate
 from eenet.cost import CostTable, exit_cost_table
 from eenet.data.batching import make_loader
 from eenet.errors import EENetError
-from eenet.inference import Calibrator, anytime_view, cache_exit_outputs
+from eenet.io import atomic_write, atomic_write_text, safe_torch_load
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.models.weights import state_hash
 from eenet.policies import create_policy
-from eenet.results import (atomic_write, atomic_write_text, make_results, results_markdown,
-                           write_results)
-from eenet.training.checkpoint import EpochSeed, EpochTimer, SafeCheckpointIO, safe_torch_load
+from eenet.reporting.results import make_results, write_results
+from eenet.reporting.wandb import finish_wandb_run, log_training_results
+from eenet.runs import build_network, check_output_dir
+from eenet.training.checkpoint import EpochSeed, EpochTimer, SafeCheckpointIO
 from eenet.training.module import EarlyExitModule
 
 log = logging.getLogger("eenet")
@@ -55,74 +54,12 @@ log = logging.getLogger("eenet")
 # Lightning 2.6 on torch 2.14 warns about a torch-internal deprecation on every fit
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 MODES = ("joint", "posttrain", "mixed")
 
 
-def compose_config(overrides: list[str] | tuple[str, ...] = (), output_dir: str | None = None,
-                   config_name: str = "train") -> DictConfig:
-    """The real ``conf/<config_name>.yaml`` composed with ``overrides``, outside ``@hydra.main``.
-
-    For tests and experiment scripts that call :func:`train` directly; Hydra's
-    runtime folder does not exist there, so ``output_dir`` is required unless an
-    override sets it.
-    """
-    from hydra import compose, initialize_config_dir
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose(config_name=config_name, overrides=list(overrides))
-    if output_dir is not None:
-        with open_dict(cfg):
-            cfg.output_dir = str(output_dir)
-    return cfg
-
-
-def _instantiate(node, what: str, **kwargs):
-    """``hydra.utils.instantiate`` that turns our own errors back into one-line EENetErrors."""
-    try:
-        return instantiate(node, **kwargs)
-    except Exception as exc:  # Hydra wraps constructor errors in InstantiationException
-        cause = exc
-        while cause is not None and not isinstance(cause, EENetError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is not None:
-            raise EENetError(str(cause)) from exc
-        raise
-
-
-def build_network(cfg: DictConfig, input_size: tuple[int, int, int],
-                  stages: list[int] | None = None) -> EarlyExitNetwork:
-    """Backbone + exit block + placement from the config (or at the given ``stages``).
-
-    ``backbone.checkpoint`` (a run folder, its model.pt or a backbone state_dict) is
-    loaded into the backbone before the exits are attached.
-    """
-    backbone = _instantiate(cfg.backbone, "backbone")
-    exit_block = _instantiate(cfg.exit, "exit")
-    p = cfg.placement
-    mitigation = cfg.get("mitigation")
-    if stages is not None:
-        return build_early_exit_network(backbone, exit_block, placement="explicit", stages=stages,
-                                        input_size=input_size, mitigation=mitigation)
-    stages = list(p.stages) if p.get("stages") is not None else None
-    return build_early_exit_network(backbone, exit_block, placement=p.method,
-                                    num_exits=int(p.num_exits), stages=stages,
-                                    input_size=input_size, mitigation=mitigation)
-
-
-def _process_rank() -> int:
+def process_rank() -> int:
     """This process's rank as set by the DDP launcher (0 before the launch and when alone)."""
     return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
-
-
-def check_output_dir(out_dir: Path) -> None:
-    """The output folder can be created and written to (checked before anything is written)."""
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".eenet-write-check-"):
-            pass
-    except OSError as exc:
-        raise EENetError(f"output folder {out_dir} is not writable: {exc.strerror or exc}") from exc
 
 
 def _resume_path(cfg: DictConfig, out_dir: Path) -> str | None:
@@ -157,7 +94,7 @@ def _build(cfg: DictConfig, rank: int, out_dir: Path) -> dict[str, Any]:
                                                 or cfg.backbone.get("weights")):
         raise EENetError(f"mode={mode} starts from a trained backbone: give backbone.checkpoint="
                          f"<run folder or state_dict> (or backbone.weights= for torchvision)")
-    datamodule = _instantiate(cfg.dataset.datamodule, "dataset")
+    datamodule = instantiate(cfg.dataset.datamodule, "dataset")
     datamodule.prepare_data()
     datamodule.setup("fit")
     input_size = tuple(datamodule.input_size)
@@ -168,13 +105,13 @@ def _build(cfg: DictConfig, rank: int, out_dir: Path) -> dict[str, Any]:
     else:
         net = build_network(cfg, input_size)
         cost = exit_cost_table(net, input_size)
-    loss = _instantiate(cfg.loss, "loss")
+    loss = instantiate(cfg.loss, "loss")
     loss.check(net.num_exits)
     policy = create_policy(cfg.policy.name, cfg.policy.thresholds)
     policy.threshold_vector(net.num_exits - 1)  # checks the count of per-exit thresholds
     module = EarlyExitModule(net, loss, cost.fractions,
-                             optimizer=_instantiate(cfg.optimizer, "optimizer"),
-                             scheduler=_instantiate(cfg.scheduler, "scheduler")
+                             optimizer=instantiate(cfg.optimizer, "optimizer"),
+                             scheduler=instantiate(cfg.scheduler, "scheduler")
                              if cfg.get("scheduler") else None,
                              policy=policy,
                              confidence_lr_scale=float(cfg.get("confidence_lr_scale", 1.0)),
@@ -195,7 +132,7 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, config: dict, extra_callbacks:
     loggers = []
     for key, node in (cfg.get("logger") or {}).items():
         extra = {"group": group} if key == "wandb" and group and not node.get("group") else {}
-        lg = _instantiate(node, "logger", **extra)
+        lg = instantiate(node, "logger", **extra)
         if lg is not None:
             loggers.append(lg)
     for lg in loggers:
@@ -208,7 +145,7 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, config: dict, extra_callbacks:
             dirpath=str(out_dir / "checkpoints"), filename="best", monitor=cfg.checkpoint.monitor,
             mode=cfg.checkpoint.mode, save_last=True, save_top_k=1)
         callbacks.append(ckpt_cb)
-    trainer = _instantiate(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks,
+    trainer = instantiate(cfg.trainer, "trainer", logger=loggers or False, callbacks=callbacks,
                            default_root_dir=str(out_dir), enable_checkpointing=ckpt_cb is not None,
                            plugins=[SafeCheckpointIO()])
     return trainer, ckpt_cb, loggers, epoch_timer
@@ -251,7 +188,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
     if cfg.get("data_root"):  # saved configs must not depend on the folder they ran from
         with open_dict(cfg):
             cfg.data_root = str(Path(cfg.data_root).resolve())
-    rank = _process_rank()
+    rank = process_rank()
     devices = cfg.trainer.get("devices", 1)
     if not cfg.get("threads") and isinstance(devices, int) and devices > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
@@ -294,9 +231,9 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
         atomic_write(out_dir / "model.pt", lambda f: torch.save(net.state_dict(), f))
         write_results(out_dir, results)
         for lg in loggers:
-            _log_results_table(lg, results)
+            log_training_results(lg, results)
     for lg in loggers:
-        _finish_wandb_run(lg)
+        finish_wandb_run(lg)
     return results, {"datamodule": datamodule, "net": net, "module": module,
                      "trainer": trainer, "cost": cost}
 
@@ -313,60 +250,6 @@ def _sweep_group() -> str | None:
     return Path(hc.sweep.dir).name if hc.mode == RunMode.MULTIRUN else None
 
 
-def _is_wandb(logger) -> bool:
-    """Lightning's ``WandbLogger`` (the only logger here with ``log_table``)."""
-    return hasattr(logger, "log_table")
-
-
-def _finish_wandb_run(logger) -> None:
-    """Close this job's W&B run so its files are complete when ``train`` returns.
-
-    Without it the run stays the process's ``wandb.run``: the offline log is only written
-    when the process exits, and the next job of a sweep in the same process would log into it.
-    """
-    if not _is_wandb(logger) or getattr(logger, "_experiment", None) is None:
-        return  # not W&B, or no run was ever started (nothing to close)
-    logger.experiment.finish()
-
-
-def _log_results_table(logger, results: dict) -> None:
-    """Per-exit table, accuracy-versus-cost curve and exit histogram to W&B."""
-    if not _is_wandb(logger):
-        return
-    import wandb
-
-    run = logger.experiment
-    if "anytime" in results:
-        curve = wandb.Table(columns=["avg_cost_fraction", "test_accuracy"],
-                            data=[[p["avg_cost"], p["accuracy"]] for p in results["anytime"]["test_curve"]])
-        run.log({"results/accuracy_vs_cost": wandb.plot.line(
-            curve, "avg_cost_fraction", "test_accuracy", title="accuracy vs average cost (test)"),
-            "results/anytime_auc": results["anytime"]["auc"]})
-    hist = wandb.Table(columns=["exit", "test_exit_rate"],
-                       data=[[e["name"], r] for e, r in zip(results["exits"],
-                                                            results["test"]["exit_rates"])])
-    run.log({"results/exit_histogram": wandb.plot.bar(hist, "exit", "test_exit_rate",
-                                                      title="exit distribution (test)")})
-    cols = ["exit", "stage", "macs", "cost_fraction", "val_accuracy", "test_accuracy",
-            "test_exit_rate"]
-    rows = [[e["name"], e["stage"], e["macs"], e["cost_fraction"], e["val_accuracy"],
-             e["test_accuracy"], r] for e, r in zip(results["exits"], results["test"]["exit_rates"])]
-    logger.log_table(key="results/exits", columns=cols, data=rows)
-    logger.log_metrics({f"results/test_{k}": v for k, v in results["test"].items()
-                        if isinstance(v, float)})
-
-
-def run_cli(fn, cfg: DictConfig):
-    """Run ``fn(cfg)``; a user's mistake prints one line and exits with code 2."""
-    try:
-        return fn(cfg)
-    except EENetError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
 def objective(results: dict) -> float:
     """What ``eenet-train`` returns to Hydra sweepers (Optuna): never a test figure.
 
@@ -377,46 +260,3 @@ def objective(results: dict) -> float:
     if "objective" in results:
         return results["objective"]["val_accuracy"]
     return results["val"]["accuracy"]
-
-
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def _main(cfg: DictConfig) -> float | None:
-    results, _ = run_cli(train, cfg)
-    if _process_rank() == 0:
-        print(results_markdown(results))
-        print(f"\nResults written to {cfg.output_dir}/results.json")
-    return objective(results)
-
-
-def check_group_overrides(argv: list[str], config_dir: str = CONFIG_DIR) -> None:
-    """One-line error for ``group=option`` when ``conf/<group>/<option>.yaml`` does not exist.
-
-    Hydra reports that itself, over several lines; checking first keeps every
-    user mistake to one line (``HYDRA_FULL_ERROR=1`` skips the check).
-    """
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        return
-    root = Path(config_dir)
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
-            continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        group = root / key
-        if "." in key or "/" in key or not group.is_dir() or "," in value or value in ("null", ""):
-            continue
-        if not (group / f"{value}.yaml").is_file():
-            accepted = sorted(p.stem for p in group.glob("*.yaml"))
-            print(f"error: unknown {key} '{value}'; accepted: {', '.join(accepted)}",
-                  file=sys.stderr)
-            sys.exit(2)
-
-
-def main() -> None:
-    """Console entry point ``eenet-train``."""
-    check_group_overrides(sys.argv[1:])
-    _main()
-
-
-if __name__ == "__main__":
-    main()

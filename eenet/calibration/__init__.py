@@ -1,0 +1,10 @@
+"""Threshold search on cached validation outputs: calibration for a budget or a tolerance,
+its optimism correction, paired statistics, Pareto fronts and the anytime view."""
+
+from eenet.calibration.anytime import anytime_view, step_auc
+from eenet.calibration.cache import CachedExits, cache_exit_outputs
+from eenet.calibration.search import CalibrationResult, Calibrator, OperatingPoint
+from eenet.calibration.stats import paired_drop, pareto_indices
+
+__all__ = ["CachedExits", "CalibrationResult", "Calibrator", "OperatingPoint", "anytime_view",
+           "cache_exit_outputs", "paired_drop", "pareto_indices", "step_auc"]

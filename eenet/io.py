@@ -1,0 +1,69 @@
+"""File I/O of eenet in one place: atomic writes and safe loading.
+
+- Writes go to a temporary file in the same folder, are flushed to disk and
+  renamed over the target, so a process killed at any moment leaves either the
+  old file or the new one, never a truncated file where a good one was.
+- Tensor files (weights, checkpoints) are read with
+  ``torch.load(..., weights_only=True)``, which only rebuilds tensors and plain
+  Python values: a file carrying a pickled object that would run code is
+  refused and the code never runs.
+- JSON has no infinity: thresholds are written as ``"inf"`` / ``"-inf"``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, BinaryIO, Callable
+
+import torch
+
+from eenet.errors import EENetError
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it.
+
+    A process killed at any moment leaves either the old file or the new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type when the message is empty)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def safe_torch_load(path: str | Path, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` with a one-line error for missing or bad files."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise EENetError(f"{what} not found: {path}") from None
+    except Exception as exc:  # truncated file, foreign pickle, wrong format
+        raise EENetError(f"cannot load {path} safely (weights_only=True): "
+                         f"{first_line(exc)}") from exc
+
+
+def json_float(v: float) -> float | str:
+    """JSON has no infinity: write ``"inf"`` / ``"-inf"`` (``float()`` reads them back)."""
+    return v if math.isfinite(v) else ("inf" if v > 0 else "-inf")

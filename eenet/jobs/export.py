@@ -1,0 +1,68 @@
+"""The export job: a finished run and its calibrated policy as ONNX segments.
+
+``export_run(cfg)`` is what the command ``eenet-export`` (:mod:`eenet.cli.export`)
+runs; the ONNX format is described in :mod:`eenet.export.onnx`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from eenet.errors import EENetError
+from eenet.export.onnx import export_segments
+from eenet.policies import ExitPolicy, create_policy
+from eenet.runs import load_run
+
+
+def _policy_from(cfg: DictConfig) -> ExitPolicy:
+    """The policy from ``eval=RESULTS_JSON`` or from ``policy=`` / ``thresholds=``."""
+    if cfg.get("eval"):
+        if cfg.get("policy") is not None or cfg.get("thresholds") is not None:
+            raise EENetError("give either eval=RESULTS_JSON or policy=/thresholds=, not both")
+        path = Path(cfg.eval)
+        if not path.is_file():
+            raise EENetError(f"eval results {path} not found: give the results.json of eenet-eval")
+        try:
+            results = json.loads(path.read_text())
+            name, thresholds = results["policy"]["name"], results["policy"]["thresholds"]
+        except (ValueError, KeyError, TypeError):
+            raise EENetError(f"{path} is not an eenet-eval results.json (no policy with "
+                             "name and thresholds)") from None
+        run = results.get("run")
+        if run and Path(run).resolve() != Path(cfg.run).resolve():
+            print(f"warning: {path} was calibrated for the run {run}, not {cfg.run}",
+                  file=sys.stderr)
+    elif cfg.get("thresholds") is None:
+        raise EENetError("give the thresholds: eval=RESULTS_JSON (from eenet-eval) or "
+                         "thresholds=T, or one per early exit: thresholds=[t0,t1]")
+    else:
+        name = cfg.get("policy") or "confidence"
+        thresholds = cfg.thresholds
+        if OmegaConf.is_config(thresholds):
+            thresholds = OmegaConf.to_container(thresholds)
+    try:
+        return create_policy(name, thresholds)
+    except EENetError:
+        raise
+    except (TypeError, ValueError):
+        raise EENetError(f"thresholds must be numbers (or inf / -inf), "
+                         f"got {thresholds!r}") from None
+
+
+def export_run(cfg: DictConfig) -> Path:
+    """Load the run, take the policy and write the export; returns the manifest's path."""
+    if cfg.get("threads"):
+        torch.set_num_threads(int(cfg.threads))
+    if not cfg.get("run"):
+        raise EENetError("give the training run to export: run=RUN_DIR")
+    policy = _policy_from(cfg)
+    _, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
+    out = Path(cfg.out) if cfg.get("out") else Path(cfg.run) / "onnx"
+    return export_segments(net, tuple(dm.input_size), out, policy, cost, opset=int(cfg.opset),
+                           mean=getattr(dm, "mean", None), std=getattr(dm, "std", None),
+                           check=bool(cfg.check))

@@ -1,0 +1,47 @@
+"""Markdown: a run's per-exit table and generic tables for reports and experiment scripts."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; floats are printed with 4 significant decimals."""
+    def fmt(v):
+        if isinstance(v, float):
+            return f"{v:.4f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def results_markdown(results: dict) -> str:
+    """The per-exit table and the policy summary of a results dict."""
+    pol = results["policy"]
+    lines = [
+        f"Dataset {results['dataset']}, backbone {results['backbone']}: "
+        f"{results['backbone_macs'] / 1e6:.3f} M MACs per sample (fvcore: one multiply-add = one flop).",
+        "",
+        "| exit | after stage | MACs | cost fraction | val acc | test acc | test exit rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rates = results["test"]["exit_rates"]
+    for e, r in zip(results["exits"], rates):
+        lines.append(f"| {e['name']} | {e['stage']} | {e['macs'] / 1e6:.3f} M | "
+                     f"{e['cost_fraction']:.3f} | {100 * e['val_accuracy']:.2f} | "
+                     f"{100 * e['test_accuracy']:.2f} | {100 * r:.1f}% |")
+    t = results["test"]
+    lines += ["", f"Policy {pol['name']} (thresholds {pol['thresholds']}): test accuracy "
+                  f"{100 * t['accuracy']:.2f}% at average cost fraction {t['avg_cost_fraction']:.3f} "
+                  f"(n={t['n']})."]
+    if "mixture_acc" in t:
+        lines.append(f"EENet mixture P_0: test accuracy {100 * t['mixture_acc']:.2f}%, "
+                     f"expected cost E[C_0] {t['expected_cost']:.3f}.")
+    if "oracle_acc" in t:
+        over = [f"{e['name']} {100 * e['test_overthinking']:.2f}%" for e in results["exits"][:-1]
+                if "test_overthinking" in e]
+        lines.append(f"Overthinking (right at the exit, wrong at the final exit): "
+                     f"{', '.join(over) or '-'}; oracle accuracy {100 * t['oracle_acc']:.2f}%.")
+    return "\n".join(lines)
