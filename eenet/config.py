@@ -20,7 +20,7 @@ import os
 import sys
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Collection, Iterable
 
 from omegaconf import DictConfig, ListConfig, open_dict
 
@@ -100,12 +100,20 @@ def _targets(node: Any, path: str = "") -> Iterable[tuple[str, Any]]:
             yield from _targets(value, f"{path}[{i}]")
 
 
-def check_targets(node: Any, where: str) -> None:
-    """Refuse any ``_target_`` in ``node`` outside :data:`ALLOWED_TARGETS` (one line)."""
-    for path, target in _targets(node):
-        if not isinstance(target, str) or target not in ALLOWED_TARGETS:
-            raise EENetError(f"{where}: {path}._target_ '{target}' is not one of eenet's "
-                             f"allowed classes; a run folder's config is data and cannot name "
+def check_targets(node: Any, where: str, allowed: Collection[str] = ALLOWED_TARGETS,
+                  path: str = "") -> None:
+    """Refuse any ``_target_`` in ``node`` outside ``allowed`` (one line naming its place).
+
+    Args:
+        node: a config node (nested dicts and lists are searched).
+        where: what is checked, for the message (a file, a section).
+        allowed: the callables that may be named; :data:`ALLOWED_TARGETS` by default.
+        path: the node's own place in the config, prefixed to the places in messages.
+    """
+    for place, target in _targets(node, path):
+        if not isinstance(target, str) or target not in allowed:
+            raise EENetError(f"{where}: {place}._target_ '{target}' is not one of the classes "
+                             f"eenet allows there; a run folder's config is data and cannot name "
                              f"code to run")
 
 
