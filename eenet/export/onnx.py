@@ -24,7 +24,8 @@ The last segment and the final exit are separate files, so every piece is
 every sample (h_N = 1, so it has no confidence output). Every file has a
 dynamic batch axis (axis 0) and is exported in eval mode (BatchNorm uses its
 running statistics). Each piece is checked against PyTorch with onnxruntime
-after export.
+after export. Every file is written atomically (:func:`eenet.io.atomic_write`):
+a symlink already at a file's place is replaced, never written through.
 
 ``manifest.json`` (``format: eenet-onnx-segments``, ``format_version: 1``)::
 
@@ -46,8 +47,8 @@ torch.export-based exporter needs ``onnxscript``, which eenet does not require.
 from __future__ import annotations
 
 import inspect
+import io
 import json
-import shutil
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -59,7 +60,7 @@ from torch import nn
 import eenet
 from eenet.cost import CostTable, exit_cost_table
 from eenet.errors import EENetError
-from eenet.io import atomic_write_text, json_float
+from eenet.io import atomic_write, atomic_write_text, json_float
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.policies import ExitPolicy
 
@@ -87,13 +88,16 @@ class _FinalExit(nn.Module):
 
 def _export(module: nn.Module, x: torch.Tensor, path: Path, input_name: str,
             output_names: Sequence[str], opset: int) -> None:
+    """Export one piece to ``path`` atomically (a symlink there is replaced, not followed)."""
     extra = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
     axes = {name: {0: "batch"} for name in (input_name, *output_names)}
+    buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
-        torch.onnx.export(module, (x,), str(path), input_names=[input_name],
+        torch.onnx.export(module, (x,), buffer, input_names=[input_name],
                           output_names=list(output_names), dynamic_axes=axes,
                           opset_version=opset, do_constant_folding=True, **extra)
+    atomic_write(path, lambda f: f.write(buffer.getvalue()))
 
 
 def _check(path: Path, x: torch.Tensor, expected: Sequence[torch.Tensor]) -> None:
@@ -189,7 +193,8 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
             "rule": "x = (image - mean) / std per channel, image in [0, 1] (uint8 / 255)"},
         "runner": "onnx_runner.py",
     }
-    shutil.copyfile(Path(__file__).with_name("onnx_runner.py"), out / "onnx_runner.py")
+    runner = Path(__file__).with_name("onnx_runner.py").read_bytes()
+    atomic_write(out / "onnx_runner.py", lambda f: f.write(runner))
     path = out / MANIFEST
     atomic_write_text(path, json.dumps(manifest, indent=2) + "\n")
     return path

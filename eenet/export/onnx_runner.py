@@ -28,6 +28,11 @@ must not import eenet). Scores, with the same strict ``score > threshold`` as
 Scores are computed in float32 with the same operations as the PyTorch
 policies, so that ties with calibrated thresholds (which eenet-eval puts one
 float32 step below a validation score) resolve the same way.
+
+The manifest is data (JSON) and may come from someone else: every piece it
+names must be a plain file name inside the manifest's folder. An absolute path,
+a name with a folder part or ``..``, or a symlink that leads out of the folder
+is refused with a one-line ``ValueError`` before any model file is opened.
 """
 
 from __future__ import annotations
@@ -76,6 +81,25 @@ POLICIES = {
 }
 
 
+def piece_path(folder: Path, name: object) -> Path:
+    """The file of a piece named ``name`` in the manifest, checked to lie inside ``folder``.
+
+    Raises ``ValueError`` (one line) for anything but a plain file name (no folder part,
+    no ``..``, not absolute, no drive) whose real path, symlinks followed, is in ``folder``.
+    """
+    if (not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name
+            or any(c in name for c in "/\\:")):
+        raise ValueError(f"manifest piece {name!r} is not a plain file name in the export "
+                         f"folder {folder}; refusing to open it")
+    path = (folder / name).resolve()
+    if not path.is_relative_to(folder.resolve()):
+        raise ValueError(f"manifest piece {name!r} leads out of the export folder {folder} "
+                         f"(to {path}); refusing to open it")
+    if not path.is_file():
+        raise ValueError(f"manifest piece {name!r} is not a file in the export folder {folder}")
+    return path
+
+
 def _initial_state(policy: str, batch: int) -> tuple:
     if policy == "patience":  # (previous exit's class, run length)
         return np.full(batch, -1, dtype=np.int64), np.zeros(batch, dtype=np.float32)
@@ -102,10 +126,13 @@ class OnnxEarlyExitRunner:
         if threads:
             options.intra_op_num_threads = threads
 
-        def session(name):
-            return ort.InferenceSession(str(path.parent / name), options, providers=list(providers))
+        files = [(piece_path(path.parent, p["segment"]), piece_path(path.parent, p["head"]))
+                 for p in m["pieces"]]  # every name checked before any file is opened
 
-        self.pieces = [(session(p["segment"]), session(p["head"])) for p in m["pieces"]]
+        def session(file):
+            return ort.InferenceSession(str(file), options, providers=list(providers))
+
+        self.pieces = [(session(segment), session(head)) for segment, head in files]
         self.policy = m["policy"]["name"]
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy '{self.policy}'; accepted: {', '.join(POLICIES)}")

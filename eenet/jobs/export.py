@@ -1,7 +1,11 @@
 """The export job: a finished run and its calibrated policy as ONNX segments.
 
 ``export_run(cfg)`` is what the command ``eenet-export`` (:mod:`eenet.cli.export`)
-runs; the ONNX format is described in :mod:`eenet.export.onnx`.
+runs; the ONNX format is described in :mod:`eenet.export.onnx`. The run folder
+is loaded as data (:func:`eenet.runs.load_run`: no code from it runs) and so is
+``eval=RESULTS_JSON`` (JSON: only its policy name, thresholds and run path are
+read). The export goes to ``out=DIR``, or to ``RUN/onnx`` unless that is a
+symlink placed in the run folder.
 """
 
 from __future__ import annotations
@@ -54,6 +58,16 @@ def _policy_from(cfg: DictConfig) -> ExitPolicy:
                          f"got {thresholds!r}") from None
 
 
+def _default_out(run: Path) -> Path:
+    """``RUN/onnx``, unless the run folder (which may come from someone else) makes it a
+    symlink: the export would then write wherever it points."""
+    out = run / "onnx"
+    if out.is_symlink():
+        raise EENetError(f"{out} is a symlink (to {out.resolve()}); give the output folder "
+                         f"yourself: out=DIR")
+    return out
+
+
 def export_run(cfg: DictConfig) -> Path:
     """Load the run, take the policy and write the export; returns the manifest's path."""
     if cfg.get("threads"):
@@ -62,7 +76,7 @@ def export_run(cfg: DictConfig) -> Path:
         raise EENetError("give the training run to export: run=RUN_DIR")
     policy = _policy_from(cfg)
     _, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
-    out = Path(cfg.out) if cfg.get("out") else Path(cfg.run) / "onnx"
+    out = Path(cfg.out) if cfg.get("out") else _default_out(Path(cfg.run))
     return export_segments(net, tuple(dm.input_size), out, policy, cost, opset=int(cfg.opset),
                            mean=getattr(dm, "mean", None), std=getattr(dm, "std", None),
                            check=bool(cfg.check))
