@@ -7,6 +7,10 @@
   ``torch.load(..., weights_only=True)``, which only rebuilds tensors and plain
   Python values: a file carrying a pickled object that would run code is
   refused and the code never runs.
+- Plain pickles (CIFAR's python batches) are read by :func:`safe_pickle_load`,
+  which rebuilds only plain Python values and numpy arrays: any other global a
+  pickle names (``os.system``, a class with ``__reduce__``) is refused before it
+  is imported or called.
 - JSON has no infinity: thresholds are written as ``"inf"`` / ``"-inf"``.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -62,6 +67,38 @@ def safe_torch_load(path: str | Path, map_location: Any = "cpu", what: str = "ch
     except Exception as exc:  # truncated file, foreign pickle, wrong format
         raise EENetError(f"cannot load {path} safely (weights_only=True): "
                          f"{first_line(exc)}") from exc
+
+
+#: The only globals :func:`safe_pickle_load` rebuilds: numpy arrays, dtypes and scalars
+#: (numpy 1 pickles name ``numpy.core``, numpy 2 ``numpy._core``) and the bytes codec.
+PICKLE_GLOBALS = frozenset({
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    *((f"numpy.{core}.multiarray", name) for core in ("core", "_core")
+      for name in ("_reconstruct", "scalar")),
+    *((f"numpy.{core}.numeric", "_frombuffer") for core in ("core", "_core")),
+})
+
+
+class _DataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load global '{module}.{name}': only "
+                                         f"plain values and numpy arrays are read")
+        if module.startswith("numpy.core."):  # numpy 2 moved it (and warns on the old name)
+            import numpy as np
+
+            if hasattr(np, "_core"):
+                module = "numpy._core." + module[len("numpy.core."):]
+        return super().find_class(module, name)
+
+
+def safe_pickle_load(file: BinaryIO, encoding: str = "ASCII") -> Any:
+    """``pickle.load(file)`` that rebuilds only plain Python values and numpy arrays.
+
+    Raises ``pickle.UnpicklingError`` for any other global the pickle names; nothing
+    it names is imported or called.
+    """
+    return _DataUnpickler(file, encoding=encoding).load()
 
 
 def json_float(v: float) -> float | str:
