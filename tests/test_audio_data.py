@@ -331,3 +331,23 @@ def test_vww_errors_and_datamodule(tmp_path):
     with pytest.raises(EENetError) as err:
         load_split("vww", tmp_path, True)
     assert "cat" in one_line(err)
+
+
+def test_vww_image_size_and_subset_decoding(tmp_path, monkeypatch):
+    import eenet.data.imagefolder as imagefolder
+
+    make_vww(tmp_path)
+    seen = []
+    real = imagefolder.decode_images
+    monkeypatch.setattr(imagefolder, "decode_images",
+                        lambda paths, channels: seen.extend(paths) or real(paths, channels))
+    assert dataset_info("vww", image_size=[32, 24])["size"] == (32, 24)
+    dm = ClassificationDataModule("vww", str(tmp_path), image_size=[32, 24], val_size=1,
+                                  train_subset=4, test_subset=3)
+    assert dm.mean == [0.0] * 3 and dm.std == [1.0] * 3  # the record's normalisation
+    assert dm.input_size == (3, 32, 24) and dm.load_count == 0
+    assert dm.split_sizes == {"train": 3, "val": 1, "test": 3}
+    assert len(seen) == 4 + 3  # of 6 + 4 files
+    full, _ = load_split("vww", tmp_path, True, image_size=[32, 24])
+    assert torch.equal(dm.train_dataset.images, full[dm.train_indices])
+    assert torch.equal(dm.val_dataset.images, full[dm.val_indices])

@@ -9,6 +9,7 @@ from ``../shared/data`` when present.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import pickle
 import time
@@ -18,9 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from eenet.data import (AUGMENTATIONS, DATASET_INFO, BatchTransform, ClassificationDataModule,
-                        InMemoryBatchDataset, dataset_info, list_datasets, load_split,
-                        make_loader, missing_files, to_float)
+from eenet.data import (AUGMENTATIONS, BatchTransform, ClassificationDataModule, DatasetSpec,
+                        InMemoryBatchDataset, dataset_info, get_dataset, list_datasets,
+                        load_split, make_loader, missing_files, to_float)
 from eenet.errors import EENetError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -146,12 +147,57 @@ def write_imagefolder(root: Path, sizes=None, classes=("cat", "ant", "bee"), per
 # ----------------------------------------------------------------------------- registry
 
 
+CONF_DATASETS = Path(__file__).resolve().parents[1] / "eenet" / "conf" / "dataset"
+
+
 def test_registry_names_and_info():
     assert list_datasets() == sorted(["digits", "mnist", "fashion_mnist", "cifar10", "cifar100",
                                       "svhn", "imagefolder", "kws12_subset", "speech_commands",
                                       "vww"])
-    assert DATASET_INFO["cifar100"] == {"num_classes": 100, "in_chans": 3, "size": (32, 32)}
-    assert DATASET_INFO["mnist"]["in_chans"] == 1
+    assert dataset_info("cifar100") == {"num_classes": 100, "in_chans": 3, "size": (32, 32)}
+    assert dataset_info("mnist")["in_chans"] == 1
+    spec = get_dataset("cifar10")
+    assert isinstance(spec, DatasetSpec) and spec.name == "cifar10" and spec.downloadable
+    assert spec.options == ("verify_md5",) and len(spec.mean) == len(spec.std) == 3
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.num_classes = 3  # type: ignore[misc]
+    with pytest.raises(EENetError) as err:
+        get_dataset("imagenet")
+    assert "unknown dataset 'imagenet'" in assert_one_line(err)
+
+
+def test_registry_one_record_per_config():
+    """Every config of eenet/conf/dataset names a record whose facts it repeats exactly."""
+    from omegaconf import OmegaConf
+
+    configs = sorted(CONF_DATASETS.glob("*.yaml"))
+    assert len(configs) >= 10
+    used = set()
+    for path in configs:
+        cfg = OmegaConf.load(path)
+        spec = get_dataset(cfg.datamodule.name)
+        used.add(spec.name)
+        where = f"{path.name} vs the '{spec.name}' record"
+        if spec.num_classes is not None:
+            assert cfg.num_classes == spec.num_classes, where
+        assert cfg.in_chans == spec.in_chans, where
+        if spec.size is not None:
+            assert tuple(cfg.image_size) == spec.size, where
+        if spec.mean is not None:  # imagefolder has none: its configs set their own
+            assert tuple(cfg.datamodule.mean) == spec.mean, where
+            assert tuple(cfg.datamodule.std) == spec.std, where
+        assert len(cfg.datamodule.mean) == len(cfg.datamodule.std) == cfg.in_chans, where
+    # and every record is reachable from a config
+    assert used == set(list_datasets())
+
+
+def test_registry_rejects_a_second_record_of_a_name():
+    from eenet.data.registry import register_dataset
+
+    with pytest.raises(ValueError, match="registered twice"):
+        register_dataset(dataclasses.replace(get_dataset("digits")))
+    with pytest.raises(ValueError, match="normalisation values"):
+        dataclasses.replace(get_dataset("digits"), mean=(0.5, 0.5), std=(0.2, 0.2))
 
 
 def test_unknown_name_and_option():
@@ -314,6 +360,123 @@ def test_imagefolder_bad_layouts(tmp_path):
     assert "empty" in assert_one_line(err) and "no image" in str(err.value)
     with pytest.raises(EENetError, match="cannot be downloaded"):
         load_split("imagefolder", tmp_path / "a", train=True, download=True)
+
+
+# ----------------------------------------------------------------------------- subsets
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> list[str]:
+    """Every image file the image-folder reader decodes, in order."""
+    import eenet.data.imagefolder as imagefolder
+
+    seen: list[str] = []
+    real = imagefolder.decode_images
+
+    def counting(paths, channels):
+        seen.extend(paths)
+        return real(paths, channels)
+
+    monkeypatch.setattr(imagefolder, "decode_images", counting)
+    return seen
+
+
+def test_imagefolder_select_decodes_only_the_kept_files(tmp_path, decoded):
+    # mixed sizes resized to 7x6, two formats: the subset must equal the full decode indexed
+    write_imagefolder(tmp_path / "png", sizes=[(6, 5), (9, 7), (7, 6)], per_class=5)
+    write_imagefolder(tmp_path / "jpg", sizes=[(16, 12), (10, 10)], per_class=4, ext="jpg")
+    for root, n in ((tmp_path / "png", 15), (tmp_path / "jpg", 12)):
+        full_x, full_y = load_split("imagefolder", root, True, image_size=[7, 6])
+        assert len(full_y) == n and len(decoded) == n
+        for positions in ([3, 0, 11, 7], [n - 1], list(range(n))[::2]):
+            decoded.clear()
+            x, y = load_split("imagefolder", root, True, image_size=[7, 6],
+                              select=lambda size: torch.tensor(positions))
+            assert len(decoded) == len(positions)  # only the kept files were decoded
+            assert torch.equal(x, full_x[positions]) and torch.equal(y, full_y[positions])
+        decoded.clear()
+    # the selection sees the split's size before anything is decoded
+    sizes = []
+    load_split("imagefolder", tmp_path / "png", False, image_size=[7, 6],
+               select=lambda size: sizes.append(size) or torch.arange(2))
+    assert sizes == [15] and len(decoded) == 2
+
+
+def test_select_on_a_loader_that_reads_everything_indexes_the_split():
+    full_x, full_y = load_split("digits", None, True)
+    positions = torch.tensor([5, 1, 1400, 0])
+    x, y = load_split("digits", None, True, select=lambda n: positions)
+    assert torch.equal(x, full_x[positions]) and torch.equal(y, full_y[positions])
+
+
+@pytest.mark.parametrize("positions,fragment", [
+    (torch.tensor([0, 1437]), "outside 0..1436"),
+    (torch.tensor([-1]), "outside 0..1436"),
+    (torch.tensor([0.0, 1.0]), "integer positions"),
+    (torch.zeros(2, 2, dtype=torch.int64), "1-D"),
+])
+def test_bad_selection_is_one_line(tmp_path, positions, fragment):
+    with pytest.raises(EENetError) as err:
+        load_split("digits", None, True, select=lambda n: positions)
+    assert fragment in assert_one_line(err)
+    write_imagefolder(tmp_path, per_class=2)
+    with pytest.raises(EENetError) as err:
+        load_split("imagefolder", tmp_path, True, select=lambda n: torch.tensor([6]))
+    assert "outside 0..5" in assert_one_line(err)
+
+
+def test_datamodule_subsets_decode_only_kept_files_same_samples(tmp_path, decoded):
+    """Pushing the subset down to the file list keeps exactly the samples of decode-all-then-choose."""
+    write_imagefolder(tmp_path, sizes=[(6, 5), (9, 7)], per_class=12)  # 36 train, 36 test
+    dm = ClassificationDataModule("imagefolder", str(tmp_path), mean=[0.5] * 3, std=[0.25] * 3,
+                                  image_size=[8, 8], val_size=4, train_subset=15, test_subset=10,
+                                  split_seed=3)
+    dm.setup(None)
+    assert len(decoded) == 15 + 10 and len(set(decoded)) == 25
+    assert dm.split_sizes == {"train": 11, "val": 4, "test": 10}
+    # the choice of the data module's docstring, made on the whole split: the first
+    # train_subset of a fixed permutation (split_seed), its first val_size for validation
+    order = torch.randperm(36, generator=torch.Generator().manual_seed(3))[:15]
+    assert torch.equal(dm.val_indices, order[:4].sort().values)
+    assert torch.equal(dm.train_indices, order[4:].sort().values)
+    test_order = torch.randperm(36, generator=torch.Generator().manual_seed(3))[:10]
+    assert torch.equal(dm.test_indices, test_order.sort().values)
+    # and the tensors are those of the whole split, decoded, at those positions
+    for train, pairs in ((True, [(dm.train_dataset, dm.train_indices),
+                                 (dm.val_dataset, dm.val_indices)]),
+                         (False, [(dm.test_dataset, dm.test_indices)])):
+        decoded.clear()
+        full_x, full_y = load_split("imagefolder", tmp_path, train, image_size=[8, 8])
+        assert len(decoded) == 36
+        for dataset, positions in pairs:
+            assert torch.equal(dataset.images, full_x[positions])
+            assert torch.equal(dataset.labels, full_y[positions])
+    # a subset as large as the split keeps everything, in file order
+    big = ClassificationDataModule("imagefolder", str(tmp_path), mean=[0.5] * 3, std=[0.25] * 3,
+                                   image_size=[8, 8], val_size=4, test_subset=100)
+    big.setup("test")
+    assert torch.equal(big.test_indices, torch.arange(36))
+
+
+@pytest.mark.data
+def test_real_cifar10_jpeg_smoke_subsets_decode_only_kept_files(real_data, decoded):
+    """The SMOKE tables' settings on the CIFAR-10 JPEG folder: 600 + 200 files, not 60,000."""
+    dm = ClassificationDataModule("imagefolder", str(real_data / "cifar10-jpeg"),
+                                  mean=[0.4914, 0.4822, 0.4465], std=[0.2470, 0.2435, 0.2616],
+                                  image_size=[32, 32], val_size=150, train_subset=600,
+                                  test_subset=200)
+    start = time.perf_counter()
+    dm.setup(None)
+    seconds = time.perf_counter() - start
+    assert len(decoded) == 800 and dm.split_sizes == {"train": 450, "val": 150, "test": 200}
+    # each label is the class folder of the file it was decoded from
+    classes = sorted(p.name for p in (real_data / "cifar10-jpeg" / "train").iterdir())
+    train_files = [Path(p) for p in decoded[:600]]
+    label_of = dict(zip(dm.train_indices.tolist(), dm.train_dataset.labels.tolist()))
+    label_of.update(zip(dm.val_indices.tolist(), dm.val_dataset.labels.tolist()))
+    assert [classes.index(p.parent.name) for p in train_files] == [
+        label_of[i] for i in sorted(label_of)]  # files are decoded in split order
+    print(f"setup with SMOKE subsets: {seconds:.2f} s")
 
 
 # ----------------------------------------------------------------------------- missing files
@@ -725,8 +888,19 @@ def test_datamodule_val_count_too_large_and_unknown_args():
     assert "1437" in message and "val_size" in message
     with pytest.raises(TypeError):
         digits_module(shuffle=True)
-    with pytest.raises(TypeError):
-        ClassificationDataModule("digits")  # mean and std are required
+    with pytest.raises(EENetError) as err:
+        ClassificationDataModule("digits", mean=[0.5])
+    assert "both mean and std" in assert_one_line(err)
+
+
+def test_datamodule_default_normalisation_is_the_records():
+    dm = ClassificationDataModule("digits")
+    assert dm.mean == list(get_dataset("digits").mean) == DIGITS_MEAN
+    assert dm.std == list(get_dataset("digits").std) == DIGITS_STD
+    assert ClassificationDataModule("cifar10", "/nowhere").mean == [0.4914, 0.4822, 0.4465]
+    with pytest.raises(EENetError) as err:
+        ClassificationDataModule("imagefolder", "/nowhere")
+    assert "no standard normalisation" in assert_one_line(err)
 
 
 def test_datamodule_imagefolder_and_channel_check(tmp_path):

@@ -40,8 +40,11 @@ above they reproduce 99.7% of its stored values exactly and the rest within
 one step, except the few values above 127 that the reference's int8 cast
 wrapped around to negative numbers; here they saturate at 127.
 
-Loaders, registered in :mod:`eenet.data.datasets`; both return features as
-float32 ``(N, 1, 49, 10)`` images on that int8 grid (values -128..127):
+Loaders, each registered below it as a :class:`~eenet.data.registry.DatasetSpec`;
+both return features as float32 ``(N, 1, 49, 10)`` images on that int8 grid
+(values -128..127), normalised by default with the mean and population std
+of every MFCC value of the 700 ``kws12_subset`` training clips (80.0572,
+15.6136; ``eenet/conf/dataset/kws12_subset.yaml`` says how they were computed):
 
 - ``kws12_subset``: ``root/speech_commands_kws12_1000.npz``, the 1,000 clips
   of MLPerf Tiny's evaluation subset with their stored int8 ``mfcc`` (or
@@ -58,17 +61,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import numpy as np
 import torch
 
+from eenet.data.registry import DatasetSpec, one_line, register_dataset, require_files, root_path
 from eenet.errors import EENetError
 
 __all__ = [
     "BACKGROUND_DIR",
     "KEYWORDS",
+    "KWS12_SUBSET",
     "KWS_CLASSES",
+    "SPEECH_COMMANDS",
     "SUBSET_FILE",
     "dct_matrix",
     "kws12_subset_split",
@@ -119,6 +125,8 @@ SILENCE_TEST_EVERY = 10
 SPEECH_COMMANDS_URL = "http://download.tensorflow.org/data/speech_commands_v0.02.tar.gz"
 
 _CHUNK = 512  # clips per feature batch (bounds memory on the full data set)
+#: Normalisation of the int8-grid MFCC input (see the loaders' section of the module docstring).
+_MFCC_MEAN, _MFCC_STD = (80.0572,), (15.6136,)
 
 
 # ----------------------------------------------------------------------------- front end
@@ -259,25 +267,6 @@ def kws_features(audio: np.ndarray | torch.Tensor, quantize: bool = True,
     return torch.cat(out).unsqueeze(1).contiguous()
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def _base(name: str, root: str | os.PathLike | None) -> Path:
-    if root is None or str(root) == "":
-        raise EENetError(f"dataset '{name}' needs a root folder (root=...), got none")
-    return Path(root).expanduser()
-
-
-def _raise_missing(name: str, base: Path, missing: Sequence[str], where: str) -> None:
-    if missing:
-        raise EENetError(f"dataset '{name}': missing {', '.join(missing)} under {base}; "
-                         f"this data set cannot be downloaded, {where}")
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__
-
-
 # ----------------------------------------------------------------------------- kws12_subset
 
 
@@ -321,15 +310,15 @@ def load_kws12_subset(root: str | os.PathLike | None, train: bool, download: boo
     Args:
         features: ``mfcc`` (the DS-CNN's input) or ``lfbe`` (log filter-bank energies).
     """
-    name = "kws12_subset"
-    base = _base(name, root)
+    name = KWS12_SUBSET.name
+    base = root_path(name, root)
     if download:
         raise EENetError(f"dataset '{name}' cannot be downloaded; put {SUBSET_FILE} (numpy "
                          f"arrays from MLPerf Tiny's keyword-spotting evaluation set) in {base}")
     if features not in SUBSET_FEATURES:
         raise EENetError(f"{name} option features={features!r} is not accepted; accepted: "
                          f"{', '.join(SUBSET_FEATURES)}")
-    _raise_missing(name, base, missing_kws12_subset(base), "put the file there")
+    require_files(KWS12_SUBSET, base, train)
     path = base / SUBSET_FILE
     try:
         with np.load(path, allow_pickle=False) as data:
@@ -337,7 +326,7 @@ def load_kws12_subset(root: str | os.PathLike | None, train: bool, download: boo
             y = np.asarray(data["y"], dtype=np.int64)
     except (OSError, ValueError, KeyError, EOFError) as error:
         raise EENetError(f"could not read dataset '{name}' file {path}: "
-                         f"{type(error).__name__}: {_one_line(error)}") from error
+                         f"{type(error).__name__}: {one_line(error)}") from error
     if x.ndim != 3 or len(x) != len(y):
         raise EENetError(f"could not read dataset '{name}' file {path}: {features} has shape "
                          f"{x.shape} for {len(y)} labels, expected (N, 49, 10)")
@@ -345,6 +334,15 @@ def load_kws12_subset(root: str | os.PathLike | None, train: bool, download: boo
     idx = train_idx if train else test_idx
     images = torch.from_numpy(x[idx].astype(np.float32)).unsqueeze(1).contiguous()
     return images, torch.from_numpy(y[idx])
+
+
+KWS12_SUBSET = register_dataset(DatasetSpec(
+    name="kws12_subset", loader=load_kws12_subset, num_classes=len(KWS_CLASSES), in_chans=1,
+    size=(num_frames(CLIP_SAMPLES), NUM_MFCC), mean=_MFCC_MEAN, std=_MFCC_STD,
+    options=("features",), missing=lambda base, train: missing_kws12_subset(base),
+    downloadable=False, how_to_get="put the file there",
+    note="small real subset (1,000 clips of MLPerf Tiny's evaluation set), not the full "
+         "Speech Commands; fixed stratified 70/30 split"))
 
 
 # ----------------------------------------------------------------------------- speech_commands
@@ -370,7 +368,7 @@ def read_wav(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
     try:
         rate, data = wavfile.read(str(path))
     except (OSError, ValueError, EOFError) as error:
-        raise EENetError(f"could not read wav file {path}: {_one_line(error)}") from error
+        raise EENetError(f"could not read wav file {path}: {one_line(error)}") from error
     if data.ndim == 2:  # several channels: their mean
         data = data.astype(np.float64).mean(axis=1).astype(data.dtype)
     return pcm_to_float(data), int(rate)
@@ -453,8 +451,8 @@ def load_speech_commands(root: str | os.PathLike | None, train: bool, download: 
         drop_validation_list: leave the clips of ``validation_list.txt`` out of
             the train split.
     """
-    name = "speech_commands"
-    base = _base(name, root)
+    name = SPEECH_COMMANDS.name
+    base = root_path(name, root)
     if download:
         raise EENetError(f"dataset '{name}' cannot be downloaded here (torchvision has no "
                          f"downloader for it); get {SPEECH_COMMANDS_URL} and extract it into "
@@ -463,8 +461,7 @@ def load_speech_commands(root: str | os.PathLike | None, train: bool, download: 
                                       or not isinstance(max_per_class, int) or max_per_class < 1):
         raise EENetError(f"{name} option max_per_class={max_per_class!r} must be a positive "
                          f"integer or null")
-    _raise_missing(name, base, missing_speech_commands(base),
-                   f"get {SPEECH_COMMANDS_URL} and extract it there")
+    require_files(SPEECH_COMMANDS, base, train)
     testing, validation = _read_lists(base, TESTING_LIST, VALIDATION_LIST)
 
     clips: list[tuple[Any, int]] = []
@@ -504,3 +501,11 @@ def load_speech_commands(root: str | os.PathLike | None, train: bool, download: 
             torch.stack([w for _, w in windows]), quantize=quantize)
     labels = torch.tensor([label for _, label in clips], dtype=torch.int64)
     return images, labels
+
+
+SPEECH_COMMANDS = register_dataset(DatasetSpec(
+    name="speech_commands", loader=load_speech_commands, num_classes=len(KWS_CLASSES),
+    in_chans=1, size=(num_frames(CLIP_SAMPLES), NUM_MFCC), mean=_MFCC_MEAN, std=_MFCC_STD,
+    options=("max_per_class", "quantize", "drop_validation_list"),
+    missing=lambda base, train: missing_speech_commands(base), downloadable=False,
+    how_to_get=f"get {SPEECH_COMMANDS_URL} and extract it there"))

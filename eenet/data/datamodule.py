@@ -27,8 +27,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from eenet.data.batching import BatchTransform, InMemoryBatchDataset, make_loader
-from eenet.data.datasets import DATASETS, dataset_info, load_split
-from eenet.errors import EENetError, unknown_name
+from eenet.data.datasets import dataset_info, get_dataset, list_datasets, load_split, missing_files
+from eenet.errors import EENetError
 
 __all__ = ["ClassificationDataModule"]
 
@@ -49,6 +49,18 @@ def _fixed_permutation(n: int, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
+class _Chosen:
+    """A ``select`` for :func:`load_split` that remembers the split size it was asked about."""
+
+    def __init__(self, choose) -> None:
+        self.choose = choose
+        self.n: int | None = None
+
+    def __call__(self, n: int) -> torch.Tensor:
+        self.n = n
+        return self.choose(n)
+
+
 class ClassificationDataModule(L.LightningDataModule):
     """Train / val / test loaders over an in-memory classification data set.
 
@@ -56,8 +68,9 @@ class ClassificationDataModule(L.LightningDataModule):
         name: a data set of :func:`eenet.data.list_datasets`.
         root: its data folder (ignored by ``digits``).
         download: let torchvision fetch missing files (needs network).
-        mean: per-channel normalisation mean, one value per channel.
-        std: per-channel normalisation standard deviation.
+        mean: per-channel normalisation mean, one value per channel; ``None``
+            takes the data set record's (:func:`eenet.data.get_dataset`).
+        std: per-channel normalisation standard deviation; ``None`` as ``mean``.
         augment: training augmentations, any of ``crop`` and ``hflip``.
         crop_padding: zero padding, in pixels, before the random ``crop`` (4 suits
             32x32 images; the 8x8 digits use 1).
@@ -69,9 +82,11 @@ class ClassificationDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes.
         train_subset: keep only n samples of the training split (the first n of a
             fixed permutation with ``split_seed``), before the validation split is
-            carved from them; for quick runs.
+            carved from them; for quick runs. Image folders decode only those n
+            files (the same samples as decoding all, then choosing).
         test_subset: keep only n test samples, chosen the same way.
-        image_size: ``[H, W]`` to resize images to (``imagefolder`` only).
+        image_size: ``[H, W]`` to resize images to (data sets with an
+            ``image_size`` option: ``imagefolder``, ``vww``).
         drop_last: drop the last training batch when it is smaller than ``batch_size``.
 
     Shuffling and augmentation of the training batches use the global torch RNG
@@ -80,7 +95,8 @@ class ClassificationDataModule(L.LightningDataModule):
     """
 
     def __init__(self, name: str, root: str | None = None, download: bool = False, *,
-                 mean: Sequence[float], std: Sequence[float], augment: Sequence[str] = (),
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 augment: Sequence[str] = (),
                  crop_padding: int = 4, val_size: float | int = 0.1, split_seed: int = 0,
                  batch_size: int = 128,
                  eval_batch_size: int | None = None, num_workers: int = 0,
@@ -88,8 +104,7 @@ class ClassificationDataModule(L.LightningDataModule):
                  image_size: Sequence[int] | None = None, drop_last: bool = False) -> None:
         super().__init__()
         name = str(name)
-        if name not in DATASETS:
-            raise unknown_name("dataset", name, DATASETS)
+        spec = get_dataset(name)
         if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
             raise EENetError(f"val_size must be a fraction in (0, 1) or a sample count, "
                              f"got {val_size!r}")
@@ -110,9 +125,10 @@ class ClassificationDataModule(L.LightningDataModule):
             raise EENetError(f"split_seed must be an integer, got {split_seed!r}")
         self.options: dict[str, Any] = {}
         if image_size is not None:
-            if name != "imagefolder":
-                raise EENetError(f"image_size is only accepted for dataset 'imagefolder', "
-                                 f"not '{name}'")
+            if "image_size" not in spec.options:
+                resizing = [n for n in list_datasets() if "image_size" in get_dataset(n).options]
+                raise EENetError(f"image_size is only accepted for dataset(s) "
+                                 f"{', '.join(resizing)}, not '{name}'")
             size = [int(s) for s in image_size]
             if len(size) != 2 or min(size) < 1:
                 raise EENetError(f"image_size must be two positive integers [H, W], "
@@ -131,6 +147,13 @@ class ClassificationDataModule(L.LightningDataModule):
         self.drop_last = bool(drop_last)
         self.train_subset = _optional_count(train_subset, "train_subset")
         self.test_subset = _optional_count(test_subset, "test_subset")
+        if mean is None or std is None:
+            if mean is not None or std is not None:
+                raise EENetError("give both mean and std, or neither (the data set's own)")
+            if spec.mean is None:
+                raise EENetError(f"dataset '{name}' has no standard normalisation; give mean "
+                                 f"and std (one value per channel)")
+            mean, std = list(spec.mean), list(spec.std)  # type: ignore[arg-type]
         # Validates mean/std lengths against each other and the augmentation names.
         self.train_transform = BatchTransform(mean, std, self.augment, crop_padding=crop_padding)
         self.eval_transform = BatchTransform(mean, std, ())
@@ -157,9 +180,10 @@ class ClassificationDataModule(L.LightningDataModule):
             raise EENetError(f"dataset '{self.name}' has {channels} channel(s) but mean/std have "
                              f"{len(self.mean)} values; give one value per channel")
 
-    def _load(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, train: bool, select=None) -> tuple[torch.Tensor, torch.Tensor]:
         self.load_count += 1
-        images, labels = load_split(self.name, self.root, train, self.download, **self.options)
+        images, labels = load_split(self.name, self.root, train, self.download, select=select,
+                                    **self.options)
         self._check_channels(images.shape[1])
         return images, labels
 
@@ -177,9 +201,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Check that the files are there (downloading them if ``download``); loads nothing."""
-        from eenet.data.datasets import missing_files
-
-        if self.name == "digits" or self.name == "imagefolder":
+        if get_dataset(self.name).missing is None:
             return
         for train in (True, False):
             if missing_files(self.name, self.root, train):
@@ -189,30 +211,52 @@ class ClassificationDataModule(L.LightningDataModule):
         """Load the splits a stage needs, once (later calls reuse them).
 
         ``fit`` / ``validate`` load the training split (train + val), ``test`` /
-        ``predict`` the test split, ``None`` both.
+        ``predict`` the test split, ``None`` both. With ``train_subset`` /
+        ``test_subset`` only the kept samples are asked for (``select`` of
+        :func:`load_split`): image folders decode only those files.
         """
         if stage in (None, "fit", "validate") and self._train is None:
-            images, labels = self._load(train=True)
-            n = len(labels)
-            order = _fixed_permutation(n, self.split_seed)
-            if self.train_subset is not None and self.train_subset < n:
-                order = order[:self.train_subset]
+            if self.train_subset is None:
+                images, labels = self._load(train=True)
+                order, kept = self._train_order(len(labels)), None
+            else:
+                chosen = _Chosen(lambda n: self._train_order(n).sort().values)
+                images, labels = self._load(train=True, select=chosen)
+                order = self._train_order(chosen.n)  # type: ignore[arg-type]
+                kept = order.sort().values  # the split positions of the loaded rows
             n_val = self._val_count(len(order))
             val_idx = order[:n_val].sort().values
             train_idx = order[n_val:].sort().values
-            self._train = InMemoryBatchDataset(images[train_idx], labels[train_idx],
+            rows = (lambda idx: idx) if kept is None else (
+                lambda idx: torch.searchsorted(kept, idx))
+            self._train = InMemoryBatchDataset(images[rows(train_idx)], labels[rows(train_idx)],
                                                self.train_transform)
-            self._val = InMemoryBatchDataset(images[val_idx], labels[val_idx],
+            self._val = InMemoryBatchDataset(images[rows(val_idx)], labels[rows(val_idx)],
                                              self.eval_transform)
             self.train_indices, self.val_indices = train_idx, val_idx
         if stage in (None, "test", "predict") and self._test is None:
-            images, labels = self._load(train=False)
-            n = len(labels)
-            idx = torch.arange(n)
-            if self.test_subset is not None and self.test_subset < n:
-                idx = _fixed_permutation(n, self.split_seed)[:self.test_subset].sort().values
-            self._test = InMemoryBatchDataset(images[idx], labels[idx], self.eval_transform)
+            if self.test_subset is None:
+                images, labels = self._load(train=False)
+                idx = torch.arange(len(labels))
+            else:
+                chosen = _Chosen(self._test_positions)
+                images, labels = self._load(train=False, select=chosen)
+                idx = self._test_positions(chosen.n)  # type: ignore[arg-type]
+            self._test = InMemoryBatchDataset(images, labels, self.eval_transform)
             self.test_indices = idx
+
+    def _train_order(self, n: int) -> torch.Tensor:
+        """The training split's fixed permutation cut to ``train_subset`` (val, then train)."""
+        order = _fixed_permutation(n, self.split_seed)
+        if self.train_subset is not None and self.train_subset < n:
+            order = order[:self.train_subset]
+        return order
+
+    def _test_positions(self, n: int) -> torch.Tensor:
+        """Kept test positions, sorted: all, or the first ``test_subset`` of a fixed permutation."""
+        if self.test_subset is not None and self.test_subset < n:
+            return _fixed_permutation(n, self.split_seed)[:self.test_subset].sort().values
+        return torch.arange(n)
 
     # ------------------------------------------------------------------ loaders
 
