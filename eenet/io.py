@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -58,15 +59,33 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _torch_load_reason(exc: BaseException) -> str:
+    """The informative part of torch.load's refusal, on one line.
+
+    torch's weights-only message opens with general advice (to retry with
+    ``weights_only=False``, which would run the file's code) and names the
+    refused global or opcode on a later line; that line is the reason given.
+    """
+    lines = [line.strip() for line in str(exc).splitlines()]
+    if not lines or not lines[0].startswith("Weights only load failed"):
+        return first_line(exc)
+    reason = [line for line in lines[1:] if line and not line.startswith(
+        ("Please file an issue", "Check the documentation"))]
+    return " ".join(reason) if reason else lines[0]
+
+
 def safe_torch_load(path: str | Path, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
     """``torch.load(path, weights_only=True)`` with a one-line error for missing or bad files."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # torch warns on stderr of a pickle protocol other than 2
+            warnings.filterwarnings("ignore", message="Detected pickle protocol",
+                                    category=UserWarning)
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise EENetError(f"{what} not found: {path}") from None
     except Exception as exc:  # truncated file, foreign pickle, wrong format
         raise EENetError(f"cannot load {path} safely (weights_only=True): "
-                         f"{first_line(exc)}") from exc
+                         f"{_torch_load_reason(exc)}") from exc
 
 
 #: The only globals :func:`safe_pickle_load` rebuilds: numpy arrays, dtypes and scalars

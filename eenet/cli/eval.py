@@ -10,12 +10,14 @@ Usage::
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 from eenet.cli.common import prepare_command_line, run_job
 from eenet.config import CONFIG_PATH
+from eenet.io import safe_torch_load
 from eenet.jobs.evaluate import evaluate, report
 from eenet.runs import check_run_folder
 
@@ -27,15 +29,20 @@ def _main(cfg: DictConfig) -> None:
     print(f"\nWritten to {cfg.output_dir}: results.json, results.md, curve.png, exits.png")
 
 
+def _check_run(run: str) -> None:
+    check_run_folder(run)  # config.yaml: plain data, allowed classes only
+    safe_torch_load(Path(run) / "model.pt", what="weights")  # tensors only
+
+
 def _check_run_argument(argv: list[str]) -> None:
-    """Check the folder of ``run=DIR`` before Hydra creates ``DIR/eval/<time>`` in it, so a
-    folder that is refused (:func:`eenet.runs.check_run_folder`) is left exactly as it was."""
+    """Check the folder of ``run=DIR`` (its config and weights) before Hydra creates
+    ``DIR/eval/<time>`` in it, so a folder that is refused is left exactly as it was."""
     for arg in argv:
         key, sep, value = arg.partition("=")
         if sep and key.lstrip("+") == "run" and value and "${" not in value and "," not in value:
             quoted = len(value) > 1 and value[0] in "'\"" and value[-1] == value[0]
             run = value[1:-1] if quoted else value
-            run_job(lambda _: check_run_folder(run), None)
+            run_job(lambda _: _check_run(run), None)
 
 
 def main() -> None:
