@@ -38,8 +38,8 @@ test-all: $(STAMP) ## run every test
 	$(PY) -m pytest -q
 
 experiments-core: $(STAMP) ## Core acceptance: MNIST lambda sweep and training-throughput benchmark
-	$(PY) experiments/mnist_core.py --data $(DATA_ROOT)
-	$(PY) experiments/bench_train.py --data $(DATA_ROOT)
+	$(PY) experiments/mnist_core/run.py --data $(DATA_ROOT)
+	$(PY) experiments/bench/bench_train.py --data $(DATA_ROOT)
 
 SMOKE ?=
 TABLE_ARGS ?=

@@ -147,7 +147,7 @@ def table_eenets(t: Table, datasets: list[str]) -> tuple[str, list[dict], list[s
         "eenet_v2.",
         "Confidence head: eenet's stats head (started at the max softmax probability, 10x "
         "learning rate); EENets' own feature head saturates under Adam and sends every sample "
-        "to one exit (experiments/mnist_core.py compares both).",
+        "to one exit (experiments/mnist_core/run.py compares both).",
         "Policy: confidence > 0.5, as in EENets; anytime AUC uses thresholds chosen on val."]
     for ds in datasets:
         if ds != "mnist":

@@ -16,8 +16,8 @@ threshold 0.5: test accuracy, average cost fraction (fvcore MACs, exit heads
 included) and exit rates. Target: for some lambda, accuracy within 0.5 points
 of the plain backbone at an average cost fraction of at most 0.5.
 
-    python experiments/mnist_core.py                 # full run (about 35 minutes on 2 cores)
-    python experiments/mnist_core.py --smoke         # 1 epoch on a subset, a pipeline check
+    python experiments/mnist_core/run.py             # full run (about 35 minutes on 2 cores): results.json
+    python experiments/mnist_core/run.py --smoke     # 1 epoch on a subset, a pipeline check (JSON under runs/)
 """
 
 from __future__ import annotations
@@ -33,11 +33,12 @@ from eenet.config import compose_config
 from eenet.jobs.train import train
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
+DATA = HERE.parents[2] / "shared" / "data"
+RUNS = HERE.parent / "runs"  # experiments/runs/<study>/...
 
 
 def run(name: str, overrides: list[str], args) -> dict:
-    out = HERE / "runs" / ("mnist_core_smoke" if args.smoke else "mnist_core") / name
+    out = RUNS / ("mnist_core_smoke" if args.smoke else "mnist_core") / name
     done = out / "results.json"
     if done.is_file() and json.loads(done.read_text()).get("epochs") == args.epochs \
             and not args.retrain:
@@ -115,9 +116,10 @@ def main() -> None:
           f"fvcore MACs (exit heads included)\n")
     print(table)
     print(f"\ntarget (drop <= 0.5 points at avg cost <= 0.5) met by: {met or 'none'}")
-    path = save_report(__file__, {"plain": plain, "early_exit": ee, "table": table,
+    path = save_report(str(RUNS / "mnist_core_smoke" / "results.json" if args.smoke
+                           else HERE / "results.json"), {"plain": plain, "early_exit": ee, "table": table,
                                   "target_met_by": met, "settings": vars(args)},
-                       suffix="_smoke" if args.smoke else "")
+                       )
     print(f"saved {path}")
 
 

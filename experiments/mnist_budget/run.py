@@ -10,14 +10,18 @@ the validation accuracy of the backbone without exits (``--reference plain``,
 what the target compares against); the policy with the lowest validation cost
 that meets the tolerance is chosen (on val), and only that one is evaluated on
 test, with the dynamic engine. The reference is the same resnet20 trained
-without exits by the same recipe (reused from ``mnist_core.py`` when present).
+without exits by the same recipe (reused from ``experiments/mnist_core/run.py``
+when present).
 
 Target: test accuracy within 0.3 points of the plain backbone at an average
 cost fraction of at most 0.25. The whole validation Pareto curve is saved as
-JSON (``mnist_budget.json``) and PNG (``mnist_budget.png``).
+JSON (``results.json``) and PNG (``results.png``) beside this script; the
+variants write ``results_pool.*`` (``--exit pool``) and ``results_vs_plain.*``
+(``--reference plain``), every setting recorded in the JSON (``settings``).
 
-    python experiments/mnist_budget.py
-    python experiments/mnist_budget.py --exit pool   # pooled exit heads: runs/mnist_budget/ee_pool
+    python experiments/mnist_budget/run.py
+    python experiments/mnist_budget/run.py --reference plain   # reuses the runs: results_vs_plain.json
+    python experiments/mnist_budget/run.py --exit pool   # pooled exit heads: runs/mnist_budget/ee_pool
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from eenet.config import compose_config
 from eenet.jobs.train import train
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
-RUNS = HERE / "runs"
+DATA = HERE.parents[2] / "shared" / "data"
+RUNS = HERE.parent / "runs"  # experiments/runs/<study>/..., shared with bench/bench_inference.py
 POLICIES = ("confidence", "max_prob", "entropy", "patience")
 
 
@@ -106,7 +110,7 @@ def main() -> None:
     results = evaluate(compose_config([f"run={ee_dir}", f"{key}={value}",
                                        f"policy={best}", "latency=false"],
                                       output_dir=out, config_name="eval"))
-    png = HERE / f"mnist_budget{suffix}.png"
+    png = HERE / f"results{suffix}.png"
     shutil.copy(out / "curve.png", png)
     t = results["test"]
     drop = 100 * (plain_acc - t["accuracy"])
@@ -128,7 +132,7 @@ def main() -> None:
     print(table)
     print(f"\ntarget (drop <= {args.tolerance} points vs plain, avg cost <= 0.25): "
           f"{'met' if meets else 'NOT met'}")
-    path = save_report(__file__, {
+    path = save_report(str(HERE / "results.json"), {  # results<suffix>.json here
         "plain_run": str(plain_dir), "ee_run": str(ee_dir), "plain_test_accuracy": plain_acc,
         "chosen_policy": best, "test": t, "drop_points": drop, "meets_target": meets,
         "val_calibration": {k: r.to_dict() for k, r in per_policy.items()},

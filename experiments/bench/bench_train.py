@@ -9,7 +9,7 @@ upsampled to 28x28, when MNIST is absent). The runs alternate plain / early-exit
 Reported: images per second per run, their medians, and the ratio
 early-exit / plain (target >= 0.8), also as the median of per-repetition ratios.
 
-    python experiments/bench_train.py
+    python experiments/bench/bench_train.py
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from eenet.reporting.markdown import markdown_table
 from eenet.training import EarlyExitModule
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
+DATA = HERE.parents[2] / "shared" / "data"
 
 
 class StepTimer(L.Callback):

@@ -9,7 +9,7 @@ beside this script): samples, share of equal predictions, share of equal exit
 indices, and each side's accuracy and average cost fraction (fvcore MACs, one
 fused multiply-add = one flop, exit heads included).
 
-    python experiments/onnx_equivalence.py RUN_DIR RUN_DIR/eval/<time>/results.json
+    python experiments/onnx_equivalence/run.py RUN_DIR RUN_DIR/eval/<time>/results.json
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def main() -> None:
         [[payload["samples"], 100 * payload["equal_predictions"], 100 * payload["equal_exits"],
           100 * payload["onnx_accuracy"], 100 * payload["torch_accuracy"],
           payload["onnx_avg_cost"], payload["torch_avg_cost"]]]))
-    print(f"\nSaved {save_report(__file__, payload)}")
+    print(f"\nSaved {save_report(str(Path(__file__).with_name('results.json')), payload)}")
 
 
 if __name__ == "__main__":

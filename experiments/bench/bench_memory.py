@@ -9,7 +9,7 @@ peak RSS after the last epoch at most 5% above the peak after the first.
 Inference: the dynamic engine over the digits test set at batch 1 and 256,
 peak RSS before and after.
 
-    python experiments/bench_memory.py
+    python experiments/bench/bench_memory.py
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def child_train(epochs: int) -> dict:
     import lightning as L
 
     from eenet.config import compose_config
-from eenet.jobs.train import train
+    from eenet.jobs.train import train
 
     per_epoch = []
 
@@ -63,7 +63,7 @@ def child_engine() -> dict:
     from eenet.inference import DynamicEngine
     from eenet.policies import create_policy
     from eenet.config import compose_config
-from eenet.jobs.train import train
+    from eenet.jobs.train import train
 
     with tempfile.TemporaryDirectory() as out:
         _, objs = train(compose_config(["trainer.max_epochs=2", "trainer.enable_progress_bar=false",

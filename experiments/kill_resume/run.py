@@ -8,7 +8,7 @@ it is continued with ``resume=true``. The final validation/test metrics and the
 weights of the killed-and-resumed run are compared with the uninterrupted run.
 Checkpoints are written atomically, so a kill never leaves a truncated one.
 
-    python experiments/kill_resume.py
+    python experiments/kill_resume/run.py   # writes results.json beside itself
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from eenet.reporting.experiment import save_report
 from eenet.reporting.markdown import markdown_table
 
 HERE = Path(__file__).resolve().parent
-RUNS = HERE / "runs" / "kill_resume"
+RUNS = HERE.parent / "runs" / "kill_resume"
 
 
 def command(out: Path, args, extra=()) -> list[str]:
@@ -105,7 +105,7 @@ def main() -> None:
           f"resume=true; max |weight difference| = {max_diff:.3g}\n")
     print(table)
     print(f"\nfinal metrics equal: {equal}")
-    path = save_report(__file__, {"epochs": args.epochs, "kills": events,
+    path = save_report(str(HERE / "results.json"), {"epochs": args.epochs, "kills": events,
                                   "uninterrupted_s": straight_s, "max_weight_difference": max_diff,
                                   "metrics_equal": equal, "uninterrupted": {k: a[k] for k in ("val", "test", "val_loss")},
                                   "killed_and_resumed": {k: b[k] for k in ("val", "test", "val_loss")},

@@ -12,7 +12,7 @@ accuracies (about 92% on the full test set) are not comparable. The pipeline:
 3. export ONNX segments and check the onnxruntime runner against the engine on
    every test clip.
 
-    python experiments/kws_subset.py
+    python experiments/kws_subset/run.py   # results.json beside itself
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from eenet.config import compose_config
 from eenet.jobs.train import train
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
-RUNS = HERE / "runs" / "kws_subset"
+DATA = HERE.parents[2] / "shared" / "data"
+RUNS = HERE.parent / "runs" / "kws_subset"
 
 
 def main() -> None:
@@ -85,7 +85,7 @@ def main() -> None:
     print(table)
     print(f"\nONNX runner vs PyTorch dynamic engine on {n} test clips: predictions equal "
           f"{100 * same_pred / n:.1f}%, exit indices equal {100 * same_exit / n:.1f}%")
-    path = save_report(__file__, {"splits": dm.split_sizes, "plain": plain["test"],
+    path = save_report(str(HERE / "results.json"), {"splits": dm.split_sizes, "plain": plain["test"],
                                   "plain_final_exit_accuracy": plain["exits"][-1]["test_accuracy"],
                                   "trecx": ee["test"], "trecx_exits": ee["exits"],
                                   "calibrated": t, "thresholds": ev["policy"]["thresholds"],

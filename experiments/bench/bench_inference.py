@@ -1,6 +1,6 @@
 """Wall-clock speed-up of real early exit on the MNIST test set, against the plain resnet20.
 
-The early-exit model and its thresholds come from ``mnist_budget.py`` (resnet20
+The early-exit model and its thresholds come from ``experiments/mnist_budget/run.py`` (resnet20
 with 2 exits trained as in Core, thresholds calibrated on val); the plain model
 is the resnet20 without exits. Over the whole MNIST test set, with 2 threads,
 the plain network and the dynamic engine are timed alternately ``--reps`` times
@@ -19,8 +19,8 @@ and the share of that ceiling the engine realises.
 ``--fold-bn`` folds every BatchNorm into the convolution before it in both
 networks (``eenet.inference.fold_batchnorm``) and saves ``bench_inference_folded.json``.
 
-    python experiments/bench_inference.py
-    python experiments/bench_inference.py --fold-bn
+    python experiments/bench/bench_inference.py
+    python experiments/bench/bench_inference.py --fold-bn
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from eenet.reporting.experiment import save_report
 from eenet.reporting.markdown import markdown_table
 
 HERE = Path(__file__).resolve().parent
-RUNS = HERE / "runs"
+RUNS = HERE.parent / "runs"  # the runs of experiments/mnist_budget and mnist_core
 
 
 def timed(fn, batches) -> float:

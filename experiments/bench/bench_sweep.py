@@ -7,7 +7,7 @@ after another, in one process) and with ``hydra/launcher=joblib`` (3 worker
 processes). Each job uses 1 thread in both; the sequential sweep is also timed
 with 2 threads per job, since a single job on this machine could use both cores.
 
-    python experiments/bench_sweep.py
+    python experiments/bench/bench_sweep.py
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ all the evaluation sees; the timed call is ``Calibrator.evaluate`` on a (T, N)
 batch of threshold vectors, median of ``--reps`` runs, 2 threads. A whole
 ``calibrate(tolerance=...)`` call (sweep, search and Pareto front) is timed too.
 
-    python experiments/bench_calibration.py
+    python experiments/bench/bench_calibration.py
 """
 
 from __future__ import annotations
