@@ -16,8 +16,8 @@ other callable is refused before anything runs.
 
 from __future__ import annotations
 
-import os
-import sys
+import contextlib
+import io
 from importlib import resources
 from pathlib import Path
 from typing import Any, Collection, Iterable
@@ -70,12 +70,14 @@ def compose_config(overrides: Iterable[str] = (), output_dir: str | None = None,
     (:func:`eenet.jobs.train.train`) directly. Hydra's runtime folder does not
     exist there, so ``output_dir`` is required unless an override sets it.
     ``config_dirs`` are folders of the user's own config groups, searched
-    before eenet's.
+    after eenet's (Hydra's order), so :func:`check_config_dirs` refuses a file in
+    them that has the name of one of eenet's.
     """
     from hydra import compose, initialize_config_module
 
     overrides = list(overrides)
     extra = [str(Path(d).resolve()) for d in config_dirs]
+    check_config_dirs(extra)
     if extra:
         paths = ",".join(f"file://{d}" for d in extra)
         overrides.append(f"hydra.searchpath=[{paths}]")
@@ -142,54 +144,135 @@ def instantiate(node, what: str, trusted: bool = True, **kwargs):
         raise
 
 
-def _user_config_dirs(argv: list[str]) -> list[Path] | None:
-    """Folders the command line adds to the search path; None when one cannot be checked."""
+def _parse_command_line(argv: list[str]) -> Any | None:
+    """``argv`` read by Hydra's own parser, as ``@hydra.main`` reads it; None when it refuses it.
+
+    Hydra then reports the mistake itself (argparse's usage line and error).
+    """
+    from hydra._internal.utils import get_args_parser
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return get_args_parser().parse_args(argv)
+    except SystemExit:
+        return None
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+        return text[1:-1]
+    return text
+
+
+def _user_config_dirs(args: Any) -> list[Path]:
+    """Folders the command line adds to Hydra's search path, as it gives them.
+
+    ``--config-dir DIR`` and the folders of ``hydra.searchpath=[...]``: ``file://DIR``
+    or a plain ``DIR`` (Hydra reads both as folders), and ``pkg://package``, which must
+    be importable.
+    """
     dirs: list[Path] = []
-    for i, arg in enumerate(argv):
-        if arg in ("--config-dir", "-cd") and i + 1 < len(argv):
-            dirs.append(Path(argv[i + 1]))
-        elif arg.startswith("--config-dir="):
-            dirs.append(Path(arg.split("=", 1)[1]))
-        elif arg.startswith(("hydra.searchpath=", "+hydra.searchpath=")):
-            for item in arg.split("=", 1)[1].strip("[]").split(","):
-                item = item.strip().strip("'\"")
-                if item.startswith("file://"):
-                    dirs.append(Path(item[len("file://"):]))
-                elif item:
-                    return None  # a pkg:// path of the user's: let Hydra decide
+    if args.config_dir is not None:
+        dirs.append(Path(args.config_dir))
+    for override in args.overrides:
+        key, sep, value = override.partition("=")
+        if not sep or key.lstrip("+") != "hydra.searchpath":
+            continue
+        for item in value.strip().strip("[]").split(","):
+            item = _unquote(item)
+            scheme, sep, path = item.partition("://")
+            if not item:
+                continue
+            if not sep:
+                dirs.append(Path(item))
+            elif scheme == "file":
+                dirs.append(Path(path))
+            elif scheme == "pkg":
+                try:
+                    dirs.append(Path(str(resources.files(path.replace("/", ".")))))
+                except (ImportError, TypeError) as exc:
+                    raise EENetError(f"config package {path} of hydra.searchpath cannot be "
+                                     f"imported: {exc}") from None
     return dirs
 
 
-def check_command_line(argv: list[str]) -> None:
-    """One-line errors for the mistakes Hydra reports over several lines.
+def check_config_dirs(dirs: Iterable[str | Path]) -> None:
+    """Refuse a user's config folder that is missing, or holds a file Hydra would ignore.
 
-    - ``--config-dir DIR`` that is not a folder;
-    - ``group=option`` when no searched folder holds ``<group>/<option>.yaml``.
+    Hydra searches eenet's own configs first and a user's folders (``--config-dir``,
+    ``hydra.searchpath``) after them, so ``DIR/backbone/resnet20.yaml`` would never be
+    read: eenet's ``backbone/resnet20.yaml`` wins, silently. Such a file is refused
+    unless it is an unchanged copy of eenet's (nothing of the user's is then lost).
 
-    ``HYDRA_FULL_ERROR=1`` skips the check (Hydra then reports it itself).
+    Raises:
+        EENetError: one line naming the folder or the file.
     """
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
-        return
-    extra = _user_config_dirs(argv)
-    if extra is None:
-        return
-    for d in extra:
-        if not d.is_dir():
-            _fail(f"config folder {d} does not exist")
-    roots = [*extra, config_dir()]
-    for arg in argv:
-        if arg.startswith("-") or "=" not in arg:
+    own = config_dir()
+    builtins = sorted(own.rglob("*.yaml"))
+    for folder in map(Path, dirs):
+        if not folder.is_dir():
+            raise EENetError(f"config folder {folder} does not exist")
+        if folder.resolve() == own.resolve():
             continue
-        key, value = arg.split("=", 1)
-        key = key.lstrip("+~")
-        groups = [r / key for r in roots if (r / key).is_dir()]
-        if "." in key or "/" in key or not groups or "," in value or value in ("null", ""):
-            continue
-        if not any((g / f"{value}.yaml").is_file() for g in groups):
-            accepted = sorted({p.stem for g in groups for p in g.glob("*.yaml")})
-            _fail(f"unknown {key} '{value}'; accepted: {', '.join(accepted)}")
+        for builtin in builtins:
+            rel = builtin.relative_to(own)
+            mine = folder / rel
+            if mine.is_file() and mine.read_bytes() != builtin.read_bytes():
+                name = rel.with_suffix("").as_posix()
+                raise EENetError(
+                    f"{mine} has the name of eenet's own config {name}.yaml, which Hydra reads "
+                    f"first, so yours would be ignored; give it a name of its own (e.g. "
+                    f"{(rel.parent / ('my_' + rel.name)).as_posix()})")
 
 
-def _fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _options(value: str) -> list[str]:
+    """The config options a group override names: one, or a comma-separated sweep.
+
+    Empty for what only Hydra can read: ``null``, interpolations, ``choice(...)``,
+    ``glob(...)``, ``range(...)``, lists.
+    """
+    if any(c in value for c in "()[]{}$*?"):
+        return []
+    options = [_unquote(v) for v in value.split(",")]
+    return [o for o in options if o and o != "null"]
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Refuse, before Hydra starts, the mistakes Hydra reports over many lines or not at all.
+
+    - a user's config folder (``--config-dir DIR``, ``hydra.searchpath=[file://DIR]``)
+      that does not exist, or that holds a file named like one of eenet's
+      (:func:`check_config_dirs`);
+    - ``group=option`` (each option of a sweep ``group=a,b``) when no searched folder
+      holds ``<group>/<option>.yaml``; the message lists the options of every searched
+      folder, the user's too.
+
+    Everything else (bad override syntax, broken YAML, a key that is not in the config)
+    is left to Hydra. Nothing is checked when ``--config-path`` replaces eenet's configs.
+
+    Args:
+        argv: the command line without the program name (``sys.argv[1:]``).
+
+    Raises:
+        EENetError: one line saying what is wrong and what is accepted.
+    """
+    args = _parse_command_line(argv)
+    if args is None or args.config_path is not None:
+        return
+    extra = _user_config_dirs(args)
+    check_config_dirs(extra)
+    roots = [config_dir(), *extra]
+    for override in args.overrides:
+        key, sep, value = override.partition("=")
+        group = key.lstrip("+~")
+        if not sep or not group or "." in group or "@" in group or group.split("/")[0] == "hydra":
+            continue
+        folders = [r / group for r in roots if (r / group).is_dir()]
+        if not folders:
+            continue
+        for option in _options(value):
+            if not any((f / f"{option}.yaml").is_file() for f in folders):
+                accepted = sorted({p.relative_to(f).with_suffix("").as_posix()
+                                   for f in folders for p in f.rglob("*.yaml")})
+                raise EENetError(f"unknown {group} '{option}'; accepted: {', '.join(accepted)}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from eenet.errors import EENetError
 from eenet.jobs.evaluate import evaluate
 from eenet.cli.common import run_job
-from eenet.config import compose_config
+from eenet.config import check_command_line, compose_config, config_dir
 from eenet.jobs.train import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -197,26 +198,134 @@ def test_eval_of_weights_that_do_not_match_the_config(digits_run, tmp_path, caps
 
 # ---- the command line itself -------------------------------------------------------------------
 
+RESNET20 = config_dir() / "backbone" / "resnet20.yaml"
+BROKEN_YAML = "name: [resnet20\nshortcut: conv\n"  # an unclosed list
+
+
+def _user_folders(root: Path) -> dict[str, Path]:
+    """A user's config folders: their own groups, and files named like eenet's (shadows)."""
+    own = root / "user_conf" / "backbone"
+    own.mkdir(parents=True)
+    resnet20 = RESNET20.read_text()
+    (own / "my_resnet.yaml").write_text(resnet20 + "widths: [8, 16, 32]\n")
+    (own / "broken.yaml").write_text(BROKEN_YAML)
+    (own / "typo.yaml").write_text(resnet20 + "depthh: 20\n")
+    for name, text in (("shadow_yaml", BROKEN_YAML), ("shadow_key", resnet20 + "depthh: 20\n")):
+        (root / name / "backbone").mkdir(parents=True)
+        (root / name / "backbone" / "resnet20.yaml").write_text(text)
+    return {"USER": root / "user_conf", "SHADOW_YAML": root / "shadow_yaml",
+            "SHADOW_KEY": root / "shadow_key", "MISSING": root / "no_such_folder",
+            "EVAL": root / "eval"}
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
+            for p in sorted(root.rglob("*"))}
+
+
+SHADOW = "has the name of eenet's own config backbone/resnet20.yaml, which Hydra reads first"
+
 CLI_ROWS = [
     ("unknown config group option", ["eenet.cli.train", "backbone=resnet21"], "error: unknown backbone 'resnet21'"),
     ("unknown loss group option", ["eenet.cli.train", "loss=focal"], "error: unknown loss 'focal'"),
     ("eval of a missing run", ["eenet.cli.eval", "run=/nonexistent/run", "tolerance=1",
                                "hydra.run.dir=EVAL"], "is not a finished eenet-train run"),
+    ("config folder that does not exist", ["eenet.cli.train", "--config-dir", "MISSING"],
+     "error: config folder MISSING does not exist"),
+    ("user file shadowing a built-in, broken YAML", ["eenet.cli.train", "--config-dir", "SHADOW_YAML"],
+     f"error: SHADOW_YAML/backbone/resnet20.yaml {SHADOW}"),
+    ("user file shadowing a built-in, unknown key", ["eenet.cli.train", "--config-dir=SHADOW_KEY"],
+     f"error: SHADOW_KEY/backbone/resnet20.yaml {SHADOW}"),
+    ("user file shadowing a built-in, in hydra.searchpath", ["eenet.cli.eval", "run=/x", "tolerance=1",
+                                                             "hydra.searchpath=[file://SHADOW_KEY]"],
+     f"error: SHADOW_KEY/backbone/resnet20.yaml {SHADOW}"),
+    ("unknown option, the user's options listed", ["eenet.cli.train", "--config-dir", "USER", "backbone=resnet21"],
+     "error: unknown backbone 'resnet21'; accepted: broken, cifar_densenet40"),
+    ("user's own file with broken YAML", ["eenet.cli.train", "--config-dir", "USER", "backbone=broken"],
+     "error: USER/backbone/broken.yaml, line 2, column 9: not valid YAML"),
+    ("user's own file with an unknown key", ["eenet.cli.train", "--config-dir", "USER", "backbone=typo"],
+     "error: backbone: CifarResNet.__init__() got an unexpected keyword argument 'depthh'"),
+    ("override of a key that is not in the config", ["eenet.cli.train", "backbone.depthh=3"],
+     "error: Could not override 'backbone.depthh'. To append to your config use +backbone.depthh=3"),
 ]
+
+
+def _run_cli(tmp_path: Path, args: list[str], **env_extra: str):
+    folders = _user_folders(tmp_path)
+
+    def fill(text: str) -> str:
+        for placeholder, folder in folders.items():
+            text = text.replace(placeholder, str(folder))
+        return text
+
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **env_extra}
+    if "HYDRA_FULL_ERROR" not in env_extra:
+        env.pop("HYDRA_FULL_ERROR", None)
+    before = _tree(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", *map(fill, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+    return proc, fill, before == _tree(tmp_path)
 
 
 @pytest.mark.parametrize("name,args,message", CLI_ROWS, ids=[r[0] for r in CLI_ROWS])
 def test_cli_rows(tmp_path, name, args, message):
-    args = [a.replace("EVAL", str(tmp_path / "eval")) for a in args]
-    env = {**os.environ, "WANDB_MODE": "disabled"}
-    env.pop("HYDRA_FULL_ERROR", None)
-    proc = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
-    assert proc.returncode == 2
+    proc, fill, unchanged = _run_cli(tmp_path, args)
+    assert proc.returncode == 2, proc.stderr[-1500:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-1500:]
-    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-1500:]
+    assert fill(message) in lines[0], lines[0]
+    assert unchanged, "a refused command wrote into the working folder or the user's folders"
+    if "the user's options" in name:
+        assert "my_resnet" in lines[0] and "resnet20" in lines[0]
+
+
+@pytest.mark.parametrize("args", [["--config-dir", "SHADOW_YAML"],
+                                  ["--config-dir", "USER", "backbone=broken"]],
+                         ids=["checked before Hydra", "reported by Hydra"])
+def test_cli_full_error_shows_the_traceback(tmp_path, args):
+    proc, _, _ = _run_cli(tmp_path, ["eenet.cli.train", *args], HYDRA_FULL_ERROR="1")
+    assert proc.returncode != 0
+    assert "Traceback (most recent call last)" in proc.stderr, proc.stderr[-1500:]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["-m", "backbone=resnet20,resnet21"], "unknown backbone 'resnet21'"),
+    (["loss=two_stage,'focal'"], "unknown loss 'focal'"),
+    (["hydra.searchpath=['file://USER']", "backbone=resnet21"], "accepted: broken, "),
+    (["hydra.searchpath=[pkg://no_such_package.conf]"], "config package no_such_package.conf"),
+    (["hydra.searchpath=[USER]", "backbone=resnet21"], "accepted: broken, "),
+    (["-cd", "SHADOW_KEY"], SHADOW),
+], ids=["a sweep", "quoted", "searchpath", "searchpath package", "searchpath plain folder", "-cd"])
+def test_check_command_line_refuses(tmp_path, argv, message):
+    folders = _user_folders(tmp_path)
+    argv = [a.replace("USER", str(folders["USER"])).replace("SHADOW_KEY", str(folders["SHADOW_KEY"]))
+            for a in argv]
+    with pytest.raises(EENetError, match=re.escape(message)):
+        check_command_line(argv)
+
+
+def test_check_command_line_accepts(tmp_path):
+    folders = _user_folders(tmp_path)
+    copy = tmp_path / "copy" / "backbone"
+    copy.mkdir(parents=True)
+    (copy / "resnet20.yaml").write_bytes(RESNET20.read_bytes())  # unchanged: nothing is ignored
+    for argv in (["--config-dir", str(folders["USER"]), "backbone=my_resnet", "-m", "exit=plain,pool"],
+                 [f"hydra.searchpath=[file://{folders['USER']}]", "backbone='my_resnet'"],
+                 ["--config-dir", str(copy.parent), "backbone=resnet20"],
+                 ["hydra.searchpath=[pkg://eenet.conf]", "backbone=choice(resnet20,resnet32)"],
+                 ["--config-path", str(tmp_path), "backbone=anything"]):
+        check_command_line(argv)
+
+
+def test_compose_config_refuses_a_file_it_would_ignore(tmp_path):
+    folders = _user_folders(tmp_path)
+    cfg = compose_config(["backbone=my_resnet"], output_dir=tmp_path / "run",
+                         config_dirs=[folders["USER"]])
+    assert list(cfg.backbone.widths) == [8, 16, 32]
+    with pytest.raises(EENetError, match=re.escape(SHADOW)):
+        compose_config([], output_dir=tmp_path / "run", config_dirs=[folders["SHADOW_KEY"]])
 
 
 def test_model_and_engine_inputs_of_the_wrong_shape():
