@@ -16,7 +16,8 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = REPO / "experiments"
-SCRIPTS = sorted(p for p in EXPERIMENTS.rglob("*.py") if "runs" not in p.relative_to(EXPERIMENTS).parts)
+SCRIPTS = sorted(p for p in EXPERIMENTS.rglob("*.py")
+                 if "runs" not in p.relative_to(EXPERIMENTS).parts)
 PTEENET = EXPERIMENTS / "pteenet" / "run.py"
 
 
@@ -142,7 +143,8 @@ def test_lambda_key_finds_the_one_lambda_of_each_loss():
 
 
 def test_later_overrides_replace_earlier_ones_of_the_same_key():
-    merged = pteenet.merge_overrides(["dataset=cifar10_jpeg", "seed=0"], ["+seed=1", "dataset=digits"])
+    merged = pteenet.merge_overrides(["dataset=cifar10_jpeg", "seed=0"],
+                                     ["+seed=1", "dataset=digits"])
     assert merged == ["+seed=1", "dataset=digits"]
 
 
@@ -161,7 +163,7 @@ def test_pteenet_bad_input_is_one_line(args, message, monkeypatch, capsys, tmp_p
 
 
 def _smoke(runs: Path, *args: str) -> str:
-    """``experiments/pteenet/run.py --smoke`` (digits, one epoch per run) into ``runs``; its stdout."""
+    """``experiments/pteenet/run.py --smoke`` (digits, one epoch a run) into ``runs``; stdout."""
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(PTEENET), "--smoke", "--runs", str(runs), *args,
                            "threads=1"], capture_output=True, text=True, env=env, timeout=900)

@@ -20,8 +20,8 @@ variants write ``results_pool.*`` (``--exit pool``) and ``results_vs_plain.*``
 (``--reference plain``), every setting recorded in the JSON (``settings``).
 
     python experiments/mnist_budget/run.py
-    python experiments/mnist_budget/run.py --reference plain   # reuses the runs: results_vs_plain.json
-    python experiments/mnist_budget/run.py --exit pool   # pooled exit heads: runs/mnist_budget/ee_pool
+    python experiments/mnist_budget/run.py --reference plain  # reuses the runs
+    python experiments/mnist_budget/run.py --exit pool  # pooled heads: runs/mnist_budget/ee_pool
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ threshold 0.5: test accuracy, average cost fraction (fvcore MACs, exit heads
 included) and exit rates. Target: for some lambda, accuracy within 0.5 points
 of the plain backbone at an average cost fraction of at most 0.5.
 
-    python experiments/mnist_core/run.py             # full run (about 35 minutes on 2 cores): results.json
-    python experiments/mnist_core/run.py --smoke     # 1 epoch on a subset, a pipeline check (JSON under runs/)
+    python experiments/mnist_core/run.py          # full run (about 35 minutes on 2 cores)
+    python experiments/mnist_core/run.py --smoke  # 1 epoch on a subset (JSON under runs/)
 """
 
 from __future__ import annotations
@@ -116,10 +116,9 @@ def main() -> None:
           f"fvcore MACs (exit heads included)\n")
     print(table)
     print(f"\ntarget (drop <= 0.5 points at avg cost <= 0.5) met by: {met or 'none'}")
-    path = save_report(str(RUNS / "mnist_core_smoke" / "results.json" if args.smoke
-                           else HERE / "results.json"), {"plain": plain, "early_exit": ee, "table": table,
-                                  "target_met_by": met, "settings": vars(args)},
-                       )
+    out = RUNS / "mnist_core_smoke" / "results.json" if args.smoke else HERE / "results.json"
+    path = save_report(str(out), {"plain": plain, "early_exit": ee, "table": table,
+                                  "target_met_by": met, "settings": vars(args)})
     print(f"saved {path}")
 
 

@@ -30,7 +30,8 @@ optimism correction). For a study, the script:
    exit whose threshold comes out as ``inf`` releases no sample and its branch
    is neither run nor charged, so the calibration also chooses the branches;
 4. times one epoch of joint training of the same network (``mode=mixed``)
-   against the post-training epochs (re-timed on every run of the script).
+   against the post-training epochs (re-timed on every run of the script, in a
+   new folder each time).
 
 Targets: test accuracy within ``study.tolerance`` points of the backbone at an
 average cost fraction of at most ``study.max_cost``; backbone hash unchanged;
@@ -48,7 +49,7 @@ change it (``--name`` chooses one). Runs go to ``experiments/runs/pteenet``.
     python experiments/pteenet/run.py --list
     python experiments/pteenet/run.py --study every_stage_ce threads=2
     python experiments/pteenet/run.py loss.terms.eenet.lambda_coef=2 seed=1 --name kd_lambda2_seed1
-    python experiments/pteenet/run.py --study paper --smoke     # the pipeline on digits, 1 epoch each
+    python experiments/pteenet/run.py --study paper --smoke     # the pipeline on digits
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ VOLATILE = ("output_dir", "data_root", "threads", "logger", "study")
 
 
 def study_names() -> list[str]:
-    """Studies: the configs of ``eenet/conf/experiment/pteenet_cifar10`` (``_*`` are shared parts)."""
+    """The configs of ``eenet/conf/experiment/pteenet_cifar10`` (``_*`` are shared parts)."""
     return sorted(p.stem for p in (config_dir() / "experiment" / STUDIES).glob("*.yaml")
                   if not p.stem.startswith("_"))
 
@@ -101,7 +102,7 @@ def merge_overrides(*lists: list[str]) -> list[str]:
     merged: dict[str, str] = {}
     for overrides in lists:
         for o in overrides:
-            merged.pop(override_key(o), None)
+            merged.pop(override_key(o), None)  # the later one also takes the later place
             merged[override_key(o)] = o
     return list(merged.values())
 
@@ -164,11 +165,18 @@ def study_config(name: str, user: list[str] = (), smoke: bool = False
     return cfg, branch_overrides, backbone_overrides
 
 
-def run(kind: str, cfg: DictConfig, runs: Path, retrain: bool) -> tuple[dict, Path]:
-    """Train ``cfg`` into ``runs/<kind>-<config hash>``, or reuse that finished run."""
+def run(kind: str, cfg: DictConfig, runs: Path, retrain: bool, fresh: bool = False
+        ) -> tuple[dict, Path]:
+    """Train ``cfg`` into ``runs/<kind>-<config hash>``, or reuse that finished run.
+
+    ``fresh``: always train, into a new time-stamped folder inside that one (a timing
+    run: finished ones are kept).
+    """
     out = runs / f"{kind}-{config_hash(cfg)}"
+    if fresh:
+        out = out / time.strftime("%Y%m%d-%H%M%S")
     done = out / "results.json"
-    if done.is_file() and not retrain:
+    if done.is_file() and not (retrain or fresh):
         print(f"reusing {out}", flush=True)
         return json.loads(done.read_text()), out
     with open_dict(cfg):
@@ -181,14 +189,20 @@ def run(kind: str, cfg: DictConfig, runs: Path, retrain: bool) -> tuple[dict, Pa
     return results, out
 
 
-def calibrate_and_test(run_dir: Path, study: DictConfig, policy: str) -> dict:
-    """Thresholds of ``policy`` calibrated on val, evaluated on test (into the run's folder)."""
+def calibrate_and_test(run_dir: Path, study: DictConfig, policy: str, retrain: bool) -> dict:
+    """Thresholds of ``policy`` calibrated on val, evaluated on test (into the run's folder).
+
+    A finished evaluation with the same settings is reused unless ``retrain``.
+    """
     overrides = [f"run={run_dir}", f"tolerance={study.tolerance}", f"policy={policy}",
                  f"optimism_folds={study.optimism_folds}",
                  f"optimism_repeats={study.optimism_repeats}"]
     tag = hashlib.sha256(" ".join(overrides[1:]).encode()).hexdigest()[:8]
-    return evaluate(compose_config(overrides, output_dir=run_dir / f"eval-{policy}-{tag}",
-                                   config_name="eval"))
+    out = run_dir / f"eval-{policy}-{tag}"
+    if (out / "results.json").is_file() and not retrain:
+        print(f"reusing {out}", flush=True)
+        return json.loads((out / "results.json").read_text())
+    return evaluate(compose_config(overrides, output_dir=out, config_name="eval"))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -254,7 +268,7 @@ def main(argv: list[str] | None = None) -> Path:
     for lam in lambdas:
         r, run_dir = run("branches", branches([] if lam is None else [f"{lam_key}={lam}"]),
                          runs, args.retrain)
-        evs = {p: calibrate_and_test(run_dir, study, p) for p in study.policies}
+        evs = {p: calibrate_and_test(run_dir, study, p, args.retrain) for p in study.policies}
         val_cost = {k: v["calibration"]["chosen"]["avg_cost"] for k, v in evs.items()}
         policy = min(study.policies, key=lambda k: val_cost[k])
         ev = evs[policy]
@@ -271,7 +285,8 @@ def main(argv: list[str] | None = None) -> Path:
                                     for k, v in evs.items()},
                  "test_accuracy": t["accuracy"], "avg_cost": t["avg_cost_fraction"],
                  "exit_rates": t["exit_rates"], "drop_points": drop,
-                 "meets_target": drop <= study.tolerance and t["avg_cost_fraction"] <= study.max_cost,
+                 "meets_target": (drop <= study.tolerance
+                                  and t["avg_cost_fraction"] <= study.max_cost),
                  "thresholds": ev["policy"]["thresholds"],
                  "backbone_hash_before": r["backbone_hash_before"],
                  "backbone_hash_after": r["backbone_hash_after"],
@@ -280,7 +295,7 @@ def main(argv: list[str] | None = None) -> Path:
                  "exit_test_accuracy": [e["test_accuracy"] for e in r["exits"]],
                  "post_epoch_seconds": r["train_epoch_seconds"],
                  "calibration_message": ev["calibration"]["message"],
-                 "optimism": ev["calibration"]["target"].get("optimism")}
+                 "optimism": (ev.get("target") or ev["calibration"]["target"]).get("optimism")}
         sweep.append(entry)
         print(f"lambda {lam}: backbone hash {r['backbone_hash_before'][:16]}... -> "
               f"{r['backbone_hash_after'][:16]}... "
@@ -294,13 +309,14 @@ def main(argv: list[str] | None = None) -> Path:
     # 4. one epoch of joint training of the same network, timed in this run
     joint_cfg = branches(["mode=mixed", "trainer.max_epochs=1", "checkpoint.enabled=false",
                           *([] if lam_key is None else [f"{lam_key}=1.0"])])
-    joint, _ = run("joint", joint_cfg, runs, retrain=True)
+    joint, _ = run("joint", joint_cfg, runs, retrain=False, fresh=True)
     post_epoch = statistics.median(s for e in sweep for s in e["post_epoch_seconds"])
     joint_epoch = joint["train_epoch_seconds"][0]
     speedup = joint_epoch / post_epoch
 
-    table = markdown_table(["lambda", "policy (val)", "test acc %", "drop vs backbone (points ± SE)",
-                            "avg cost fraction", "exit rates %", "backbone hash"], rows)
+    table = markdown_table(["lambda", "policy (val)", "test acc %",
+                            "drop vs backbone (points ± SE)", "avg cost fraction",
+                            "exit rates %", "backbone hash"], rows)
     print(f"\nstudy {args.study} ({name}), {cfg.dataset.name} test set. resnet20 without exits: "
           f"{100 * backbone_acc:.2f}% ({recipe}). Branches after stages "
           f"{sweep[0]['exit_stages'][:-1]}, post-trained {cfg.trainer.max_epochs} epochs; "

@@ -16,10 +16,10 @@ Targets: mitigation raises final-exit accuracy on average; FLOPs reduction at
 <= 1 point accuracy drop of at least 35% (T-RecX reports 31.6% averaged over
 its three models).
 
-    python experiments/trecx_cifar10/run.py                   # 2 seeds -> results_20ep.json
-    python experiments/trecx_cifar10/run.py --threads 1 --seeds 0 &   # the seeds in parallel,
-    python experiments/trecx_cifar10/run.py --threads 1 --seeds 1     # then once more with both
-    python experiments/trecx_cifar10/run.py --seeds 0 1               # (reuses the runs) for the table
+    python experiments/trecx_cifar10/run.py                      # 2 seeds -> results_20ep.json
+    python experiments/trecx_cifar10/run.py --threads 1 --seeds 0 &  # the seeds in parallel,
+    python experiments/trecx_cifar10/run.py --threads 1 --seeds 1    # then once more with both
+    python experiments/trecx_cifar10/run.py --seeds 0 1              # (reuses the runs): table
 """
 
 from __future__ import annotations
@@ -143,8 +143,10 @@ def main() -> None:
           f"{args.tolerance} point; FLOPs = fvcore MACs\n")
     print(table)
     print("\n" + json.dumps(summary, indent=2))
-    path = save_report(str(HERE / "results.json"), {  # results_<epochs>ep.json"per_seed": per_seed, "summary": summary, "table": table,
-                                  "settings": vars(args)}, suffix=f"_{args.epochs}ep")
+    # results_<epochs>ep.json beside this script
+    path = save_report(str(HERE / "results.json"),
+                       {"per_seed": per_seed, "summary": summary, "table": table,
+                        "settings": vars(args)}, suffix=f"_{args.epochs}ep")
     print(f"saved {path}")
 
 
