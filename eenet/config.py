@@ -147,10 +147,13 @@ def instantiate(node, what: str, trusted: bool = True, **kwargs):
 def _parse_command_line(argv: list[str]) -> Any | None:
     """``argv`` read by Hydra's own parser, as ``@hydra.main`` reads it; None when it refuses it.
 
-    Hydra then reports the mistake itself (argparse's usage line and error).
+    Hydra then reports the mistake itself (argparse's usage line and error); also None
+    when this Hydra version has no ``get_args_parser`` (nothing is checked then).
     """
-    from hydra._internal.utils import get_args_parser
-
+    try:
+        from hydra._internal.utils import get_args_parser
+    except ImportError:
+        return None
     try:
         with contextlib.redirect_stderr(io.StringIO()):
             return get_args_parser().parse_args(argv)

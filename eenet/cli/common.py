@@ -179,9 +179,9 @@ def _one_line_hydra_errors() -> None:
     """
     import hydra._internal.utils as hydra_utils
 
-    report = hydra_utils.run_and_report
-    if getattr(report, "_eenet", False):
-        return
+    report = getattr(hydra_utils, "run_and_report", None)
+    if report is None or getattr(report, "_eenet", False):
+        return  # another Hydra version (it then reports as it does), or already wrapped
 
     def run_and_report(func: Callable[[], Any]) -> Any:
         def step() -> Any:
