@@ -12,12 +12,20 @@ import pytest
 import torch
 import yaml
 
+import eenet
 from eenet.errors import EENetError
 from eenet.jobs.train import train
+from eenet.reporting.results import FORMAT_VERSION, RunResults, SplitResult
 from eenet.runs import build_network
 
 QUICK = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=csv"]
 REPO = Path(__file__).resolve().parents[1]
+#: the top-level keys eenet-train wrote before typed results (commit 0b1432b): all stay
+PREVIOUS_TRAIN_KEYS = {
+    "dataset", "backbone", "num_classes", "backbone_macs", "macs_convention", "input_size",
+    "exits", "policy", "test", "val", "splits", "epochs", "best_checkpoint", "val_loss",
+    "test_loss", "resumed_from", "world_size", "mode", "targets", "backbone_hash_before",
+    "backbone_hash_after", "train_epoch_seconds", "config", "anytime", "wall_s"}
 
 
 def test_train_on_digits_writes_the_documented_results(train_config, tmp_path):
@@ -27,13 +35,26 @@ def test_train_on_digits_writes_the_documented_results(train_config, tmp_path):
     for name in ("results.json", "results.md", "model.pt", "config.yaml", "cost.json"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
-    for key in ("dataset", "backbone", "num_classes", "backbone_macs", "exits", "policy", "test",
-                "config"):
-        assert key in saved
+    assert saved == results
+    assert set(saved) == PREVIOUS_TRAIN_KEYS | {"format_version", "eenet_version"}
+    assert saved["format_version"] == FORMAT_VERSION and saved["eenet_version"] == eenet.__version__
+    assert set(saved["test"]) == {"accuracy", "avg_cost_fraction", "exit_rates", "n",
+                                  "mixture_acc", "expected_cost", "oracle_acc"}
+    assert set(saved["val"]) == {"accuracy", "avg_cost_fraction", "exit_rates", "n"}
+    assert RunResults.from_dict(saved).to_dict() == saved
+    # one vocabulary: the module's last metrics are the SplitResults written to the file
+    for split in ("val", "test"):
+        metrics = objects["module"].last_metrics[split]
+        assert isinstance(metrics, SplitResult)
+        assert metrics.accuracy == saved[split]["accuracy"]
+        assert metrics.avg_cost_fraction == saved[split]["avg_cost_fraction"]
+        assert metrics.loss == saved[f"{split}_loss"]
+        assert metrics.exit_accuracy == [e[f"{split}_accuracy"] for e in saved["exits"]]
     assert saved["dataset"] == "digits" and saved["backbone"] == "resnet20"
     assert len(saved["exits"]) == 3
     for e in saved["exits"]:
-        assert {"name", "stage", "macs", "cost_fraction", "val_accuracy", "test_accuracy"} <= set(e)
+        assert set(e) == {"name", "stage", "macs", "head_macs", "cost_fraction", "val_accuracy",
+                          "test_accuracy", "test_overthinking"}
         assert 0 <= e["test_accuracy"] <= 1
     assert saved["exits"][-1]["cost_fraction"] > 1  # exit heads are paid for
     t = saved["test"]

@@ -15,17 +15,28 @@ dynamic engine (:mod:`eenet.inference.engine`), which really stops computing
 for samples that leave. Nothing is tuned on test: the test curve in the plot
 evaluates the validation-chosen threshold vectors, for reporting only.
 
+What the user saves is measured, not computed from MACs: the test split goes
+through the dynamic engine and through the same network run to its final exit
+with every early exit off (the stages and the final head only), batch by batch
+in ``timing_passes`` interleaved passes (:func:`time_against_final_exit`); the
+medians and their ratio are the ``engine`` section's ``dynamic_wall_s``,
+``final_exit_wall_s`` and ``speedup``.
+
 Writes into its own folder (``<run>/eval/<time>`` unless ``hydra.run.dir`` says
-otherwise): ``results.json`` (the training results' schema with test figures
-from the dynamic engine, plus ``calibration``), ``results.md``, ``curve.png``,
-``exits.png`` and, with ``latency=true``, ``latency.json``.
+otherwise): ``results.json`` (:class:`eenet.reporting.results.RunResults`: the
+training results' layout with test figures from the dynamic engine, plus
+``calibration`` and ``engine``), ``results.md``, ``curve.png``, ``exits.png``
+and, with ``latency=true``, ``latency.json``.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import time
 from pathlib import Path
+from typing import Iterable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -38,29 +49,62 @@ from eenet.io import atomic_write_text
 from eenet.policies import create_policy
 from eenet.reporting.markdown import markdown_table, results_markdown
 from eenet.reporting.plots import plot_curve, plot_exit_distribution
-from eenet.reporting.results import make_results, write_results
+from eenet.reporting.results import (EngineResult, EvaluationRecord, RunResults, SplitResult,
+                                     write_results)
 from eenet.reporting.wandb import log_evaluation_results
 from eenet.runs import load_run
 from eenet.training.metrics import overthinking_counts
 
 
-def _split_stats(exits: torch.Tensor, correct: torch.Tensor, costs: torch.Tensor,
-                 n_exits: int) -> dict:
-    n = exits.numel()
-    return {"acc": float(correct.float().mean()), "avg_cost": float(costs[exits].double().mean()),
-            "exit_rates": (torch.bincount(exits, minlength=n_exits).double() / n).tolist(), "n": n}
+def time_against_final_exit(engine: DynamicEngine, final: DynamicEngine,
+                            batches: Iterable, passes: int) -> tuple[list[float], list[float]]:
+    """Seconds per pass over ``batches`` (re-iterable) of ``engine`` and of ``final``.
+
+    Each pass runs both on every batch, alternating which goes first (batch by
+    batch and pass by pass), so a slow spell of the machine falls on both;
+    only the network calls are timed, not loading the batches. One untimed
+    batch warms both up first.
+
+    Returns:
+        ``(engine seconds per pass, final seconds per pass)``, ``passes`` each.
+    """
+    for x, _ in batches:  # warm-up
+        engine(x)
+        final(x)
+        break
+    dyn, fin = [], []
+    for p in range(passes):
+        spent = [0.0, 0.0]
+        for b, (x, _) in enumerate(batches):
+            order = (0, 1) if (p + b) % 2 == 0 else (1, 0)
+            for k in order:
+                t0 = time.perf_counter()
+                (engine, final)[k](x)
+                spent[k] += time.perf_counter() - t0
+        dyn.append(spent[0])
+        fin.append(spent[1])
+    return dyn, fin
 
 
 def evaluate(cfg: DictConfig) -> dict:
-    """Calibrate on val for ``cfg.budget`` or ``cfg.tolerance``, evaluate on test; write the report."""
+    """Calibrate on val for ``cfg.budget`` or ``cfg.tolerance``, evaluate on test; write the report.
+
+    Returns the mapping written to ``results.json`` (:class:`RunResults`'s layout).
+    """
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     if cfg.run is None or cfg.run == "???":
         raise EENetError("give the training run to evaluate: run=RUN_DIR")
+    passes = cfg.get("timing_passes") or 0
+    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
+        raise EENetError(f"timing_passes must be an integer >= 0 (0: no timing), got {passes!r}")
     train_cfg, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
     out_dir = Path(cfg.output_dir)
     n_exits = net.num_exits
     bs = int(cfg.batch_size)
+
+    def test_batches():
+        return make_loader(dm.test_dataset, bs, shuffle=False)
 
     # 1. calibrate on the validation split only
     val = cache_exit_outputs(net, make_loader(dm.val_dataset, bs, shuffle=False))
@@ -73,81 +117,94 @@ def evaluate(cfg: DictConfig) -> dict:
 
     # 2. test with the dynamic engine: real early exit
     engine = DynamicEngine(net, policy, cost)
-    costs = engine.costs  # the chosen thresholds' costs: idle exits' heads are not run
     preds, exits, ys = [], [], []
     t0 = time.perf_counter()
-    for x, y in make_loader(dm.test_dataset, bs, shuffle=False):
+    for x, y in test_batches():
         out = engine(x)
         preds.append(out.pred)
         exits.append(out.exit)
         ys.append(y)
     engine_s = time.perf_counter() - t0
     pred, exit_idx, y = torch.cat(preds), torch.cat(exits), torch.cat(ys)
-    test_stats = _split_stats(exit_idx, pred == y, costs, n_exits)
 
     # 3. per-exit test accuracy and the test curve, from a static pass (reporting only)
-    test = cache_exit_outputs(net, make_loader(dm.test_dataset, bs, shuffle=False))
+    test = cache_exit_outputs(net, test_batches())
     static_exits = policy.decide(test.outputs)
     agree = float((static_exits == exit_idx).double().mean())
+    over, oracle = overthinking_counts(test.correct)
+    # the engine's costs: the heads of idle exits (threshold inf) are not run
+    test_result = SplitResult.from_counts(
+        torch.bincount(exit_idx, minlength=n_exits), (pred == y).sum(), engine.costs,
+        exit_correct=test.correct.sum(0), overthink=over, oracle_correct=oracle)
+    chosen = res.chosen
+    val_result = SplitResult(accuracy=chosen.accuracy, avg_cost_fraction=chosen.avg_cost,
+                             exit_rates=chosen.exit_rates, n=len(val),
+                             exit_accuracy=val.correct.double().mean(0).tolist())
     test_cal = Calibrator(test, cfg.policy, cost, grid=2)
+
     def on_test(points):
         vecs = torch.stack([cal.score_vector(p.thresholds) for p in points])
         a, c, _ = test_cal.evaluate(vecs)
         return list(zip(c.tolist(), a.tolist()))
 
-    val_point = res.chosen
-    val_stats = {"acc": val_point.accuracy, "avg_cost": val_point.avg_cost,
-                 "exit_rates": val_point.exit_rates, "n": len(val),
-                 "exit_acc": val.correct.double().mean(0).tolist()}
     # drop against the final exit on the same samples, with its paired standard error
     drops = {"val": paired_drop(val.correct[:, -1],
-                                cal.correct_at(cal.score_vector(val_point.thresholds))),
+                                cal.correct_at(cal.score_vector(chosen.thresholds))),
              "test": paired_drop(test.correct[:, -1], pred == y)}
-    test_stats["exit_acc"] = test.correct.double().mean(0).tolist()
-    over, oracle = overthinking_counts(test.correct)
-    test_stats["overthinking"] = (over.double() / len(test)).tolist()
-    test_stats["oracle_acc"] = float(oracle) / len(test)
     never = torch.full((1, n_exits - 1), float("inf"))  # score units: no early exit releases
-    final_test = {"acc": float(test.correct[:, -1].double().mean()),
-                  "avg_cost": float(test_cal.evaluate(never)[1][0])}
+    final_test = SplitResult(accuracy=float(test.correct[:, -1].double().mean()),
+                             avg_cost_fraction=float(test_cal.evaluate(never)[1][0]),
+                             exit_rates=[0.0] * (n_exits - 1) + [1.0], n=len(test))
     calibration = res.to_dict()
     calibration["test_curve"] = [{"avg_cost": c, "accuracy": a} for c, a in on_test(res.curve)]
-    calibration["final_exit_test"] = {"accuracy": final_test["acc"],
-                                      "avg_cost": final_test["avg_cost"]}
-    results = make_results(
+    calibration["final_exit_test"] = {"accuracy": final_test.accuracy,
+                                      "avg_cost": final_test.avg_cost_fraction}
+
+    # 4. measured: the dynamic engine against the same network run to its final exit
+    timing = EngineResult(batch_size=bs, wall_s=engine_s, agreement_with_static=agree)
+    if passes:
+        # every early exit off: only the stages and the final head run
+        final = DynamicEngine(net, create_policy("confidence", math.inf), cost)
+        dyn, fin = time_against_final_exit(engine, final, test_batches(), passes)
+        timing.dynamic_wall_s = statistics.median(dyn)
+        timing.final_exit_wall_s = statistics.median(fin)
+        timing.speedup = timing.final_exit_wall_s / timing.dynamic_wall_s
+        timing.timed_passes, timing.threads = passes, torch.get_num_threads()
+        timing.dynamic_pass_s, timing.final_exit_pass_s = dyn, fin
+
+    results = RunResults.build(
         dataset=train_cfg.dataset.name, backbone=train_cfg.backbone.name,
-        num_classes=net.num_classes, cost=cost, val=val_stats, test=test_stats,
+        num_classes=net.num_classes, cost=cost, val=val_result, test=test_result,
         policy={"name": cfg.policy, "thresholds": calibration["chosen"]["thresholds"]},
         config=OmegaConf.to_container(train_cfg, resolve=True),
-        run=str(Path(cfg.run).resolve()), target=res.target, calibration=calibration,
-        engine={"batch_size": bs, "wall_s": engine_s, "agreement_with_static": agree},
-        drop_vs_final_exit=drops)
+        evaluation=EvaluationRecord(run=str(Path(cfg.run).resolve()), target=res.target,
+                                    calibration=calibration, engine=timing,
+                                    drop_vs_final_exit=drops))
 
-    # 4. write
+    # 5. write
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_results(out_dir, results)
+    if cfg.get("latency"):
+        results.latency = exit_latency_table(net, tuple(dm.input_size), batch_sizes=(1, bs))
+        atomic_write_text(out_dir / "latency.json", json.dumps(results.latency, indent=2) + "\n")
+    saved = results.to_dict()
+    write_results(out_dir, saved)
     curves = {"val (shared threshold)": [(p.avg_cost, p.accuracy) for p in res.curve],
               "test (same thresholds)": on_test(res.curve),
               "val Pareto (per-exit thresholds)": [(p.avg_cost, p.accuracy) for p in res.pareto]}
-    points = {f"chosen on val ({res.target['kind']})": (val_point.avg_cost, val_point.accuracy),
-              "chosen, on test": (test_stats["avg_cost"], test_stats["acc"]),
+    points = {f"chosen on val ({res.target['kind']})": (chosen.avg_cost, chosen.accuracy),
+              "chosen, on test": (test_result.avg_cost_fraction, test_result.accuracy),
               "final exit only (val)": (res.reference.avg_cost, res.reference.accuracy),
-              "final exit only (test)": (final_test["avg_cost"], final_test["acc"])}
+              "final exit only (test)": (final_test.avg_cost_fraction, final_test.accuracy)}
     title = f"{train_cfg.dataset.name} / {train_cfg.backbone.name}, policy {cfg.policy}"
     plot_curve(out_dir / "curve.png", curves, points, title)
-    plot_exit_distribution(out_dir / "exits.png", {"val": val_point.exit_rates,
-                                                  "test": test_stats["exit_rates"]},
+    plot_exit_distribution(out_dir / "exits.png", {"val": val_result.exit_rates,
+                                                  "test": test_result.exit_rates},
                            net.exit_names(), title)
-    if cfg.get("latency"):
-        rows = exit_latency_table(net, tuple(dm.input_size), batch_sizes=(1, bs))
-        atomic_write_text(out_dir / "latency.json", json.dumps(rows, indent=2) + "\n")
-        results["latency"] = rows
-        write_results(out_dir, results)
     if cfg.get("wandb"):
         log_evaluation_results({**OmegaConf.to_container(cfg.wandb),
                                 "config": {"eval": OmegaConf.to_container(cfg),
-                                           "train": results["config"]}}, results, out_dir)
-    return results
+                                           "train": saved["config"]}}, saved, out_dir)
+    return saved
 
 
 def report(results: dict) -> str:

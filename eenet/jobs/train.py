@@ -43,7 +43,7 @@ from eenet.io import atomic_write, atomic_write_text, safe_torch_load
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.models.weights import state_hash
 from eenet.policies import create_policy
-from eenet.reporting.results import make_results, write_results
+from eenet.reporting.results import RunResults, TrainingRecord, write_results
 from eenet.reporting.wandb import finish_wandb_run, log_training_results
 from eenet.runs import build_network, check_output_dir
 from eenet.training.checkpoint import EpochSeed, EpochTimer, SafeCheckpointIO
@@ -152,28 +152,33 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, config: dict, extra_callbacks:
 
 
 def _after_training_views(cfg: DictConfig, net: EarlyExitNetwork, datamodule, cost: CostTable
-                          ) -> dict:
-    """The anytime view and the sweepers' validation objective, from cached exit outputs."""
-    out: dict = {}
+                          ) -> tuple[dict | None, dict | None]:
+    """The anytime view and the sweepers' validation objective (each None when not asked
+    for), from cached exit outputs."""
+    anytime = objective = None
     want_anytime = cfg.get("anytime", True) and net.num_exits > 1
     budget = cfg.get("objective_budget")
     if not (want_anytime or budget):
-        return out
+        return anytime, objective
     val_cache = cache_exit_outputs(net, make_loader(datamodule.val_dataset, 512, shuffle=False))
     if want_anytime:  # the anytime / budget view and the accuracy-versus-cost curve
         test_cache = cache_exit_outputs(net, make_loader(datamodule.test_dataset, 512,
                                                          shuffle=False))
-        out["anytime"] = anytime_view(val_cache, test_cache, cfg.policy.name, cost)
+        anytime = anytime_view(val_cache, test_cache, cfg.policy.name, cost)
     if budget:  # a validation-only objective for sweepers: accuracy within a cost budget
         res = Calibrator(val_cache, cfg.policy.name, cost).calibrate(budget=budget)
-        out["objective"] = {"budget": float(budget), "reachable": res.reachable,
-                            "val_accuracy": res.chosen.accuracy if res.reachable else 0.0,
-                            "val_cost": res.chosen.avg_cost}
-    return out
+        objective = {"budget": float(budget), "reachable": res.reachable,
+                     "val_accuracy": res.chosen.accuracy if res.reachable else 0.0,
+                     "val_cost": res.chosen.avg_cost}
+    return anytime, objective
 
 
 def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, dict[str, Any]]:
     """Train, evaluate and write a run; returns ``(results, objects)``.
+
+    ``results`` is the mapping written to ``results.json``
+    (:meth:`eenet.reporting.results.RunResults.to_dict`; ``RunResults.from_dict``
+    gives the typed object back).
 
     ``extra_callbacks`` are added to the Lightning trainer's callbacks (probes,
     custom logging) for callers that use ``train`` as a library function.
@@ -215,27 +220,29 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
     val, test = module.last_metrics["val"], module.last_metrics["test"]
 
     # 4. write (one process)
-    results = make_results(
+    results = RunResults.build(
         dataset=cfg.dataset.name, backbone=cfg.backbone.name, num_classes=net.num_classes,
         cost=cost, val=val, test=test, policy=b["policy"].describe(), config=config,
-        splits=getattr(datamodule, "split_sizes", None),
-        epochs=trainer.current_epoch, best_checkpoint=ckpt_cb.best_model_path if ckpt_cb else None,
-        val_loss=val["loss"], test_loss=test["loss"], resumed_from=b["ckpt_path"],
-        world_size=trainer.world_size, mode=b["mode"], targets=cfg.get("targets", "labels"),
-        backbone_hash_before=b["backbone_hash"], backbone_hash_after=state_hash(net.backbone),
-        train_epoch_seconds=epoch_timer.seconds)
+        training=TrainingRecord(
+            splits=getattr(datamodule, "split_sizes", None), epochs=trainer.current_epoch,
+            best_checkpoint=ckpt_cb.best_model_path if ckpt_cb else None,
+            resumed_from=b["ckpt_path"], world_size=trainer.world_size, mode=b["mode"],
+            targets=cfg.get("targets", "labels"), backbone_hash_before=b["backbone_hash"],
+            backbone_hash_after=state_hash(net.backbone),
+            train_epoch_seconds=epoch_timer.seconds))
     if trainer.is_global_zero:
-        results.update(_after_training_views(cfg, net, datamodule, cost))
-    results["wall_s"] = time.time() - started
+        results.anytime, results.objective = _after_training_views(cfg, net, datamodule, cost)
+    results.wall_s = time.time() - started
+    saved = results.to_dict()
     if trainer.is_global_zero:
         atomic_write(out_dir / "model.pt", lambda f: torch.save(net.state_dict(), f))
-        write_results(out_dir, results)
+        write_results(out_dir, saved)
         for lg in loggers:
-            log_training_results(lg, results)
+            log_training_results(lg, saved)
     for lg in loggers:
         finish_wandb_run(lg)
-    return results, {"datamodule": datamodule, "net": net, "module": module,
-                     "trainer": trainer, "cost": cost}
+    return saved, {"datamodule": datamodule, "net": net, "module": module,
+                   "trainer": trainer, "cost": cost}
 
 
 def _sweep_group() -> str | None:

@@ -1,20 +1,24 @@
 """Per-exit metrics of an early-exit network as one torchmetrics ``Metric``.
 
-From the static path (all exits) it accumulates, for a split:
+From the static path (all exits) it accumulates, for a split, sums that
+:meth:`ExitMetrics.compute` turns into a :class:`eenet.reporting.results.SplitResult`
+(the vocabulary of ``results.json``; the formulas are there):
 
-- each exit's accuracy (``exit{i}/acc``);
+- each exit's accuracy (``exit_accuracy``);
 - the accuracy of EENets' mixture P_0 (``mixture_acc``) and its expected cost
   E[C_0] (``expected_cost``), see ``eenet.losses``;
 - under an exit policy (default: confidence > 0.5), each exit's exit rate
-  (``exit{i}/rate``), the resulting accuracy (``acc``) and average cost
-  fraction (``avg_cost``);
+  (``exit_rates``), the resulting ``accuracy`` and ``avg_cost_fraction``;
 - overthinking (Kaya, Hong & Dumitras, "Shallow-Deep Networks", ICML 2019):
   per exit, the share of samples it classifies correctly while the final exit
-  gets them wrong ("destructive overthinking", ``exit{i}/overthinking``), and
-  the accuracy of an oracle that picks, per sample, any exit that is right
+  gets them wrong ("destructive overthinking", ``overthinking``), and the
+  accuracy of an oracle that picks, per sample, any exit that is right
   (``oracle_acc``).
 
-States are sums, reduced across processes by torchmetrics under DDP.
+Logged under the short keys of lightning-hydra-template, which checkpoint
+monitors, sweeps and dashboards name (:data:`LOG_KEYS`): ``val/acc``,
+``val/avg_cost``, ``val/exit0/acc``, ``val/exit0/rate``, ... States are sums,
+reduced across processes by torchmetrics under DDP.
 """
 
 from __future__ import annotations
@@ -26,6 +30,12 @@ from torchmetrics import Metric
 
 from eenet.losses import mixture_costs, mixture_log_probs
 from eenet.policies import ExitPolicy
+from eenet.reporting.results import SplitResult
+
+#: SplitResult field -> logged key under ``{stage}/`` (per-exit lists: ``{stage}/exit{i}/...``)
+LOG_KEYS = {"accuracy": "acc", "avg_cost_fraction": "avg_cost", "mixture_acc": "mixture_acc",
+            "expected_cost": "expected_cost", "oracle_acc": "oracle_acc", "loss": "loss"}
+PER_EXIT_LOG_KEYS = {"exit_accuracy": "acc", "exit_rates": "rate", "overthinking": "overthinking"}
 
 
 def overthinking_counts(correct: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,34 +86,25 @@ class ExitMetrics(Metric):
             self.expected_cost += mixture_costs(conf, costs)[0].double().sum()
         self.total += target.numel()
 
-    def compute(self) -> dict[str, float | list[float]]:
-        n = max(int(self.total), 1)
-        rates = (self.exit_count.double() / n).tolist()
-        out: dict = {
-            "acc": float(self.policy_correct) / n,
-            "avg_cost": float((self.exit_count.double() * self.costs).sum()) / n,
-            "exit_acc": (self.exit_correct.double() / n).tolist(),
-            "exit_rates": rates,
-            "overthinking": (self.overthink.double() / n).tolist(),
-            "oracle_acc": float(self.oracle_correct) / n,
-            "n": int(self.total),
-        }
-        if self.mixture:
-            out["mixture_acc"] = float(self.mixture_correct) / n
-            out["expected_cost"] = float(self.expected_cost) / n
-        return out
+    def compute(self) -> SplitResult:
+        return SplitResult.from_counts(
+            self.exit_count, self.policy_correct, self.costs, exit_correct=self.exit_correct,
+            overthink=self.overthink, oracle_correct=self.oracle_correct,
+            mixture_correct=self.mixture_correct if self.mixture else None,
+            expected_cost_sum=self.expected_cost if self.mixture else None)
 
 
-def flat_log_dict(stage: str, values: dict) -> dict[str, float]:
-    """``{"exit_acc": [a0, a1]}`` -> ``{"val/exit0/acc": a0, "val/exit1/acc": a1}`` and so on."""
+def flat_log_dict(stage: str, split: SplitResult) -> dict[str, float]:
+    """A split's values under their logged keys (:data:`LOG_KEYS`), e.g. ``val/acc``,
+    ``val/exit0/acc``; the final exit has no overthinking entry (it is 0 by definition)."""
     out = {}
-    for key, v in values.items():
-        if key == "exit_acc":
-            out.update({f"{stage}/exit{i}/acc": a for i, a in enumerate(v)})
-        elif key == "exit_rates":
-            out.update({f"{stage}/exit{i}/rate": r for i, r in enumerate(v)})
-        elif key == "overthinking":
-            out.update({f"{stage}/exit{i}/overthinking": r for i, r in enumerate(v[:-1])})
-        elif key != "n":
-            out[f"{stage}/{key}"] = v
+    for name, key in LOG_KEYS.items():
+        if getattr(split, name) is not None:
+            out[f"{stage}/{key}"] = getattr(split, name)
+    for name, key in PER_EXIT_LOG_KEYS.items():
+        values = getattr(split, name)
+        if values is not None:
+            if name == "overthinking":
+                values = values[:-1]
+            out.update({f"{stage}/exit{i}/{key}": v for i, v in enumerate(values)})
     return out

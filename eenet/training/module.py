@@ -5,15 +5,18 @@ exits (``eenet.losses``). The module receives built objects, as in the
 lightning-hydra-template: the network, the loss, the per-exit cost fractions
 (from ``eenet.cost``), and optimizer / scheduler factories (Hydra partials).
 
-Logged keys (torchmetrics, one metric object per stage, reduced across
-processes under DDP): ``{stage}/loss`` (epoch mean; ``train/loss_step`` too),
-``{stage}/exit{i}/acc``, ``{stage}/mixture_acc``, ``{stage}/expected_cost``,
-and under the exit policy ``{stage}/exit{i}/rate``, ``{stage}/acc``,
-``{stage}/avg_cost``.
+Each stage's epoch ends in a :class:`eenet.reporting.results.SplitResult`
+(``last_metrics[stage]``, with the epoch's mean loss), the vocabulary of
+``results.json``. Logged keys (torchmetrics, one metric object per stage,
+reduced across processes under DDP; :data:`eenet.training.metrics.LOG_KEYS`):
+``{stage}/loss`` (epoch mean; ``train/loss_step`` too), ``{stage}/exit{i}/acc``,
+``{stage}/mixture_acc``, ``{stage}/expected_cost``, and under the exit policy
+``{stage}/exit{i}/rate``, ``{stage}/acc``, ``{stage}/avg_cost``.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Sequence
 
 import lightning as L
@@ -24,6 +27,7 @@ from eenet.errors import EENetError
 from eenet.losses import ExitLoss
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.policies import ConfidencePolicy, ExitPolicy
+from eenet.reporting.results import SplitResult
 from eenet.training.metrics import ExitMetrics, flat_log_dict
 from eenet.training.sync_bn import convert_batchnorm
 
@@ -81,7 +85,7 @@ class EarlyExitModule(L.LightningModule):
         self.train_loss = MeanMetric()
         self.val_loss = MeanMetric()
         self.test_loss = MeanMetric()
-        self.last_metrics: dict[str, dict] = {}
+        self.last_metrics: dict[str, SplitResult] = {}
         self.sync_batchnorm = sync_batchnorm
         if targets not in ("labels", "backbone"):
             raise EENetError(f"unknown targets '{targets}'; accepted: labels, backbone")
@@ -147,10 +151,9 @@ class EarlyExitModule(L.LightningModule):
         self._step(batch, "test")
 
     def _epoch_end(self, stage: str) -> None:
-        values = self.stage_metrics(stage).compute()
-        self.stage_metrics(stage).reset()
         loss_metric = getattr(self, f"{stage}_loss")
-        values["loss"] = float(loss_metric.compute())
+        values = replace(self.stage_metrics(stage).compute(), loss=float(loss_metric.compute()))
+        self.stage_metrics(stage).reset()
         loss_metric.reset()
         self.last_metrics[stage] = values
         logged = flat_log_dict(stage, values)
