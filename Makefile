@@ -24,9 +24,14 @@ $(STAMP): constraints.txt setup.cfg pyproject.toml
 
 install: $(STAMP) ## create .venv and install the pinned dependencies (constraints.txt)
 
-demo: $(STAMP) ## train resnet20 + 2 exits on the bundled digits, calibrate on val, evaluate with real early exit
-	$(VENV)/bin/eenet-train hydra.run.dir=$(OUT)/demo trainer.enable_progress_bar=false
-	$(VENV)/bin/eenet-eval run=$(OUT)/demo tolerance=0.5 latency=true hydra.run.dir=$(OUT)/demo/eval
+# The demo: 8 epochs on one thread (these 8x8 convolutions are too small to share
+# between threads, and one thread keeps the timings steady on a shared machine);
+# thresholds chosen on val for the best accuracy at a fifth of the network's MACs,
+# then the test split through the dynamic engine, timed against the final exit alone.
+demo: $(STAMP) ## train resnet20 + 2 exits on the bundled digits, calibrate on val, measure the real early-exit speed-up
+	@test ! -e $(OUT)/demo/results.json || { echo "error: $(OUT)/demo holds a finished demo run; move it away or give OUT=<another folder>" >&2; exit 2; }
+	$(VENV)/bin/eenet-train hydra.run.dir=$(OUT)/demo trainer.enable_progress_bar=false trainer.max_epochs=8 threads=1
+	$(VENV)/bin/eenet-eval run=$(OUT)/demo budget=0.2 threads=1 latency=true hydra.run.dir=$(OUT)/demo/eval
 
 test: $(STAMP) ## run the tests (slow ones excluded), about a few minutes on 2 cores
 	$(PY) -m pytest -m "not slow" -q --durations=15
