@@ -32,6 +32,7 @@ from eenet.cost import CostTable, exit_cost_table
 from eenet.errors import EENetError
 from eenet.io import first_line, safe_torch_load
 from eenet.models.early_exit import EarlyExitNetwork, load_state_dict_checked
+from eenet.reporting.results import check_results_file
 
 RUN_FILES = ("config.yaml", "model.pt")
 
@@ -84,6 +85,7 @@ def read_run_config(run_dir: str | Path) -> DictConfig:
     for name in RUN_FILES:
         if not (run_dir / name).is_file():
             raise EENetError(f"{run_dir} is not a finished eenet-train run: {name} is missing")
+    check_results_file(run_dir)  # a run written by a newer eenet is refused, not half-read
     try:
         cfg = OmegaConf.load(run_dir / "config.yaml")
     except Exception as exc:  # YAML syntax, not a mapping
