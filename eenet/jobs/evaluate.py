@@ -47,7 +47,7 @@ from eenet.errors import EENetError
 from eenet.inference import DynamicEngine, exit_latency_table
 from eenet.io import atomic_write_text
 from eenet.policies import create_policy
-from eenet.reporting.markdown import markdown_table, results_markdown
+from eenet.reporting.markdown import engine_timing_line, markdown_table, results_markdown
 from eenet.reporting.plots import plot_curve, plot_exit_distribution
 from eenet.reporting.results import (EngineResult, EvaluationRecord, RunResults, SplitResult,
                                      write_results)
@@ -208,7 +208,8 @@ def evaluate(cfg: DictConfig) -> dict:
 
 
 def report(results: dict) -> str:
-    """The printed report: per-exit table, calibration and engine lines."""
+    """The printed report: per-exit table, calibration and engine lines, and last what
+    early exit saved, measured (the same line as in results.md)."""
     cal = results["calibration"]
     t = results["target"]
     if t["kind"] == "budget":
@@ -218,7 +219,7 @@ def report(results: dict) -> str:
     else:
         target = f"tolerance {t['value']} points (val accuracy >= {100 * t['min_accuracy']:.2f}%)"
     ch = cal["chosen"]
-    lines = [results_markdown(results), "",
+    lines = [results_markdown(results, timing=False), "",
              f"Calibrated on val for {target}: {cal['message']}.",
              f"Thresholds ({cal['policy']}): {ch['thresholds']}",
              f"Final exit only: val {100 * cal['reference_final_exit']['accuracy']:.2f}%, "
@@ -232,4 +233,6 @@ def report(results: dict) -> str:
         lines += ["", "Measured latency to reach and evaluate each exit:", "",
                   markdown_table(["exit", "batch", "ms / batch", "us / sample",
                                   "fraction of final"], rows)]
+    if results["engine"].get("speedup") is not None:
+        lines += ["", engine_timing_line(results)]
     return "\n".join(lines)

@@ -22,8 +22,9 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
-def results_markdown(results) -> str:
-    """The per-exit table, the policy summary and the measured speed-up of a run's results."""
+def results_markdown(results, timing: bool = True) -> str:
+    """The per-exit table, the policy summary and (``timing``) the measured speed-up of a
+    run's results."""
     if hasattr(results, "to_dict"):  # a RunResults
         results = results.to_dict()
     pol = results["policy"]
@@ -52,15 +53,20 @@ def results_markdown(results) -> str:
         lines.append(f"Overthinking (right at the exit, wrong at the final exit): "
                      f"{', '.join(over) or '-'}; oracle accuracy {100 * t['oracle_acc']:.2f}%.")
     engine = results.get("engine") or {}
-    if engine.get("speedup") is not None:
-        lines.append(engine_timing_line(engine, t["n"]))
+    if timing and engine.get("speedup") is not None:
+        lines.append(engine_timing_line(results))
     return "\n".join(lines)
 
 
-def engine_timing_line(engine: dict, n: int) -> str:
-    """The measured wall-clock time of the dynamic engine against the final exit alone."""
-    return (f"Measured on the test split ({n} samples, batch {engine['batch_size']}, "
+def engine_timing_line(results: dict) -> str:
+    """The measured wall-clock time of the dynamic engine against the final exit alone, with
+    the test accuracy of each, from an evaluation's results."""
+    engine, t = results["engine"], results["test"]
+    final = (results.get("calibration") or {}).get("final_exit_test")
+    accuracy = f"test accuracy {100 * t['accuracy']:.2f}%" + (
+        f" (the final exit alone: {100 * final['accuracy']:.2f}%)" if final else "")
+    return (f"Measured on the test split ({t['n']} samples, batch {engine['batch_size']}, "
             f"{engine['threads']} thread(s), median of {engine['timed_passes']} interleaved "
             f"passes): dynamic engine {engine['dynamic_wall_s']:.4f} s, the network run to its "
             f"final exit with every early exit off {engine['final_exit_wall_s']:.4f} s: "
-            f"{engine['speedup']:.2f}x faster.")
+            f"{engine['speedup']:.2f}x faster, {accuracy}.")
