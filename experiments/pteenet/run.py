@@ -67,7 +67,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from eenet.config import check_command_line, compose_config, config_dir
 from eenet.errors import EENetError
-from eenet.io import atomic_write_text, first_line
+from eenet.io import first_line
 from eenet.jobs.evaluate import evaluate
 from eenet.jobs.train import train
 from eenet.reporting.experiment import save_report
@@ -182,10 +182,7 @@ def run(kind: str, cfg: DictConfig, runs: Path, retrain: bool, fresh: bool = Fal
     with open_dict(cfg):
         cfg.output_dir = str(out)
     print(f"training {out}", flush=True)
-    t0 = time.time()
-    results, _ = train(cfg)
-    results["wall_s"] = time.time() - t0
-    atomic_write_text(done, json.dumps(results, indent=2, default=str) + "\n")
+    results, _ = train(cfg)  # writes results.json (eenet's own format) into the folder
     return results, out
 
 
