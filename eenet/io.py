@@ -24,8 +24,6 @@ import warnings
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
-import torch
-
 from eenet.errors import EENetError
 
 
@@ -76,6 +74,8 @@ def _torch_load_reason(exc: BaseException) -> str:
 
 def safe_torch_load(path: str | Path, map_location: Any = "cpu", what: str = "checkpoint") -> Any:
     """``torch.load(path, weights_only=True)`` with a one-line error for missing or bad files."""
+    import torch  # here: the command line imports this module before it needs torch
+
     try:
         with warnings.catch_warnings():  # torch warns on stderr of a pickle protocol other than 2
             warnings.filterwarnings("ignore", message="Detected pickle protocol",

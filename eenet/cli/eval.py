@@ -17,19 +17,21 @@ from omegaconf import DictConfig
 
 from eenet.cli.common import prepare_command_line, run_job
 from eenet.config import CONFIG_PATH
-from eenet.io import safe_torch_load
-from eenet.jobs.evaluate import evaluate, report
-from eenet.runs import check_run_folder
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="eval")
 def _main(cfg: DictConfig) -> None:
+    from eenet.jobs.evaluate import evaluate, report  # here: command-line mistakes fail first
+
     results = run_job(evaluate, cfg)
     print(report(results))
     print(f"\nWritten to {cfg.output_dir}: results.json, results.md, curve.png, exits.png")
 
 
 def _check_run(run: str) -> None:
+    from eenet.io import safe_torch_load
+    from eenet.runs import check_run_folder
+
     check_run_folder(run)  # config.yaml: plain data, allowed classes only
     safe_torch_load(Path(run) / "model.pt", what="weights")  # tensors only
 

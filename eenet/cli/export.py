@@ -16,11 +16,12 @@ from omegaconf import DictConfig
 
 from eenet.cli.common import prepare_command_line, run_job
 from eenet.config import CONFIG_PATH
-from eenet.jobs.export import export_run
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="export")
 def _main(cfg: DictConfig) -> None:
+    from eenet.jobs.export import export_run  # here: command-line mistakes fail before torch loads
+
     path = run_job(export_run, cfg)
     m = json.loads(path.read_text())
     files = [f for p in m["pieces"] for f in (p["segment"], p["head"])]

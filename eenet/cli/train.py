@@ -15,12 +15,15 @@ from omegaconf import DictConfig
 
 from eenet.cli.common import prepare_command_line, run_job
 from eenet.config import CONFIG_PATH
-from eenet.jobs.train import objective, process_rank, train
-from eenet.reporting.markdown import results_markdown
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_PATH, config_name="train")
 def _main(cfg: DictConfig) -> float | None:
+    # the training stack is imported here, not at the top: a mistake on the command line
+    # is reported before Lightning and torch are loaded
+    from eenet.jobs.train import objective, process_rank, train
+    from eenet.reporting.markdown import results_markdown
+
     results, _ = run_job(train, cfg)
     if process_rank() == 0:
         print(results_markdown(results))
