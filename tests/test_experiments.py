@@ -206,7 +206,6 @@ def test_pteenet_smoke_runs_the_study_pipeline(smoke_runs):
     assert backbone_cfg["placement"]["stages"] == [] and backbone_cfg["seed"] == 0
 
 
-@pytest.mark.slow
 def test_pteenet_second_study_reuses_the_backbone(smoke_runs):
     """A study with the same backbone recipe (SGD) trains no backbone of its own."""
     backbone = json.loads((smoke_runs / "kd_lambda2_seed1.json").read_text())["backbone"]["run_dir"]
