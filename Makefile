@@ -11,7 +11,7 @@ export MALLOC_MMAP_THRESHOLD_ ?= 1000000000
 export MALLOC_TRIM_THRESHOLD_ ?= 1000000000
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-slow test-all experiments-core tables clean
+.PHONY: help install demo test lint test-slow test-all experiments-core tables clean
 
 help: ## show this help
 	@grep -hE '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | \
@@ -33,8 +33,11 @@ demo: $(STAMP) ## train resnet20 + 2 exits on the bundled digits, calibrate on v
 	$(VENV)/bin/eenet-train hydra.run.dir=$(OUT)/demo trainer.enable_progress_bar=false trainer.max_epochs=8 threads=1
 	$(VENV)/bin/eenet-eval run=$(OUT)/demo budget=0.2 threads=1 latency=true hydra.run.dir=$(OUT)/demo/eval
 
-test: $(STAMP) ## run the tests (slow ones excluded), about a few minutes on 2 cores
+test: lint ## the linter, then the tests (slow ones excluded): about 7 minutes on 2 cores
 	$(PY) -m pytest -m "not slow" -q --durations=15
+
+lint: $(STAMP) ## ruff (pinned in constraints.txt; rules in pyproject.toml)
+	$(VENV)/bin/ruff check eenet tests experiments
 
 test-slow: $(STAMP) ## run only the slow tests
 	$(PY) -m pytest -m slow -q

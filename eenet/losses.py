@@ -33,7 +33,7 @@ head its own cross-entropy as well. Without it, a branch whose confidence is
 low receives almost no gradient through the mixture; on a frozen backbone
 (PTEENet) the confidence heads then send nearly everything to the accurate
 final exit and the branches stop improving (measured in
-experiments/pteenet_cifar10.py). This sum is eenet's option, not EENets'.
+experiments/pteenet/run.py). This sum is eenet's option, not EENets'.
 
 ``ExitDistillation`` is self-distillation from the final exit (Phuong & Lampert,
 "Distillation-Based Training for Multi-Exit Architectures", ICCV 2019; the

@@ -82,7 +82,7 @@ def write_cifar10(root: Path, per_batch: int = 4, seed: int = 0):
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": 4,
                      "num_vis": 3072}, handle)
-    return {k: (np.concatenate([d for d, _ in v]), np.concatenate([l for _, l in v]))
+    return {k: (np.concatenate([d for d, _ in v]), np.concatenate([lab for _, lab in v]))
             for k, v in written.items()}
 
 

@@ -227,7 +227,10 @@ def test_the_demo_shows_the_trade_off_and_measures_it(tmp_path):
     """`make demo`'s own settings (all of them, 8 epochs included): samples leave at two
     or more exits on test, and the engine's time is measured against the final exit alone."""
     cmds = demo_commands()
-    keep = lambda args: [a for a in args if not a.startswith(("hydra.run.dir=", "run="))]
+
+    def keep(args):
+        return [a for a in args if not a.startswith(("hydra.run.dir=", "run="))]
+
     threads = torch.get_num_threads()
     try:
         run = tmp_path / "demo"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,7 +10,6 @@ import torch
 from eenet.errors import EENetError
 from eenet.models.weights import load_backbone_weights, state_hash
 from eenet.jobs.train import train
-from eenet.runs import build_network
 
 QUICK = ["trainer.enable_progress_bar=false", "logger=none", "checkpoint.enabled=false"]
 

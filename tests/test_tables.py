@@ -11,7 +11,8 @@ from pathlib import Path
 
 def test_smoke_tables(tmp_path, shared_data):
     env = {**os.environ, "WANDB_MODE": "disabled", "SMOKE": "1"}
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "experiments" / "tables.py"), "all", "--out", str(tmp_path),
+    script = Path(__file__).resolve().parent.parent / "experiments" / "tables.py"
+    proc = subprocess.run([sys.executable, str(script), "all", "--out", str(tmp_path),
                            "--data", str(shared_data)], env=env, capture_output=True, text=True,
                           timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -24,7 +24,8 @@ Per-exit thresholds are searched over a grid of candidate values per exit
 (quantiles of that exit's scores on val, plus "never leave here" and "always
 leave here"): every combination when there are few (two exits: about 4,000),
 otherwise coordinate descent from several starting points (the best shared
-threshold, the final-exit-only point, the cheapest point), keeping the best. The shared-threshold sweep gives the accuracy-versus-cost curve and, with
+threshold, the final-exit-only point, the cheapest point), keeping the best.
+The shared-threshold sweep gives the accuracy-versus-cost curve and, with
 every point the search evaluated, the Pareto front. Thresholds are never tuned
 on the test split: the caller passes validation outputs, and ``eenet-eval``
 only evaluates the chosen thresholds on test.
@@ -47,7 +48,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 

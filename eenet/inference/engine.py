@@ -13,7 +13,7 @@ This is the difference with the papers' code, which either runs at batch size 1
 only (EENets, SDN) or computes every exit for every sample and picks one
 afterwards (MSDNet, PTEENet, T-RecX), saving nothing. The result equals the
 static all-exits forward followed by the policy (tested), and the compute it
-saves is real (measured by ``experiments/bench_inference.py``).
+saves is real (measured by ``experiments/bench/bench_inference.py``).
 
 An exit whose threshold never releases a sample (``inf``, which calibration
 chooses for exits that do not pay for themselves) is idle: given the cost table,

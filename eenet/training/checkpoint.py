@@ -10,7 +10,6 @@ object that would run code is refused, and the code never runs.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import lightning as L

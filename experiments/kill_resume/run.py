@@ -107,7 +107,8 @@ def main() -> None:
     print(f"\nfinal metrics equal: {equal}")
     path = save_report(str(HERE / "results.json"), {"epochs": args.epochs, "kills": events,
                                   "uninterrupted_s": straight_s, "max_weight_difference": max_diff,
-                                  "metrics_equal": equal, "uninterrupted": {k: a[k] for k in ("val", "test", "val_loss")},
+                                  "metrics_equal": equal,
+                                  "uninterrupted": {k: a[k] for k in ("val", "test", "val_loss")},
                                   "killed_and_resumed": {k: b[k] for k in ("val", "test", "val_loss")},
                                   "table": table})
     print(f"saved {path}")

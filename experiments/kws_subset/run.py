@@ -18,7 +18,6 @@ accuracies (about 92% on the full test set) are not comparable. The pipeline:
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
