@@ -33,8 +33,8 @@ demo: $(STAMP) ## train resnet20 + 2 exits on the bundled digits, calibrate on v
 	$(VENV)/bin/eenet-train hydra.run.dir=$(OUT)/demo trainer.enable_progress_bar=false trainer.max_epochs=8 threads=1
 	$(VENV)/bin/eenet-eval run=$(OUT)/demo budget=0.2 threads=1 latency=true hydra.run.dir=$(OUT)/demo/eval
 
-test: lint ## the linter, then the tests (slow ones excluded): about 7 minutes on 2 cores
-	$(PY) -m pytest -m "not slow" -q --durations=15
+test: lint ## the linter, then the tests (slow ones excluded) in 2 one-thread workers
+	OMP_NUM_THREADS=1 $(PY) -m pytest -m "not slow" -q -n 2 --durations=15
 
 lint: $(STAMP) ## ruff (pinned in constraints.txt; rules in pyproject.toml)
 	$(VENV)/bin/ruff check eenet tests experiments

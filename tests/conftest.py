@@ -1,4 +1,4 @@
-"""Shared test fixtures: quiet W&B, two threads, the real data folder, composed configs."""
+"""Shared test fixtures: quiet W&B, torch threads, the real data folder, composed configs."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 # W&B stays off in tests, except where a test turns offline mode on for itself.
 os.environ["WANDB_MODE"] = "disabled"
 os.environ.setdefault("WANDB_SILENT", "true")
-torch.set_num_threads(2)
+# two threads, or OMP_NUM_THREADS when set (`make test` runs two one-thread workers)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
