@@ -5,6 +5,10 @@ from eenet.calibration.anytime import anytime_view, step_auc
 from eenet.calibration.cache import CachedExits, cache_exit_outputs
 from eenet.calibration.search import CalibrationResult, Calibrator, OperatingPoint
 from eenet.calibration.stats import paired_drop, pareto_indices
+from eenet.calibration.temperature import (TemperatureFit, apply_temperatures, exit_calibration_errors,
+                                           fit_temperatures, temperature_report)
 
 __all__ = ["CachedExits", "CalibrationResult", "Calibrator", "OperatingPoint", "anytime_view",
            "cache_exit_outputs", "paired_drop", "pareto_indices", "step_auc"]
+__all__ += ["TemperatureFit", "apply_temperatures", "exit_calibration_errors", "fit_temperatures",
+            "temperature_report"]

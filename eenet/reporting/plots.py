@@ -62,3 +62,44 @@ def _finish(fig, ax, path: str | Path, title: str) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_reliability(path: str | Path, diagrams: dict[str, Sequence[dict]],
+                     exit_names: Sequence[str], title: str = "") -> Path:
+    """Reliability diagrams (Guo et al., ICML 2017, Fig. 1): one panel per exit, accuracy per
+    confidence bin as bars, the diagonal where accuracy equals confidence.
+
+    ``diagrams`` maps a label (e.g. ``before``, ``after``) to one dict per exit as
+    :func:`eenet.calibration.temperature.reliability_bins` returns it (``edges``,
+    ``accuracy`` with ``None`` for empty bins, ``ece``).
+    """
+    n = len(exit_names)
+    cols = min(n, 5)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.7 * rows), squeeze=False,
+                             sharex=True, sharey=True)
+    k = len(diagrams)
+    for i, name in enumerate(exit_names):
+        ax = axes[i // cols][i % cols]
+        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1)
+        for j, (label, per_exit) in enumerate(diagrams.items()):
+            d = per_exit[i]
+            edges = d["edges"]
+            width = (edges[1] - edges[0]) / k
+            xs = [edges[m] + (j + 0.5) * width for m, a in enumerate(d["accuracy"]) if a is not None]
+            ys = [a for a in d["accuracy"] if a is not None]
+            ax.bar(xs, ys, width=width, alpha=0.75, label=f"{label} (ECE {100 * d['ece']:.2f}%)")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize=6, loc="upper left")
+        ax.grid(True, alpha=0.3)
+    for i in range(n, rows * cols):  # panels left over in the last row
+        axes[i // cols][i % cols].axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("confidence (max softmax)", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("accuracy", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return _finish(fig, axes[0][0], path, "")
