@@ -130,7 +130,8 @@ def main() -> None:
                                   "policy": ev["policy"], "results": results, "table": table,
                                   "plain_backbone_macs": plain_cost.backbone_macs,
                                   "settings": vars(args)},
-                       suffix=args.tag + ("_folded" if args.fold_bn else ""))
+                       suffix=args.tag + ("_folded" if args.fold_bn else ""),
+                       chosen_on={"thresholds": "val"})  # eenet-eval's, calibrated on val
     print(f"saved {path}")
 
 

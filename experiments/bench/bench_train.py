@@ -34,6 +34,7 @@ from eenet.training import EarlyExitModule
 
 HERE = Path(__file__).resolve().parent
 DATA = HERE.parents[2] / "shared" / "data"
+SEED = 0
 
 
 class StepTimer(L.Callback):
@@ -81,7 +82,7 @@ def main() -> None:
                    help="exit pre-blocks to benchmark (conf/exit)")
     args = p.parse_args()
     torch.set_num_threads(2)
-    L.seed_everything(0, verbose=False)
+    L.seed_everything(SEED, verbose=False)
 
     mnist = Path(args.data, "MNIST", "raw").is_dir()
     dm = ClassificationDataModule(
@@ -115,7 +116,7 @@ def main() -> None:
     print(table)
     path = save_report(__file__, {"dataset": "mnist" if mnist else "digits", "batch_size": 128,
                                   "threads": torch.get_num_threads(), "settings": vars(args),
-                                  "results": summary, "table": table})
+                                  "results": summary, "table": table}, seeds=[SEED])
     print(f"saved {path}")
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from eenet.reporting.experiment import save_report
+from eenet.reporting.experiment import git_revision, save_report
 from eenet.reporting.markdown import markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -54,6 +54,7 @@ def main() -> None:
                    help="kill once after each of these numbers of finished epochs")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    started = git_revision(__file__)  # the code this run starts with (commits may land before it ends)
     env = {**os.environ, "WANDB_MODE": "disabled"}
     shutil.rmtree(RUNS, ignore_errors=True)
 
@@ -110,7 +111,10 @@ def main() -> None:
                                   "metrics_equal": equal,
                                   "uninterrupted": {k: a[k] for k in ("val", "test", "val_loss")},
                                   "killed_and_resumed": {k: b[k] for k in ("val", "test", "val_loss")},
-                                  "table": table})
+                                  "table": table},
+                       # eenet-train's own metrics: its configured thresholds, no split consulted
+                       seeds=[args.seed], chosen_on={"thresholds": "fixed"}, source=__file__,
+                       revision=started)
     print(f"saved {path}")
 
 

@@ -30,7 +30,7 @@ from eenet.export import export_segments
 from eenet.inference import DynamicEngine
 from eenet.export.onnx_runner import OnnxEarlyExitRunner
 from eenet.policies import create_policy
-from eenet.reporting.experiment import save_report
+from eenet.reporting.experiment import git_revision, save_report
 from eenet.reporting.markdown import markdown_table
 from eenet.config import compose_config
 from eenet.jobs.train import train
@@ -47,6 +47,7 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--tolerance", type=float, default=1.0)
     args = p.parse_args()
+    started = git_revision(__file__)  # the code this run starts with (commits may land before it ends)
     base = ["experiment=trecx_dscnn_kws", f"data_root={args.data}",
             f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", "logger=csv",
             f"threads={args.threads}"]
@@ -92,7 +93,10 @@ def main() -> None:
                                            "equal_exits": same_exit / n,
                                            "manifest": str(manifest)},
                                   "latency": ev.get("latency"), "table": table,
-                                  "settings": vars(args)})
+                                  "settings": vars(args)},
+                       seeds=sorted({plain["config"]["seed"], ee["config"]["seed"]}),
+                       chosen_on={"thresholds": "val"}, source=__file__,
+                       revision=started)
     print(f"saved {path}")
 
 

@@ -35,7 +35,7 @@ from eenet.jobs.evaluate import evaluate
 from eenet.runs import load_run
 from eenet.calibration import Calibrator, cache_exit_outputs
 from eenet.data.batching import make_loader
-from eenet.reporting.experiment import save_report
+from eenet.reporting.experiment import git_revision, save_report
 from eenet.reporting.markdown import markdown_table
 from eenet.config import compose_config
 from eenet.jobs.train import train
@@ -73,6 +73,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
+    started = git_revision(__file__)  # the code this run starts with (commits may land before it ends)
     tag = "" if args.exit == "plain" else f"_{args.exit}"
 
     core_plain = RUNS / "mnist_core" / "plain"
@@ -137,7 +138,9 @@ def main() -> None:
         "chosen_policy": best, "test": t, "drop_points": drop, "meets_target": meets,
         "val_calibration": {k: r.to_dict() for k, r in per_policy.items()},
         "eval_results": str(out / "results.json"), "exits": results["exits"],
-        "calibration_target": target, "table": table, "settings": vars(args)}, suffix=suffix)
+        "calibration_target": target, "table": table, "settings": vars(args)}, suffix=suffix,
+        seeds=[args.seed], chosen_on={"thresholds": "val", "policy": "val"}, source=__file__,
+        revision=started)
     print(f"saved {path} and {png}")
 
 

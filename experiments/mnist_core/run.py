@@ -27,7 +27,7 @@ import json
 import time
 from pathlib import Path
 
-from eenet.reporting.experiment import save_report
+from eenet.reporting.experiment import git_revision, save_report
 from eenet.reporting.markdown import markdown_table
 from eenet.config import compose_config
 from eenet.io import atomic_write_text
@@ -82,6 +82,7 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--retrain", action="store_true", help="retrain runs that already finished")
     args = p.parse_args()
+    started = git_revision(__file__)  # the code this run starts with (commits may land before it ends)
 
     plain = run("plain", ["placement.method=explicit", "placement.stages=[]"], args)
     ee = []
@@ -120,7 +121,10 @@ def main() -> None:
     print(f"\ntarget (drop <= 0.5 points at avg cost <= 0.5) met by: {met or 'none'}")
     out = RUNS / "mnist_core_smoke" / "results.json" if args.smoke else HERE / "results.json"
     path = save_report(str(out), {"plain": plain, "early_exit": ee, "table": table,
-                                  "target_met_by": met, "settings": vars(args)})
+                                  "target_met_by": met, "settings": vars(args)},
+                       seeds=[args.seed], source=__file__, revision=started,
+                       # confidence threshold 0.5 for every run; every lambda and head reported
+                       chosen_on={"thresholds": "fixed", "lambda": "every", "confidence head": "every"})
     print(f"saved {path}")
 
 

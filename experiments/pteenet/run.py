@@ -70,7 +70,7 @@ from eenet.errors import EENetError
 from eenet.io import first_line
 from eenet.jobs.evaluate import evaluate
 from eenet.jobs.train import train
-from eenet.reporting.experiment import save_report
+from eenet.reporting.experiment import git_revision, save_report
 from eenet.reporting.markdown import markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -224,6 +224,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    started = git_revision(__file__)  # the code this run starts with (commits may land before it ends)
     if args.list:
         for name in study_names():
             text = (config_dir() / "experiment" / STUDIES / f"{name}.yaml").read_text()
@@ -252,7 +253,8 @@ def main(argv: list[str] | None = None) -> Path:
                else list(study.lambdas))
 
     # 1. the backbone, trained once
-    plain, bb_dir = run("backbone", compose(backbone_overrides), runs, args.retrain)
+    backbone_cfg = compose(backbone_overrides)
+    plain, bb_dir = run("backbone", backbone_cfg, runs, args.retrain)
     backbone_acc = plain["exits"][-1]["test_accuracy"]
     recipe = " ".join(o for o in backbone_overrides if override_key(o) not in
                       ("trainer.enable_progress_bar", "logger", "data_root"))
@@ -336,6 +338,11 @@ def main(argv: list[str] | None = None) -> Path:
     config = OmegaConf.to_container(cfg, resolve=True)
     config.pop("study")
     config.pop("output_dir")
+    # how each reported point was chosen: thresholds and policy on val for every lambda; the
+    # lambda on val (chosen_on_val) when a sweep ran, fixed when the command line gave one
+    chosen_on = {"thresholds": "val", "policy": "val"}
+    if lam_key is not None:
+        chosen_on["lambda"] = "fixed" if lam_key in user_keys else "val"
     path = save_report(str(results_path), {
         "study": args.study, "overrides": user, "smoke": args.smoke,
         "settings": OmegaConf.to_container(study, resolve=True), "lambda_key": lam_key,
@@ -347,7 +354,9 @@ def main(argv: list[str] | None = None) -> Path:
         "chosen_on_val": None if selected is None else {
             k: selected[k] for k in ("lambda", "policy", "val_cost", "val_accuracy",
                                      "test_accuracy", "avg_cost", "drop_points", "meets_target")},
-        "config": config})
+        "config": config},
+        seeds={"backbone": int(backbone_cfg.seed), "branches": int(cfg.seed)},
+        chosen_on=chosen_on, source=__file__, revision=started)
     print(f"saved {path}")
     return path
 

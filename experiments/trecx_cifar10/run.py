@@ -35,7 +35,7 @@ from eenet.runs import load_run
 from eenet.calibration import Calibrator, cache_exit_outputs
 from eenet.inference import DynamicEngine
 from eenet.policies import create_policy
-from eenet.reporting.experiment import save_report
+from eenet.reporting.experiment import git_revision, save_report
 from eenet.reporting.markdown import markdown_table
 from eenet.config import compose_config
 from eenet.jobs.train import train
@@ -91,6 +91,7 @@ def main() -> None:
     p.add_argument("--tolerance", type=float, default=1.0)
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args()
+    started = git_revision(__file__)  # the code this run starts with (commits may land before it ends)
 
     rows, per_seed = [], []
     for seed in args.seeds:
@@ -146,7 +147,9 @@ def main() -> None:
     # results_<epochs>ep.json beside this script
     path = save_report(str(HERE / "results.json"),
                        {"per_seed": per_seed, "summary": summary, "table": table,
-                        "settings": vars(args)}, suffix=f"_{args.epochs}ep")
+                        "settings": vars(args)}, suffix=f"_{args.epochs}ep",
+                       seeds=args.seeds, chosen_on={"thresholds": "val"}, source=__file__,
+                       revision=started)
     print(f"saved {path}")
 
 
