@@ -2,7 +2,9 @@
 
 Calibration (:mod:`eenet.calibration.search`), the anytime view and the
 reports evaluate any threshold vector on these cached outputs without running
-the network again.
+the network again. The inputs meet the dynamic engine's contract
+(:func:`eenet.inference.engine.check_input`): a batch with NaN or infinite
+values, or of an integer dtype, is refused in one line rather than calibrated on.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Iterable
 import torch
 
 from eenet.errors import EENetError
+from eenet.inference.engine import check_input
 from eenet.models.early_exit import EarlyExitNetwork, ExitOutputs
 
 
@@ -48,7 +51,7 @@ def cache_exit_outputs(net: EarlyExitNetwork, batches: Iterable, device: str | t
     try:
         with torch.inference_mode():
             for x, y in batches:
-                out = net(x.to(device))
+                out = net(check_input(net, x.to(device)))
                 if not logits:
                     logits = [[] for _ in out.logits]
                     conf = [[] for _ in out.conf_logits]

@@ -21,6 +21,18 @@ the engine runs only the stages there and not the head, and reports the cost
 without it (``CostTable.fractions_skipping``). Not for the patience policy,
 whose scores count every exit's prediction, nor for an exit whose features the
 final classifier reads (T-RecX mitigation).
+
+Input contract (:func:`check_input`, also usable before a static forward): a
+``torch.Tensor`` of shape (B, C, H, W) (NCHW, any B; C, and H and W for a
+fixed-size network, as the network was built for), on the network's device,
+already normalised as the data module does it (``(x - mean) / std`` of values
+in the data set's range). Floating point input (float16, bfloat16, float64) is
+converted to the network's parameter dtype (float32 for eenet's networks): a
+copy, and the only conversion made. Integer input (uint8 images, int64, ...)
+and bool are refused: the engine does not know the data set's scaling and
+normalisation, so it says what to pass instead. Samples with NaN or infinite
+values are refused (one line naming the first of them), never classified: a
+NaN passes no threshold and would silently leave at the final exit.
 """
 
 from __future__ import annotations
@@ -34,6 +46,34 @@ from eenet.cost import CostTable
 from eenet.errors import EENetError
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.policies import ExitPolicy
+
+
+def check_input(net: EarlyExitNetwork, x) -> torch.Tensor:
+    """``x`` checked against the input contract (module docstring) and converted to the
+    network's dtype; raises :class:`EENetError` (one line) for anything else."""
+    if not isinstance(x, torch.Tensor):
+        raise EENetError(f"input must be a torch.Tensor (B, C, H, W), got {type(x).__name__}; "
+                         f"for a numpy array pass torch.from_numpy(x)")
+    param = next(net.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    if not torch.is_floating_point(x):
+        what = ("uint8 images (0..255) must first be scaled to the data set's range and "
+                "normalised as the data module does: ((x.float() / 255) - mean) / std"
+                if x.dtype == torch.uint8 else "pass a float32 tensor")
+        raise EENetError(f"input of dtype {x.dtype} is not accepted (floating point only, "
+                         f"normalised values, converted to {dtype}): {what}")
+    net.check_input(x)  # shape: (batch, C, H, W)
+    if param is not None and x.device != param.device:
+        raise EENetError(f"input is on {x.device} but the network on {param.device}: "
+                         f"move it first, x.to('{param.device}')")
+    x = x.to(dtype)
+    finite = torch.isfinite(x).flatten(1).all(1)
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten()
+        raise EENetError(f"input holds NaN or infinite values in {bad.numel()} of {x.shape[0]} "
+                         f"samples (the first: sample {int(bad[0])}); they are refused, not "
+                         f"classified: drop or repair those samples")
+    return x
 
 
 @dataclass
@@ -91,10 +131,15 @@ class DynamicEngine:
         self.keep_logits = keep_logits
 
     def __call__(self, x: torch.Tensor) -> DynamicOutput:
+        """Run a batch ``x`` (B, C, H, W), normalised, finite; see :func:`check_input`.
+
+        float16 / bfloat16 / float64 input is converted to the network's dtype (float32);
+        integer input, NaN or inf, and wrong shapes are refused with one line.
+        """
         if self.net.training:
             raise EENetError("the dynamic engine runs in eval mode only: call net.eval() first "
                              "(BatchNorm and dropout must not use batch statistics)")
-        self.net.check_input(x)
+        x = check_input(self.net, x)
         with torch.inference_mode():
             return self._run_one(x) if x.shape[0] == 1 else self._run(x)
 
