@@ -3,8 +3,10 @@
 The validation split is carved out of the data set's TRAINING split with a
 fixed permutation (``split_seed``), gets no augmentation and never overlaps the
 training samples; it is the split for model selection and exit-threshold
-calibration. The test split is the data set's own test split and is only ever
-evaluated, never tuned on.
+calibration, so it holds at least one sample and leaves at least one for
+training (checked with the actual sizes when the split is carved). The test
+split is the data set's own test split and is only ever evaluated, never tuned
+on.
 
 Every constructor argument is a plain value, so Hydra can build the module
 from YAML::
@@ -12,6 +14,7 @@ from YAML::
     _target_: eenet.data.ClassificationDataModule
     name: cifar10
     root: ../shared/data
+    num_classes: 10
     mean: [0.4914, 0.4822, 0.4465]
     std: [0.2470, 0.2435, 0.2616]
     augment: [crop, hflip]
@@ -74,8 +77,14 @@ class ClassificationDataModule(L.LightningDataModule):
         augment: training augmentations, any of ``crop`` and ``hflip``.
         crop_padding: zero padding, in pixels, before the random ``crop`` (4 suits
             32x32 images; the 8x8 digits use 1).
+        num_classes: the class count the network is built for (the dataset
+            config passes ``${dataset.num_classes}``); checked where the data is
+            loaded against the data set's fixed count or its class folders, and
+            the labels against it (:func:`eenet.data.load_split`). ``None``: not
+            checked.
         val_size: validation samples taken from the training split: a fraction in
-            (0, 1) or a count (0 <= count < training size; 0 means no validation).
+            (0, 1) or a count (1 <= count < training size); either way at least
+            one sample goes to each of val and train.
         split_seed: seed of the fixed permutations (validation split, subsets).
         batch_size: training batch size.
         eval_batch_size: validation / test batch size (``batch_size`` when null).
@@ -95,7 +104,8 @@ class ClassificationDataModule(L.LightningDataModule):
     """
 
     def __init__(self, name: str, root: str | None = None, download: bool = False, *,
-                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                 num_classes: int | None = None, mean: Sequence[float] | None = None,
+                 std: Sequence[float] | None = None,
                  augment: Sequence[str] = (),
                  crop_padding: int = 4, val_size: float | int = 0.1, split_seed: int = 0,
                  batch_size: int = 128,
@@ -111,9 +121,11 @@ class ClassificationDataModule(L.LightningDataModule):
         if isinstance(val_size, float) and not 0.0 < val_size < 1.0:
             raise EENetError(f"val_size={val_size} is out of range; give a fraction in (0, 1) "
                              f"or an integer count smaller than the training split")
-        if _is_int(val_size) and val_size < 0:
-            raise EENetError(f"val_size={val_size} is out of range; give a fraction in (0, 1) "
-                             f"or an integer count >= 0 smaller than the training split")
+        if _is_int(val_size) and val_size < 1:
+            raise EENetError(f"val_size={val_size} is out of range: the validation split picks "
+                             f"the checkpoint and calibrates the exits, so it needs samples; give "
+                             f"a fraction in (0, 1) or an integer count >= 1 smaller than the "
+                             f"training split")
         if not _is_int(batch_size) or batch_size < 1:
             raise EENetError(f"batch_size must be an integer >= 1, got {batch_size!r}")
         if eval_batch_size is not None and (not _is_int(eval_batch_size) or eval_batch_size < 1):
@@ -137,6 +149,7 @@ class ClassificationDataModule(L.LightningDataModule):
 
         self.name = name
         self.root = None if root is None else str(root)
+        self.configured_classes = _optional_count(num_classes, "num_classes")
         self.download = bool(download)
         self.augment = [str(a) for a in ([augment] if isinstance(augment, str) else augment)]
         self.val_size = val_size
@@ -183,20 +196,25 @@ class ClassificationDataModule(L.LightningDataModule):
     def _load(self, train: bool, select=None) -> tuple[torch.Tensor, torch.Tensor]:
         self.load_count += 1
         images, labels = load_split(self.name, self.root, train, self.download, select=select,
-                                    **self.options)
+                                    num_classes=self.configured_classes, **self.options)
         self._check_channels(images.shape[1])
         return images, labels
 
     def _val_count(self, n_train: int) -> int:
+        """Validation samples out of ``n_train``: at least one, leaving at least one to train on."""
+        split = (f"a training split of {n_train} sample(s)"
+                 + (f" (train_subset={self.train_subset})" if self.train_subset is not None else "")
+                 + f" of dataset '{self.name}'")
+        if n_train < 2:
+            raise EENetError(f"{split} cannot give both a validation and a training sample; "
+                             f"val_size={self.val_size} needs a training split of at least 2")
         if isinstance(self.val_size, float):
-            count = int(round(self.val_size * n_train))
-            count = min(max(count, 1), n_train - 1)
-        else:
-            count = int(self.val_size)
-        if count >= n_train or n_train - count < 1:
-            raise EENetError(f"val_size={self.val_size} is out of range for a training split of "
-                             f"{n_train} samples; give a fraction in (0, 1) or a count below "
-                             f"{n_train}")
+            return min(max(int(round(self.val_size * n_train)), 1), n_train - 1)
+        count = int(self.val_size)
+        if count >= n_train:
+            raise EENetError(f"val_size={self.val_size} is out of range for {split}: it would "
+                             f"leave no sample to train on; give a count below {n_train} or a "
+                             f"fraction in (0, 1)")
         return count
 
     def prepare_data(self) -> None:
@@ -205,7 +223,8 @@ class ClassificationDataModule(L.LightningDataModule):
             return
         for train in (True, False):
             if missing_files(self.name, self.root, train):
-                load_split(self.name, self.root, train, self.download, **self.options)
+                load_split(self.name, self.root, train, self.download,
+                           num_classes=self.configured_classes, **self.options)
 
     def setup(self, stage: str | None = None) -> None:
         """Load the splits a stage needs, once (later calls reuse them).

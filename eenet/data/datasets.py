@@ -19,7 +19,11 @@ Every loader returns ``(images, labels)``: ``images`` a ``(N, C, H, W)`` tensor
 float32 in [0, 1], and the keyword-spotting sets, whose 1x49x10 MFCC images
 are float32 on an int8 grid) and ``labels`` an int64 ``(N,)`` tensor. Before
 anything is read the files a data set needs are checked, so a missing file
-is reported in one line naming the data set, the root and the missing files.
+is reported in one line naming the data set, the root and the missing files;
+given the configured ``num_classes``, :func:`load_split` checks it against the
+data set's classes before anything is read, and the loaded labels against it
+(:func:`~eenet.data.registry.check_num_classes`,
+:func:`~eenet.data.registry.check_labels`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import torch
 
 from eenet.data import audio, imagefolder, vision, vww  # noqa: F401  (they register the records)
 from eenet.data.imagefolder import IMAGE_EXTENSIONS
-from eenet.data.registry import DatasetSpec, Select, check_selection, registered, root_path
+from eenet.data.registry import (DatasetSpec, Select, check_labels, check_num_classes,
+                                 check_selection, registered, root_path)
 from eenet.errors import EENetError, unknown_name
 
 __all__ = [
@@ -83,7 +88,8 @@ def missing_files(name: str, root: str | os.PathLike | None, train: bool = True)
 
 
 def load_split(name: str, root: str | os.PathLike | None, train: bool, download: bool = False,
-               select: Select | None = None, **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
+               select: Select | None = None, num_classes: int | None = None,
+               **options: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Load one whole split of a data set into memory, or the samples ``select`` keeps.
 
     Args:
@@ -97,6 +103,11 @@ def load_split(name: str, root: str | os.PathLike | None, train: bool, download:
             the whole split. Image folders (``imagefolder``, ``vww``) learn n and the
             labels from the file list and decode only the chosen files; the other
             data sets load the split and index it.
+        num_classes: the class count the network is built for (``dataset.num_classes``);
+            checked before anything is read against the record's fixed count, or the
+            class folders an image folder holds (which must agree across splits).
+            Either way the loaded labels must lie in ``0..num_classes-1``. ``None``:
+            only the record's own count (when fixed) bounds the labels.
         **options: per data set: ``verify_md5`` (cifar10, cifar100, svhn);
             ``image_size``, ``max_per_class``, ``channels`` (imagefolder); ``features``
             (kws12_subset); ``max_per_class``, ``quantize``, ``drop_validation_list``
@@ -108,17 +119,21 @@ def load_split(name: str, root: str | os.PathLike | None, train: bool, download:
 
     Raises:
         EENetError: unknown name or option, missing or unreadable files, failed download,
-            a selection outside the split.
+            a selection outside the split, ``num_classes`` other than the data set's,
+            labels outside ``0..num_classes-1``.
     """
     spec = get_dataset(name)
     _check_options(spec, options)
+    count = check_num_classes(spec, root, num_classes)
     if select is not None and spec.decodes_subset:
-        return spec.loader(root, bool(train), bool(download), select=select, **options)
-    images, labels = spec.loader(root, bool(train), bool(download), **options)
-    if select is None:
-        return images, labels
-    keep = check_selection(select, len(labels))
-    return images[keep], labels[keep]
+        images, labels = spec.loader(root, bool(train), bool(download), select=select, **options)
+    else:
+        images, labels = spec.loader(root, bool(train), bool(download), **options)
+        if select is not None:
+            keep = check_selection(select, len(labels))
+            images, labels = images[keep], labels[keep]
+    check_labels(spec, root, labels, count)
+    return images, labels
 
 
 def dataset_info(name: str, root: str | os.PathLike | None = None,
@@ -138,5 +153,7 @@ def dataset_info(name: str, root: str | os.PathLike | None = None,
     if spec.note is not None:
         info["note"] = spec.note
     if spec.resolve_info is not None:
+        if root is not None and spec.missing is not None:
+            root_path(name, root)  # a loop, a file, an unreadable folder: one line, not a traceback
         info.update(spec.resolve_info(root, options))
     return info

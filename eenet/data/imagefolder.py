@@ -5,6 +5,10 @@ The generic reader behind the ``imagefolder`` data set and Visual Wake Words
 class indices are the positions of the sorted class folder names of
 ``root/train`` (for both splits, so train and test agree), files are taken in
 sorted name order, and the accepted endings are :data:`IMAGE_EXTENSIONS`.
+Unlike ``ImageFolder``, both splits are checked together whichever is loaded
+(:func:`image_folder_classes`): ``train/`` and ``test/`` must hold the same
+class folders, none of them empty, so a test split that lacks a class (an
+accuracy over the other classes) is refused before training, not found after.
 
 Decoding only what is kept: the file list and its labels are known from the
 folder names before any image is decoded, so when the caller keeps a subset
@@ -29,7 +33,7 @@ from eenet.data.registry import (DatasetSpec, Select, check_selection, one_line,
 from eenet.errors import EENetError
 
 __all__ = ["IMAGE_EXTENSIONS", "class_folders", "decode_images", "image_files",
-           "list_image_folder", "load_image_folder", "missing_image_folder"]
+           "image_folder_classes", "list_image_folder", "load_image_folder", "missing_image_folder"]
 
 #: File name endings that count as images in an image folder (as torchvision's ImageFolder).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -46,13 +50,49 @@ def image_files(folder: Path) -> list[str]:
                   if entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
+def _holds_an_image(folder: Path) -> bool:
+    with os.scandir(folder) as entries:
+        return any(entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS)
+                   for entry in entries)
+
+
+def _refuse_empty(split_dir: Path, classes: Sequence[str]) -> None:
+    empty = [c for c in classes if not _holds_an_image(split_dir / c)]
+    if empty:
+        raise EENetError(f"imagefolder: class folder(s) {', '.join(empty)} of {split_dir} hold no "
+                         f"image file; accepted endings: {', '.join(IMAGE_EXTENSIONS)}")
+
+
+def image_folder_classes(base: Path) -> tuple[list[str], Path]:
+    """The class folder names of ``base/train`` (sorted) and that folder, checked against ``base/test``.
+
+    Both splits must hold the same class folders, and every one of them at
+    least one image file; otherwise one line names the classes missing where.
+    """
+    train_dir, test_dir = base / "train", base / "test"
+    classes = class_folders(train_dir)
+    _refuse_empty(train_dir, classes)
+    tested = class_folders(test_dir)
+    only_train = [c for c in classes if c not in tested]
+    only_test = [c for c in tested if c not in classes]
+    if only_train or only_test:
+        where = ([f"{', '.join(only_train)} missing from {test_dir}"] if only_train else []) + (
+            [f"{', '.join(only_test)} in {test_dir} but not in {train_dir}"] if only_test else [])
+        raise EENetError(f"imagefolder: train/ and test/ must hold the same class folders: "
+                         f"class folder(s) {'; '.join(where)}")
+    _refuse_empty(test_dir, classes)
+    return classes, train_dir
+
+
 def missing_image_folder(base: Path, train: bool = True) -> list[str]:
     """The parts of ``base/{train,test}/<class>/`` that are absent (both splits, always)."""
     missing = []
     for split in ("train", "test"):
         folder = base / split
         if not folder.is_dir():
-            missing.append(f"{split}/")
+            found_val = split == "test" and (base / "val").is_dir()
+            missing.append("test/ (there is a val/: this layout is train/ and test/, rename it)"
+                           if found_val else f"{split}/")
         elif not any(p.is_dir() for p in folder.iterdir()):
             missing.append(f"{split}/<class>/ (no class folders)")
     return missing
@@ -142,22 +182,18 @@ def list_image_folder(base: Path, train: bool,
                       max_per_class: int | None = None) -> tuple[list[str], list[int]]:
     """The files of one split and their labels, without decoding anything.
 
-    Class indices follow the sorted class folder names of ``base/train``; a test
-    class folder that is not a train class is an error. ``max_per_class`` keeps
-    the first n files (sorted by name) of each class.
+    Class indices follow the sorted class folder names of ``base/train``; both
+    splits must hold the same class folders, none empty (:func:`image_folder_classes`).
+    ``max_per_class`` keeps the first n files (sorted by name) of each class.
     """
-    classes = class_folders(base / "train")
+    classes, _ = image_folder_classes(base)
     split_dir = base / ("train" if train else "test")
-    extra = sorted(set(class_folders(split_dir)) - set(classes))
-    if extra:
-        raise EENetError(f"imagefolder: class folder(s) {', '.join(extra)} in {split_dir} are not "
-                         f"in {base / 'train'}; the test classes must be train classes")
     paths: list[str] = []
     labels: list[int] = []
     for index, cls in enumerate(classes):
         folder = split_dir / cls
-        files = image_files(folder) if folder.is_dir() else []
-        if not files and train:
+        files = image_files(folder)
+        if not files:  # emptied since image_folder_classes looked
             raise EENetError(f"imagefolder: class folder {folder} holds no image file; accepted "
                              f"endings: {', '.join(IMAGE_EXTENSIONS)}")
         if max_per_class is not None:
@@ -238,5 +274,5 @@ def _imagefolder_info(root: str | os.PathLike | None,
 IMAGEFOLDER = register_dataset(DatasetSpec(
     name="imagefolder", loader=load_image_folder, num_classes=None, in_chans=3, size=None,
     mean=None, std=None, options=("image_size", "max_per_class", "channels"),
-    missing=missing_image_folder, downloadable=False, decodes_subset=True,
-    resolve_info=_imagefolder_info))
+    missing=missing_image_folder, downloadable=False, find_classes=image_folder_classes,
+    decodes_subset=True, resolve_info=_imagefolder_info))
