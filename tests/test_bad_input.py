@@ -48,16 +48,110 @@ TRAIN_ROWS = [
     ("unknown policy", ["policy.name=softmax"], "unknown exit policy 'softmax'; accepted:"),
     ("data root without the files", ["dataset=mnist", "data_root=/nonexistent/eenet"],
      "train-images-idx3-ubyte"),
-    ("validation fraction out of range", ["dataset.datamodule.val_size=1.5"], "val_size=1.5 is out of range"),
+    ("validation fraction out of range", ["dataset.datamodule.val_size=1.5"],
+     "dataset.datamodule.val_size=1.5 must be a fraction in (0, 1) or a sample count >= 1"),
     ("batch size 0", ["dataset.datamodule.batch_size=0"], "batch_size must be an integer >= 1"),
     ("mean/std for the wrong channel count", ["dataset.datamodule.mean=[0.1,0.2]",
                                               "dataset.datamodule.std=[0.3,0.3]"],
      "has 1 channel(s) but mean/std have 2 values"),
     ("unknown augmentation", ["dataset.datamodule.augment=[rotate]"], "unknown augmentation(s) rotate"),
-    ("confidence learning-rate factor 0", ["confidence_lr_scale=0"], "confidence_lr_scale must be > 0"),
+    ("confidence learning-rate factor 0", ["confidence_lr_scale=0"],
+     "confidence_lr_scale=0 must be a finite number > 0"),
     ("resume without a checkpoint", ["resume=true"], "resume=true but"),
     ("multi_ce weights of the wrong length", ["loss=multi_ce", "loss.weights=[1,1]"],
      "multi_ce has 2 weights for 3 exits"),
+    # eenet.config_checks.check_train_config: each of these gave a traceback or a silently
+    # wrong run before, several after config.yaml and cost.json had been written
+    ("negative learning rate", ["optimizer.lr=-1"], "optimizer.lr=-1 must be a finite number > 0"),
+    ("learning rate as a word", ["optimizer.lr=fast"], "optimizer.lr='fast' must be a finite number > 0"),
+    ("infinite learning rate", ["optimizer.lr=inf"], "optimizer.lr=inf must be a finite number > 0"),
+    ("negative weight decay", ["optimizer.weight_decay=-0.1"],
+     "optimizer.weight_decay=-0.1 must be a finite number >= 0"),
+    ("momentum of 1.5", ["optimizer=sgd", "optimizer.momentum=1.5"],
+     "optimizer.momentum=1.5 must be a number in [0, 1)"),
+    ("nesterov as a word", ["optimizer=sgd", "optimizer.nesterov=yes"],
+     "optimizer.nesterov='yes' must be true or false"),
+    ("nesterov without momentum", ["optimizer=sgd", "optimizer.momentum=0"],
+     "optimizer.nesterov=true needs optimizer.momentum > 0 and optimizer.dampening=0"),
+    ("Adam beta of 1.5", ["+optimizer.betas=[0.9,1.5]"],
+     "optimizer.betas=[0.9, 1.5] must be two values, each a number in [0, 1)"),
+    ("Adam eps of 0", ["+optimizer.eps=0"], "optimizer.eps=0 must be a finite number > 0"),
+    ("cosine period of 0", ["scheduler.T_max=0"], "scheduler.T_max=0 must be an integer >= 1"),
+    ("negative thread count", ["threads=-1"], "threads=-1 must be an integer >= 1 (or null: torch's default)"),
+    ("thread count 0", ["threads=0"], "threads=0 must be an integer >= 1 (or null: torch's default)"),
+    ("fractional thread count", ["threads=1.5"], "threads=1.5 must be an integer >= 1"),
+    ("seed as a word", ["seed=random"], "seed='random' must be an integer in [0, 4294967295]"),
+    ("negative seed", ["seed=-1"], "seed=-1 must be an integer in [0, 4294967295]"),
+    ("fractional seed", ["seed=1.5"], "seed=1.5 must be an integer in [0, 4294967295]"),
+    ("zero epochs", ["trainer.max_epochs=0"], "trainer.max_epochs=0 must be an integer >= 1"),
+    ("epochs as a word", ["trainer.max_epochs=ten"], "trainer.max_epochs='ten' must be an integer >= 1"),
+    ("zero devices", ["trainer.devices=0"], "trainer.devices=0 must be an integer >= 1, 'auto' or a list"),
+    ("unknown accelerator", ["trainer.accelerator=npu"], "trainer.accelerator='npu' must be one of auto, gpu, cpu"),
+    ("negative logging interval", ["trainer.log_every_n_steps=-1"],
+     "trainer.log_every_n_steps=-1 must be an integer >= 1"),
+    ("sanity steps below -1", ["trainer.num_sanity_val_steps=-5"],
+     "trainer.num_sanity_val_steps=-5 must be an integer >= -1"),
+    ("progress bar as a word", ["trainer.enable_progress_bar=no"],
+     "trainer.enable_progress_bar='no' must be true or false"),
+    ("deterministic as a word", ["trainer.deterministic=always"],
+     "trainer.deterministic='always' must be true, false or 'warn'"),
+    ("unknown precision", ["+trainer.precision=half"], "trainer.precision='half' must be one of "),
+    ("negative fast_dev_run", ["debug=fdr", "trainer.fast_dev_run=-1"],
+     "trainer.fast_dev_run=-1 must be true, false or an integer >= 0"),
+    ("overfit fraction above 1", ["debug=overfit", "trainer.overfit_batches=1.5"],
+     "trainer.overfit_batches=1.5 must be an integer >= 0 (batches) or a float in [0, 1]"),
+    ("checkpoint mode 'maximum'", ["checkpoint.mode=maximum"], "checkpoint.mode='maximum' must be one of min, max"),
+    ("checkpoint keeping the highest loss", ["checkpoint.mode=max"],
+     "checkpoint.mode=max with checkpoint.monitor=val/loss keeps the worst checkpoint; give checkpoint.mode=min"),
+    ("checkpoint keeping the lowest accuracy", ["checkpoint.monitor=val/acc"],
+     "checkpoint.mode=min with checkpoint.monitor=val/acc keeps the worst checkpoint; give checkpoint.mode=max"),
+    ("misspelt monitor", ["checkpoint.monitor=val/los"], "checkpoint.monitor='val/los' must be a key logged on "
+                                                         "the validation split"),
+    ("checkpoint chosen on test", ["checkpoint.monitor=test/acc"], "checkpoints are chosen on val, never on test"),
+    ("checkpoint switch as a word", ["checkpoint.enabled=on"], "checkpoint.enabled='on' must be true or false"),
+    ("unknown mode", ["mode=frozen"], "mode='frozen' must be one of joint, posttrain, mixed"),
+    ("post-training without a backbone", ["mode=posttrain"],
+     "mode=posttrain starts from a trained backbone: give backbone.checkpoint="),
+    ("unknown targets", ["targets=logits"], "targets='logits' must be one of labels, backbone"),
+    ("unknown mitigation", ["mitigation=trex"], "mitigation='trex' must be one of trecx, concat (or null"),
+    ("anytime as a word", ["anytime=yes"], "anytime='yes' must be true or false"),
+    ("negative objective budget", ["objective_budget=-1"],
+     "objective_budget=-1 must be an average cost fraction in (0, 1]"),
+    ("objective budget in percent", ["objective_budget=30"],
+     "objective_budget=30 must be an average cost fraction in (0, 1]"),
+    ("resume as a word", ["resume=yes"], "resume='yes' must be true or false"),
+    ("overwrite as a word", ["++overwrite=yes"], "overwrite='yes' must be true or false"),
+    ("sync_batchnorm as a word", ["sync_batchnorm=off"], "sync_batchnorm='off' must be true or false"),
+    ("confidence learning-rate factor as a word", ["confidence_lr_scale=high"],
+     "confidence_lr_scale='high' must be a finite number > 0"),
+    ("input channels 0", ["dataset.in_chans=0"], "dataset.in_chans=0 must be an integer >= 1"),
+    ("no validation split", ["dataset.datamodule.val_size=0"],
+     "dataset.datamodule.val_size=0 must be a fraction in (0, 1) or a sample count >= 1: checkpoints and "
+     "thresholds are chosen on the validation split"),
+    ("validation size as a word", ["dataset.datamodule.val_size=some"], "dataset.datamodule.val_size='some' must be"),
+    ("validation split as large as the training subset",
+     ["dataset.datamodule.train_subset=100", "dataset.datamodule.val_size=100"],
+     "dataset.datamodule.val_size=100 must be below dataset.datamodule.train_subset=100"),
+    ("drop_last as a word", ["dataset.datamodule.drop_last=yes"], "dataset.datamodule.drop_last='yes' must be true or"),
+    ("download as a word", ["dataset.datamodule.download=no"], "dataset.datamodule.download='no' must be true or"),
+    ("number of exits as a word", ["placement.num_exits=two"], "placement.num_exits='two' must be an integer"),
+    ("fractional number of exits", ["placement.num_exits=1.5"], "placement.num_exits=1.5 must be an integer"),
+    ("fractional exit stage", ["placement.method=explicit", "placement.stages=[1.5]"],
+     "placement.stages=[1.5] must be a list of integers"),
+    ("exit convs as a word", ["exit.convs=one"], "exit.convs='one' must be an integer"),
+    ("exit width 0", ["exit.width=0"], "exit.width=0 must be an integer >= 1 (or null: the stage's channels)"),
+    ("branch stride as a word", ["exit=pteenet", "exit.stride=two"], "exit.stride='two' must be an integer"),
+    ("branch width growth as a word", ["exit=pteenet", "exit.width_growth=double"],
+     "exit.width_growth='double' must be a finite number"),
+    ("lambda as a word", ["loss.second.lambda_coef=big"], "loss.second.lambda_coef='big' must be a finite number"),
+    ("warm-up epochs as a word", ["loss.first_epochs=two"], "loss.first_epochs='two' must be an integer"),
+    ("fractional ramp epochs", ["loss=multi_ce", "loss.ramp_epochs=1.5"], "loss.ramp_epochs=1.5 must be an integer"),
+    ("negative ramp start", ["loss=multi_ce", "loss.ramp_start=-1"], "loss.ramp_start=-1 must be a finite number >= 0"),
+    ("distillation temperature as a word", ["loss=eenet_v2_kd", "loss.terms.kd.temperature=warm"],
+     "loss.terms.kd.temperature='warm' must be a finite number"),
+    *([("GPU accelerator on a machine without one", ["trainer.accelerator=gpu"],
+        "trainer.accelerator=gpu: no such device here; available here: auto, cpu")]
+      if not (torch.cuda.is_available() or torch.backends.mps.is_available()) else []),
 ]
 
 
@@ -80,11 +174,13 @@ def _expect_one_line_exit(fn, cfg, capsys, message):
 @pytest.mark.parametrize("name,overrides,message", TRAIN_ROWS, ids=[r[0] for r in TRAIN_ROWS])
 def test_train_rows(tmp_path, capsys, monkeypatch, name, overrides, message):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.chdir(tmp_path)  # a relative path written by mistake would land here
     out = tmp_path / "run"
-    before = _earlier_run(out)
+    _earlier_run(out)
+    before = _tree(tmp_path)
     cfg = compose_config(QUICK + overrides, output_dir=out)
     _expect_one_line_exit(train, cfg, capsys, message)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _tree(tmp_path) == before  # the earlier run's files byte-identical, nothing new
 
 
 def test_corrupt_data_file(tmp_path, capsys, monkeypatch):
