@@ -2,19 +2,28 @@
 
 Every policy turns exit i's outputs into a score s_i ("higher means surer") and
 a sample leaves at the first early exit with s_i > t_i; a sample that no early
-exit releases leaves at the final exit. Decisions are vectorised over a batch
-and, for calibration, over many threshold vectors at once.
+exit releases leaves at the final exit. So for every policy a threshold of
+``inf`` means "never leave here" and ``-inf`` "always leave here", in the
+engine, the calibration, ``results.json``, the ONNX manifest and its runner.
+Decisions are vectorised over a batch and, for calibration, over many
+threshold vectors at once.
 
 - ``confidence``: the EENets confidence head, exit when h_i > t_i
   (Demir & Akbas, "Early-exit Convolutional Neural Networks").
 - ``max_prob``: exit when max_k p_i[k] > t_i (Shallow-Deep Networks, Kaya et
   al. 2019; T-RecX, Ghanathe & Wilton).
-- ``entropy``: exit when H(p_i) = -sum_k p_i[k] log p_i[k] < t_i (BranchyNet,
-  Teerapittayanon et al. 2016). The score is -H and the threshold is kept in
-  entropy units, so "s_i > -t_i" is exactly "H < t_i" (PTEENet's code scores
-  negative entropy and so flips the comparison; here the user's t is entropy).
+- ``entropy``: BranchyNet's criterion, exit when the entropy
+  H(p_i) = -sum_k p_i[k] log p_i[k] (nats) is small (Teerapittayanon, McDanel &
+  Kung, "BranchyNet: Fast Inference via Early Exiting from Deep Neural
+  Networks", ICPR 2016). The score is the negative entropy s_i = -H(p_i), in
+  (-log K, 0], and a sample leaves when -H(p_i) > t_i, i.e. H(p_i) < -t_i: a
+  threshold t = -0.5 lets out the samples whose entropy is below 0.5 nats.
+  Before results format 2 / manifest format 2 the threshold was the entropy
+  itself (leave when H < t), so ``inf`` meant "always leave"; those files are
+  refused (:func:`eenet.reporting.results.check_thresholds_readable`).
 - ``patience``: exit when the last k exits, this one included, agree on the
-  class (PABEE, Zhou et al., "BERT Loses Patience", NeurIPS 2020); t_i = k.
+  class (PABEE, Zhou et al., "BERT Loses Patience", NeurIPS 2020); t_i = k, a
+  whole number >= 1 (or ``inf``).
 
 Policies can score one exit at a time (``exit_score`` with a carried state),
 which is what the dynamic inference engine does, or all exits of a static
@@ -38,7 +47,8 @@ class ExitPolicy:
     Args:
         thresholds: one shared threshold or one per early exit; ``inf`` (or the
             string ``"inf"``, as JSON files hold it) means "never leave here",
-            ``-inf`` "always leave here".
+            ``-inf`` "always leave here" (patience: 1). ``None``: the policy's
+            ``default_threshold``.
     """
 
     name = "policy"
@@ -47,18 +57,33 @@ class ExitPolicy:
     #: whether exit i's score depends on earlier exits' outputs (then every head must
     #: run, even at an exit whose threshold never releases a sample)
     needs_every_exit = False
+    #: the threshold used when none is given (user units)
+    default_threshold: float = 0.5
+    #: the threshold that releases every sample (user units), for calibration's searches
+    always_leave: float = -math.inf
 
-    def __init__(self, thresholds: float | Sequence[float] = 0.5):
-        if isinstance(thresholds, (int, float, str)):
-            self.thresholds: float | list[float] = float(thresholds)
-            values = [self.thresholds]
-        else:
-            self.thresholds = [float(t) for t in thresholds]
-            values = self.thresholds
-        lo, hi = self.valid_range
+    def __init__(self, thresholds: float | Sequence[float] | None = None):
+        if thresholds is None:
+            thresholds = self.default_threshold
+        try:
+            if isinstance(thresholds, (int, float, str)):
+                self.thresholds: float | list[float] = _number(thresholds)
+                values = [self.thresholds]
+            else:
+                self.thresholds = [_number(t) for t in thresholds]
+                values = self.thresholds
+        except (TypeError, ValueError):
+            raise EENetError(f"{self.name} thresholds must be numbers (or 'inf' / '-inf'), one "
+                             f"shared or one per early exit; got {thresholds!r}") from None
         for t in values:
-            if not lo < t < hi and not math.isinf(t):
-                raise EENetError(f"{self.name} threshold {t} is outside ({lo:g}, {hi:g})")
+            self.check_threshold(t)
+
+    def check_threshold(self, t: float) -> None:
+        """Raise (one line) unless ``t`` is a valid threshold in the user's units."""
+        lo, hi = self.valid_range
+        if not lo < t < hi and not math.isinf(t):
+            raise EENetError(f"{self.name} threshold {t} is outside ({lo:g}, {hi:g}); "
+                             f"inf: never leave here, -inf: always leave here")
 
     def threshold_vector(self, num_early_exits: int) -> torch.Tensor:
         """Thresholds t_0..t_{N-1} as a tensor in score units."""
@@ -115,6 +140,13 @@ class ExitPolicy:
         return {"name": self.name, "thresholds": self.thresholds}
 
 
+def _number(t) -> float:
+    """A threshold as a float; ``bool`` is refused (``True`` is not a threshold)."""
+    if isinstance(t, bool):
+        raise TypeError("a bool is not a threshold")
+    return float(t)
+
+
 def first_exit(scores: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Index of the first early exit whose score beats its threshold, N when none does.
 
@@ -150,16 +182,26 @@ class MaxProbPolicy(ExitPolicy):
 
 
 class EntropyPolicy(ExitPolicy):
-    """BranchyNet: exit when the prediction's entropy H(p_i) < t_i (score -H, threshold -t)."""
+    """BranchyNet (Teerapittayanon et al., ICPR 2016): exit when -H(p_i) > t_i, i.e. H(p_i) < -t_i.
+
+    The score is the negative entropy -H (nats) rather than a normalised certainty
+    such as 1 - H / log K: it is BranchyNet's own quantity with the sign that makes
+    "higher means surer", it does not depend on the number of classes K, and an
+    entropy threshold h of the previous rule (leave when H < h, h > 0) is out of
+    this policy's range (t < 0), so an old setting is refused instead of silently
+    meaning something else. ``inf``: never leave here, as for every policy.
+    """
 
     name = "entropy"
-    valid_range = (0.0, math.inf)
+    valid_range = (-math.inf, 0.0)  # -H <= 0, so t >= 0 would release nobody: use inf
+    default_threshold = -0.5  # H < 0.5 nats
 
-    def to_score_units(self, t):
-        return -t
-
-    def from_score_units(self, t):
-        return -t
+    def check_threshold(self, t):
+        if t >= 0 and not math.isinf(t):
+            raise EENetError(f"entropy threshold {t} is outside (-inf, 0): the entropy policy "
+                             f"leaves when -H(p) > t (negative entropy in nats), so t = -h lets "
+                             f"out the samples with entropy H < h; inf: never leave here")
+        super().check_threshold(t)
 
     def exit_score(self, logits, conf_logit, state):
         logp = F.log_softmax(logits.float(), dim=1)
@@ -167,11 +209,23 @@ class EntropyPolicy(ExitPolicy):
 
 
 class PatiencePolicy(ExitPolicy):
-    """PABEE: exit when the last k exits (this one included) predict the same class; t_i = k."""
+    """PABEE: exit when the last k exits (this one included) predict the same class; t_i = k.
+
+    k is a whole number >= 1 (1: leave at this exit whatever the earlier exits said)
+    or ``inf`` (never leave here); anything else, ``-inf`` included, is refused.
+    """
 
     name = "patience"
     valid_range = (0.0, math.inf)
     needs_every_exit = True  # the run length counts every exit's prediction
+    default_threshold = 2.0
+    always_leave = 1.0  # a run of one: this exit's own prediction
+
+    def check_threshold(self, t):
+        if not (t == math.inf or (t >= 1 and float(t).is_integer())):
+            raise EENetError(f"patience threshold {t} is not a whole number of exits >= 1: "
+                             f"give k = 1, 2, ... (leave when the last k exits agree; 1: always "
+                             f"leave here) or inf (never leave here)")
 
     def to_score_units(self, t):
         return t - 0.5  # run length >= k  <=>  run length > k - 0.5
@@ -193,8 +247,14 @@ class PatiencePolicy(ExitPolicy):
 POLICIES = {p.name: p for p in (ConfidencePolicy, MaxProbPolicy, EntropyPolicy, PatiencePolicy)}
 
 
-def create_policy(name: str, thresholds: float | Sequence[float] = 0.5) -> ExitPolicy:
-    """Build a policy by name: ``confidence``, ``max_prob``, ``entropy`` or ``patience``."""
+def create_policy(name: str, thresholds: float | Sequence[float] | None = None) -> ExitPolicy:
+    """Build a policy by name: ``confidence``, ``max_prob``, ``entropy`` or ``patience``.
+
+    Every policy is built here, so its thresholds are checked here, in one line each:
+    ``confidence`` and ``max_prob`` in (0, 1), ``entropy`` in (-inf, 0) (-H units),
+    ``patience`` a whole number >= 1; ``inf`` (never leave here) for all, ``-inf``
+    (always leave here) for all but patience. ``None``: the policy's default.
+    """
     if name not in POLICIES:
         raise unknown_name("exit policy", name, POLICIES)
     return POLICIES[name](thresholds)

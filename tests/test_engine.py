@@ -41,7 +41,7 @@ COSTS = exit_cost_table(NET).fractions
 def thresholds_for(name, data, n):
     if name == "patience":
         return [data.draw(st.integers(1, 3)) for _ in range(n)]
-    lo, hi = {"confidence": (0.0, 1.0), "max_prob": (0.2, 1.0), "entropy": (0.0, 1.7)}[name]
+    lo, hi = {"confidence": (0.0, 1.0), "max_prob": (0.2, 1.0), "entropy": (-1.7, 0.0)}[name]
     return [data.draw(st.floats(lo, hi, exclude_min=True, exclude_max=True)) for _ in range(n)]
 
 
@@ -91,7 +91,7 @@ def counted_net():
 def median_thresholds(net, x, name="max_prob"):
     """Per-exit thresholds at the median score, so about half of the batch leaves at each exit."""
     with torch.no_grad():
-        scores = create_policy(name, 0.5).scores(net(x))
+        scores = create_policy(name).scores(net(x))
     return scores.median(0).values.tolist()
 
 
@@ -142,12 +142,12 @@ def test_batch_of_one_short_path_equals_the_batched_path(name):
         policy = create_policy(name, [2, 2])  # exit 0 never agrees with an earlier exit
     else:
         with torch.no_grad():
-            scores = create_policy(name, 0.5).scores(net(x))
+            scores = create_policy(name).scores(net(x))
         # halfway between two samples' scores: a sample's own score would sit on the
         # boundary, where batch-1 and batch-48 convolutions may round differently
         srt = scores.sort(0).values
         th = (srt[23] + srt[24]) / 2
-        policy = create_policy(name, (-th if name == "entropy" else th).tolist())
+        policy = create_policy(name, th.tolist())  # scores and thresholds share units
     engine = DynamicEngine(net, policy, exit_cost_table(net).fractions, keep_logits=True)
     batched = engine(x)
     alone = [engine(x[i:i + 1]) for i in range(48)]

@@ -25,6 +25,7 @@ from eenet.inference import DynamicEngine
 from eenet.models import ExitBlock, create_backbone
 from eenet.export.onnx_runner import OnnxEarlyExitRunner
 from eenet.policies import POLICIES, create_policy
+from eenet.reporting.results import FORMAT_VERSION
 from eenet.config import compose_config
 from eenet.jobs.train import train
 
@@ -76,7 +77,7 @@ def exported(tmp_path_factory):
     """The test network exported once; tests write their own manifests beside its ONNX files."""
     out = tmp_path_factory.mktemp("export")
     export_segments(NET, INPUT, out, create_policy("confidence", 0.5), COST,
-                    mean=[0.5], std=[0.25])
+                    mean=[0.5], std=[0.25], input_range=(0, 1))
     return out
 
 
@@ -97,7 +98,7 @@ def mixed_thresholds(name, quantiles):
     scores near the quantile, far from every score compared with the float
     differences between ONNX and PyTorch.
     """
-    policy = create_policy(name, 0.5)
+    policy = create_policy(name)
     with torch.no_grad():
         scores = policy.scores(NET(X))
     remaining = torch.ones(len(X), dtype=torch.bool)
@@ -223,7 +224,8 @@ def test_every_onnx_piece_matches_its_pytorch_modules(exit_kw, tmp_path):
 
 def test_manifest_content(exported):
     m = json.loads((exported / "manifest.json").read_text())
-    assert m["format"] == "eenet-onnx-segments" and m["format_version"] == 1
+    assert m["format"] == "eenet-onnx-segments" and m["format_version"] == 2
+    assert m["input_range"] == [0.0, 1.0]
     assert m["eenet_version"] and m["opset"] == 17
     assert m["input_size"] == list(INPUT) and m["num_classes"] == 10 and m["num_exits"] == 3
     assert m["exit_stages"] == [1, 4, 8]
@@ -242,12 +244,12 @@ def test_manifest_content(exported):
 
 
 def test_infinite_thresholds_are_written_as_strings(tmp_path):
-    policy = create_policy("entropy", [math.inf, 0.7])
+    policy = create_policy("entropy", [math.inf, -0.7])
     path = export_segments(NET, INPUT, tmp_path, policy, COST, check=False)
-    assert json.loads(path.read_text())["policy"]["thresholds"] == ["inf", 0.7]
+    assert json.loads(path.read_text())["policy"]["thresholds"] == ["inf", -0.7]
     assert json.loads(path.read_text())["preprocessing"] is None
     with pytest.raises(EENetError, match="3 thresholds given for 2 early exits"):
-        export_segments(NET, INPUT, tmp_path, create_policy("entropy", [1, 1, 1]), COST)
+        export_segments(NET, INPUT, tmp_path, create_policy("entropy", [-1, -1, -1]), COST)
 
 
 def test_the_copied_runner_needs_neither_torch_nor_eenet(exported, tmp_path):
@@ -266,9 +268,11 @@ def test_the_copied_runner_needs_neither_torch_nor_eenet(exported, tmp_path):
 
 
 def test_preprocess_uses_the_manifest_mean_and_std(exported):
-    images = np.array([0, 51, 255], dtype=np.uint8).reshape(3, 1, 1, 1)
+    images = np.broadcast_to(np.array([0, 51, 255], dtype=np.uint8).reshape(3, 1, 1, 1),
+                             (3, *INPUT))
     x = runner(exported).preprocess(images)
-    np.testing.assert_allclose(x.ravel(), [-2.0, -1.2, 2.0], atol=1e-6)
+    np.testing.assert_allclose(x[:, 0, 0, 0], [-2.0, -1.2, 2.0], atol=1e-6)
+    assert (x == x[:, :, :1, :1]).all()
 
 
 # --- the command line, on a tiny trained run ------------------------------------------------
@@ -312,11 +316,12 @@ def test_cli_exports_a_run_that_the_runner_reproduces(digits_run, tmp_path):
 def test_thresholds_from_an_eval_results_file(digits_run, tmp_path):
     results = tmp_path / "results.json"
     results.write_text(json.dumps({"run": str(digits_run),
-                                   "policy": {"name": "entropy", "thresholds": ["inf", 1.5]}}))
+                                   "format_version": FORMAT_VERSION,
+                                   "policy": {"name": "entropy", "thresholds": ["inf", -1.5]}}))
     cfg = compose_config([f"run={digits_run}", f"eval={results}", f"out={tmp_path / 'e'}"],
                          config_name="export")
     m = json.loads(export_run(cfg).read_text())
-    assert m["policy"]["name"] == "entropy" and m["policy"]["thresholds"] == ["inf", 1.5]
+    assert m["policy"]["name"] == "entropy" and m["policy"]["thresholds"] == ["inf", -1.5]
     both = compose_config([f"run={digits_run}", f"eval={results}", "thresholds=0.5"],
                           config_name="export")
     with pytest.raises(EENetError, match="not both"):

@@ -34,8 +34,8 @@ def naive_exit(name, out, s, thresholds):
             leave = torch.sigmoid(out.conf_logits[i][s]).item() > t
         elif name == "max_prob":
             leave = p.max().item() > t
-        elif name == "entropy":
-            leave = -(p * p.log()).sum().item() < t
+        elif name == "entropy":  # BranchyNet's H < h, as -H > t with t = -h
+            leave = (p * p.log()).sum().item() > t
         else:
             pred = int(p.argmax())
             run = run + 1 if pred == prev else 1
@@ -46,7 +46,7 @@ def naive_exit(name, out, s, thresholds):
     return n
 
 
-RANGES = {"confidence": (0.05, 0.95), "max_prob": (0.2, 0.99), "entropy": (0.05, 1.2),
+RANGES = {"confidence": (0.05, 0.95), "max_prob": (0.2, 0.99), "entropy": (-1.2, -0.05),
           "patience": (1, 3)}
 
 
@@ -60,7 +60,7 @@ def test_policy_decisions_equal_the_per_sample_definition(name, n_exits, b, seed
         th = [data.draw(st.integers(lo, hi)) for _ in range(n_exits - 1)]
     else:
         th = [data.draw(st.floats(lo, hi)) for _ in range(n_exits - 1)]
-    policy = create_policy(name, th if th else 0.5)
+    policy = create_policy(name, th if th else None)  # no early exit: the default
     got = policy.decide(out).tolist()
     assert got == [naive_exit(name, out, s, th) for s in range(b)]
 
@@ -78,7 +78,10 @@ def test_entropy_keeps_the_branchynet_direction():
     unsure = torch.zeros(1, 3)
     out = ExitOutputs([torch.cat([sure, unsure]), torch.zeros(2, 3)],
                       [torch.zeros(2), torch.full((2,), math.inf)])
-    assert create_policy("entropy", 0.1).decide(out).tolist() == [0, 1]
+    assert create_policy("entropy", -0.1).decide(out).tolist() == [0, 1]  # H < 0.1 leaves
+    # inf: never leave here, as for every policy; -inf: always leave here
+    assert create_policy("entropy", math.inf).decide(out).tolist() == [1, 1]
+    assert create_policy("entropy", -math.inf).decide(out).tolist() == [0, 0]
 
 
 def test_first_exit_broadcasts_over_threshold_vectors():
@@ -88,7 +91,7 @@ def test_first_exit_broadcasts_over_threshold_vectors():
 
 
 @pytest.mark.parametrize("name,bad", [("confidence", 1.5), ("confidence", 0.0),
-                                      ("max_prob", -0.1), ("entropy", -1.0)])
+                                      ("max_prob", -0.1), ("entropy", 1.0), ("entropy", 0.0)])
 def test_thresholds_out_of_range_are_rejected(name, bad):
     with pytest.raises(EENetError, match="outside"):
         create_policy(name, bad)

@@ -62,7 +62,8 @@ from eenet.policies import ExitPolicy, create_policy, first_exit
 
 @dataclass
 class OperatingPoint:
-    """Thresholds (user units; ``inf``: never leave there) and what they give on a split."""
+    """Thresholds (user units: a sample leaves exit i when its score > t_i, so ``inf``: never
+    leave there, for every policy) and what they give on a split."""
 
     thresholds: list[float]
     accuracy: float
@@ -114,7 +115,7 @@ class Calibrator:
                  grid: int = 64, exhaustive_limit: int = 20_000):
         self.exhaustive_limit = exhaustive_limit
         self.grid = grid
-        self.policy: ExitPolicy = create_policy(policy, 0.5)
+        self.policy: ExitPolicy = create_policy(policy)  # thresholds come from the search
         self.scores = self.policy.scores(cached.outputs)  # (B, N), score units
         self.correct = cached.correct                     # (B, N+1)
         table = cost_fractions if isinstance(cost_fractions, CostTable) else None
@@ -133,14 +134,16 @@ class Calibrator:
     # -- evaluation ---------------------------------------------------------------------------
 
     def _candidates(self, s: torch.Tensor, grid: int) -> torch.Tensor:
-        if self.policy.name == "patience":  # run lengths are integers 1..N
+        """Candidate thresholds (score units) of one exit; ``inf`` (never leave) and the
+        policy's "always leave" among them."""
+        if self.policy.name == "patience":  # run lengths are integers 1..N; k = 1: always
             vals = torch.arange(1, self.n + 1, dtype=torch.float32) - 0.5
         else:
             q = torch.quantile(s.float(), torch.linspace(0, 1, grid))
             # just below each quantile, so that the quantile's own sample leaves too
             vals = torch.nextafter(q, torch.tensor(-math.inf))
-        inf = torch.tensor([math.inf, -math.inf])
-        return torch.unique(torch.cat([vals, inf]))
+        ends = self.policy.to_score_units(torch.tensor([math.inf, self.policy.always_leave]))
+        return torch.unique(torch.cat([vals, ends]))
 
     def evaluate(self, thresholds: torch.Tensor, chunk: int = 256
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -314,7 +317,7 @@ class Calibrator:
                 0.0, float(tolerance) - max(0.0, correction["optimism_points"]))
             tolerance = correction["effective_tolerance"]
         never = torch.full((self.n,), math.inf)
-        always_first = torch.full((self.n,), -math.inf)
+        always_first = self.policy.to_score_units(torch.full((self.n,), self.policy.always_leave))
         reference = self.point(never)
         if budget is not None:
             if not budget > 0:

@@ -27,18 +27,27 @@ running statistics). Each piece is checked against PyTorch with onnxruntime
 after export. Every file is written atomically (:func:`eenet.io.atomic_write`):
 a symlink already at a file's place is replaced, never written through.
 
-``manifest.json`` (``format: eenet-onnx-segments``, ``format_version: 1``)::
+``manifest.json`` (``format: eenet-onnx-segments``, ``format_version: 2``)::
 
     eenet_version, opset, input_size [C, H, W] (float32, NCHW),
+    input_range: [lo, hi] of the raw values the model was trained on, before
+          normalisation (e.g. [0, 1] for images), or null when not given;
+          the runner's ``preprocess`` refuses values outside it
     num_classes, num_exits (N + 1: the final exit counts), exit_stages,
     pieces: [{exit, segment, head, outputs}, ...]        in running order
-    policy: {name, thresholds: one per early exit, in the user's units,
-             "inf" / "-inf" as strings since JSON has no infinity, rule}
+    policy: {name, thresholds: one per early exit, in the user's units
+             (eenet.policies: leave when score > t; "inf", never leave here, and
+             "-inf" as strings since JSON has no infinity), rule}
     cost: the eenet.cost table {backbone_macs, input_size, convention, exits:
           [{name, stage, head_macs, macs, cost_fraction}]}; MACs as counted by
           fvcore (one fused multiply-add = one flop), exit heads included
     preprocessing: {mean, std, rule} or null
     runner: "onnx_runner.py"
+
+Format 2 (this eenet) orients the entropy policy like the others: its score is
+-H and a sample leaves when -H > t (format 1: when H < t, so ``inf`` meant
+"always leave"); it adds ``input_range``. The runner refuses a format-1
+manifest with entropy thresholds and reads the others as before.
 
 The exporter is PyTorch's TorchScript-based one (``dynamo=False``): the
 torch.export-based exporter needs ``onnxscript``, which eenet does not require.
@@ -66,11 +75,11 @@ from eenet.policies import ExitPolicy
 
 MANIFEST = "manifest.json"
 FORMAT = "eenet-onnx-segments"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entropy thresholds are -H units (leave when -H > t), input_range
 RULES = {
     "confidence": "leave at exit i when sigmoid(conf_logit_i) > t_i",
     "max_prob": "leave at exit i when max_k softmax(logits_i)[k] > t_i",
-    "entropy": "leave at exit i when the entropy of softmax(logits_i) < t_i",
+    "entropy": "leave at exit i when -H(softmax(logits_i)) > t_i, i.e. its entropy H (nats) < -t_i",
     "patience": "leave at exit i when exits i-t_i+1..i all predict the same class",
 }
 
@@ -116,7 +125,7 @@ def _check(path: Path, x: torch.Tensor, expected: Sequence[torch.Tensor]) -> Non
 def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: str | Path,
                     policy: ExitPolicy, cost_table: CostTable | None = None, opset: int = 17,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                    check: bool = True) -> Path:
+                    check: bool = True, input_range: Sequence[float] | None = None) -> Path:
     """Write the ONNX pieces of ``net`` and ``manifest.json`` into ``out_dir``; return the manifest.
 
     Args:
@@ -128,6 +137,9 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
         opset: ONNX opset.
         mean, std: per-channel normalisation of the inputs, recorded when given.
         check: run every piece with onnxruntime and compare it with PyTorch.
+        input_range: ``(lo, hi)``, the range of the data set's raw values before
+            normalisation (``(0, 1)`` for images scaled from 0..255); recorded so that
+            the runner refuses inputs of another scale. ``None``: not recorded.
     """
     n_early = net.num_exits - 1
     policy.threshold_vector(n_early)  # checks the number of thresholds
@@ -136,6 +148,15 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
     input_size = tuple(int(v) for v in input_size)
     if (mean is None) != (std is None):
         raise EENetError("give both mean and std for the preprocessing, or neither")
+    if input_range is not None:
+        try:
+            lo, hi = (float(v) for v in input_range)
+        except (TypeError, ValueError):
+            raise EENetError(f"input_range must be two numbers (lo, hi), got {input_range!r}") \
+                from None
+        if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+            raise EENetError(f"input_range must be finite with lo < hi, got {input_range!r}")
+        input_range = [lo, hi]
     if getattr(net, "carry_exit", None) is not None:
         raise EENetError("this network carries an early exit's features to the final exit "
                          "(mitigation 'concat'), which the segment export does not support; "
@@ -181,6 +202,7 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
         "eenet_version": eenet.__version__,
         "opset": opset,
         "input_size": list(input_size),
+        "input_range": input_range,
         "num_classes": net.num_classes,
         "num_exits": net.num_exits,
         "exit_stages": net.exit_stage_indices(),
@@ -190,7 +212,8 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
         "cost": cost.to_dict(),
         "preprocessing": None if mean is None else {
             "mean": [float(v) for v in mean], "std": [float(v) for v in std],
-            "rule": "x = (image - mean) / std per channel, image in [0, 1] (uint8 / 255)"},
+            "rule": "x = (raw - mean) / std per channel, raw values in input_range"
+                    + (" (uint8 images / 255)" if input_range == [0.0, 1.0] else "")},
         "runner": "onnx_runner.py",
     }
     runner = Path(__file__).with_name("onnx_runner.py").read_bytes()

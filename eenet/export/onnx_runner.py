@@ -9,6 +9,20 @@ exporter puts a copy of it in the folder)::
     runner = OnnxEarlyExitRunner("export/manifest.json")
     pred, exit_index, cost = runner(runner.preprocess(images))  # images: (B, C, H, W)
 
+Input contract. ``preprocess(images)`` takes raw values, (B, C, H, W) (NCHW, C,
+H and W those of ``manifest["input_size"]``), in the data set's own range
+``manifest["input_range"]`` (e.g. [0, 1] for images; ``null`` when the export
+did not record it, and then no range is checked), as float16 / float32 /
+float64 (converted to float32), or uint8 0..255 images, accepted only when the
+range is [0, 1] and scaled by 1/255. Values outside the range (by more than a
+tolerance, see :data:`RANGE_TOLERANCE`) are refused: sklearn's 8x8 digits are
+0..16 where the model was trained on 0..1, and would be classified wrongly
+without a word. ``runner(x)`` takes the normalised batch ``preprocess``
+returns: float16 / float32 / float64 (converted to float32), the same shape.
+Both refuse, with a one-line :class:`RunnerError`, any other dtype, a wrong
+shape, and NaN or infinite values (never classified: a NaN passes no threshold
+and would leave at the final exit).
+
 The walk is the one of ``eenet/inference/engine.py``: run segment j, then exit
 j's head; the samples whose score beats the threshold leave with that exit's
 prediction, and only the others go on to segment j + 1. The final exit takes
@@ -21,9 +35,14 @@ must not import eenet). Scores, with the same strict ``score > threshold`` as
 
     confidence  s = sigmoid(z)                        leave when s > t         (EENets)
     max_prob    s = max_k p[k],  p = softmax(logits)  leave when s > t         (SDN, T-RecX)
-    entropy     s = sum_k p[k] log p[k]  (= -H(p))    leave when s > -t, i.e. H < t  (BranchyNet)
+    entropy     s = sum_k p[k] log p[k]  (= -H(p))    leave when s > t, i.e. H < -t  (BranchyNet)
     patience    s = how many consecutive exits, this  leave when s > t - 0.5,
                     one included, predict this class   i.e. s >= t             (PABEE)
+
+For every policy a threshold of ``inf`` means "never leave here". Manifests of
+format 1 held entropy thresholds as the entropy itself (leave when H < t, so
+``inf`` meant "always leave"); such a manifest is refused in one line (re-run
+eenet-export), other format-1 manifests are read as before.
 
 Scores are computed in float32 with the same operations as the PyTorch
 policies, so that ties with calibrated thresholds (which eenet-eval puts one
@@ -32,7 +51,8 @@ float32 step below a validation score) resolve the same way.
 The manifest is data (JSON) and may come from someone else: every piece it
 names must be a plain file name inside the manifest's folder. An absolute path,
 a name with a folder part or ``..``, or a symlink that leads out of the folder
-is refused with a one-line ``ValueError`` before any model file is opened.
+is refused with a one-line :class:`RunnerError` (a ``ValueError``) before any
+model file is opened.
 """
 
 from __future__ import annotations
@@ -42,6 +62,22 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+#: The newest manifest format this runner reads (``eenet.export.onnx.FORMAT_VERSION``).
+MANIFEST_VERSION = 2
+
+#: Raw values may lie this far outside ``input_range``, as a share of its width. Data that
+#: went through float16 (half a unit in the last place is 2**-11, about 4.9e-4, relative) or
+#: a user's own float scaling stay within it; values of another scale (0..16 or 0..255
+#: where 0..1 is expected) are off by a factor, far beyond it.
+RANGE_TOLERANCE = 1e-3
+
+#: dtypes converted to float32 without a word (floating point: a copy, no rescaling)
+_FLOATS = (np.float16, np.float32, np.float64)
+
+
+class RunnerError(ValueError):
+    """A mistake in the runner's input or manifest; the message is one line."""
 
 
 def _log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -76,28 +112,83 @@ def _patience(logits, conf_logit, state):
 POLICIES = {
     "confidence": (_confidence, lambda t: t),
     "max_prob": (_max_prob, lambda t: t),
-    "entropy": (_entropy, lambda t: -t),
+    "entropy": (_entropy, lambda t: t),
     "patience": (_patience, lambda t: t - np.float32(0.5)),
 }
+
+
+def _check_threshold(policy: str, t: float) -> None:
+    """The ranges of ``eenet.policies`` (written again: this file does not import eenet)."""
+    if np.isposinf(t) or (np.isneginf(t) and policy != "patience"):
+        return  # inf: never leave here; -inf: always leave here (patience: k = 1)
+    if policy == "patience":
+        ok, accepted = t >= 1 and float(t).is_integer(), "a whole number of exits >= 1 or inf"
+    elif policy == "entropy":
+        ok, accepted = t < 0, "t < 0 (leave when -H > t), inf or -inf"
+    else:
+        ok, accepted = 0 < t < 1, "0 < t < 1, inf or -inf"
+    if not ok:
+        raise RunnerError(f"manifest {policy} threshold {t:g} is out of range: accepted {accepted}")
 
 
 def piece_path(folder: Path, name: object) -> Path:
     """The file of a piece named ``name`` in the manifest, checked to lie inside ``folder``.
 
-    Raises ``ValueError`` (one line) for anything but a plain file name (no folder part,
+    Raises :class:`RunnerError` (one line) for anything but a plain file name (no folder part,
     no ``..``, not absolute, no drive) whose real path, symlinks followed, is in ``folder``.
     """
     if (not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name
             or any(c in name for c in "/\\:")):
-        raise ValueError(f"manifest piece {name!r} is not a plain file name in the export "
+        raise RunnerError(f"manifest piece {name!r} is not a plain file name in the export "
                          f"folder {folder}; refusing to open it")
     path = (folder / name).resolve()
     if not path.is_relative_to(folder.resolve()):
-        raise ValueError(f"manifest piece {name!r} leads out of the export folder {folder} "
+        raise RunnerError(f"manifest piece {name!r} leads out of the export folder {folder} "
                          f"(to {path}); refusing to open it")
     if not path.is_file():
-        raise ValueError(f"manifest piece {name!r} is not a file in the export folder {folder}")
+        raise RunnerError(f"manifest piece {name!r} is not a file in the export folder {folder}")
     return path
+
+
+def check_manifest_version(m: dict, where: object) -> None:
+    """Refuse (one line) a manifest this runner cannot read with the meaning it was written with."""
+    version = m.get("format_version")
+    if m.get("format") != "eenet-onnx-segments" or isinstance(version, bool) \
+            or not isinstance(version, int) or version < 1:
+        raise RunnerError(f"{where} is not an eenet-export manifest (format "
+                          f"{m.get('format')!r}, format_version {version!r})")
+    if version > MANIFEST_VERSION:
+        raise RunnerError(f"{where} was written by a newer eenet (manifest format {version}, this "
+                          f"runner reads up to {MANIFEST_VERSION}): use the onnx_runner.py of "
+                          f"its folder")
+    policy = m.get("policy")
+    if version < 2 and isinstance(policy, dict) and policy.get("name") == "entropy":
+        raise RunnerError(f"{where} has entropy thresholds of manifest format {version} (leave "
+                          f"when the entropy H < t, inf: always leave), which format 2 reads as "
+                          f"-H > t (inf: never leave); re-run eenet-export for this run")
+
+
+def _as_batch(x, what: str, input_size: tuple, allow_uint8: bool = False) -> np.ndarray:
+    """``x`` as a C-contiguous array of shape (B, *input_size): floats become float32 and
+    uint8 stays uint8 when allowed; anything else is refused in one line."""
+    x = np.asarray(x)
+    if x.dtype not in _FLOATS and not (allow_uint8 and x.dtype == np.uint8):
+        hint = ("pass runner.preprocess(images) (uint8 images 0..255 are scaled there)"
+                if x.dtype == np.uint8 else "pass float32 values")
+        raise RunnerError(f"{what} of dtype {x.dtype} is not accepted "
+                          f"({'uint8 or ' if allow_uint8 else ''}float16/32/64): {hint}")
+    if x.ndim != 4 or tuple(x.shape[1:]) != tuple(input_size):
+        raise RunnerError(f"{what} of shape {x.shape} does not fit: expected (batch, "
+                          f"{', '.join(map(str, input_size))}) (NCHW)")
+    if x.dtype != np.uint8:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        finite = np.isfinite(x).all(axis=(1, 2, 3))
+        if not finite.all():
+            bad = np.flatnonzero(~finite)
+            raise RunnerError(f"{what} holds NaN or infinite values in {len(bad)} of {len(x)} "
+                              f"samples (the first: sample {bad[0]}); they are refused, not "
+                              f"classified: drop or repair those samples")
+    return x
 
 
 def _initial_state(policy: str, batch: int) -> tuple:
@@ -121,6 +212,9 @@ class OnnxEarlyExitRunner:
         if path.is_dir():
             path = path / "manifest.json"
         self.manifest = m = json.loads(path.read_text())
+        if not isinstance(m, dict):
+            raise RunnerError(f"{path} is not an eenet-export manifest (not a JSON object)")
+        check_manifest_version(m, path)
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
         if threads:
@@ -135,14 +229,16 @@ class OnnxEarlyExitRunner:
         self.pieces = [(session(segment), session(head)) for segment, head in files]
         self.policy = m["policy"]["name"]
         if self.policy not in POLICIES:
-            raise ValueError(f"unknown policy '{self.policy}'; accepted: {', '.join(POLICIES)}")
+            raise RunnerError(f"unknown policy '{self.policy}'; accepted: {', '.join(POLICIES)}")
         score_fn, to_score_units = POLICIES[self.policy]
         self._score = score_fn
         thresholds = np.array([float(t) for t in m["policy"]["thresholds"]], dtype=np.float32)
+        for t in thresholds:
+            _check_threshold(self.policy, float(t))
         self.thresholds = to_score_units(thresholds)
         n = len(self.pieces)
         if len(self.thresholds) != n - 1:
-            raise ValueError(f"{len(self.thresholds)} thresholds for {n - 1} early exits")
+            raise RunnerError(f"{len(self.thresholds)} thresholds for {n - 1} early exits")
         # an exit whose threshold is +inf (score units) releases no sample: its head is not
         # run and not charged (as in eenet's dynamic engine); patience needs every head
         self.idle = [self.policy != "patience" and bool(np.isposinf(t)) for t in self.thresholds]
@@ -156,15 +252,36 @@ class OnnxEarlyExitRunner:
         else:
             self.costs = np.full(n, np.nan)
         self.input_size = tuple(m["input_size"])
+        #: the raw values' range the model was trained on (before normalisation), or None
+        self.input_range = None if m.get("input_range") is None else \
+            tuple(float(v) for v in m["input_range"])
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
-        """uint8 images in 0..255 (or floats in [0, 1]), (B, C, H, W) -> normalised float32."""
+        """Raw values (B, C, H, W) in ``input_range`` -> normalised float32 (module docstring).
+
+        uint8 images (0..255) are accepted when ``input_range`` is [0, 1], and scaled by 1/255.
+        """
         pre = self.manifest.get("preprocessing")
         if pre is None:
-            raise ValueError("the manifest has no preprocessing (mean/std)")
-        x = images.astype(np.float32)
-        if images.dtype == np.uint8:
-            x /= 255.0
+            raise RunnerError("the manifest has no preprocessing (mean/std): pass normalised "
+                              "values to the runner itself")
+        unit = self.input_range == (0.0, 1.0)
+        x = _as_batch(images, "images", self.input_size, allow_uint8=True)
+        if x.dtype == np.uint8:
+            if not unit:
+                raise RunnerError(f"uint8 images are scaled by 1/255 only for a model trained on "
+                                  f"[0, 1]; this export's input range is "
+                                  f"{list(self.input_range) if self.input_range else 'not recorded'}"
+                                  f": pass float32 values in it")
+            x = x.astype(np.float32) / np.float32(255.0)
+        elif self.input_range is not None:
+            lo, hi = self.input_range
+            slack = RANGE_TOLERANCE * (hi - lo)
+            low, high = float(x.min(initial=lo)), float(x.max(initial=hi))
+            if low < lo - slack or high > hi + slack:
+                raise RunnerError(f"images hold values in [{low:g}, {high:g}] but the model was "
+                                  f"trained on [{lo:g}, {hi:g}] (before normalisation): rescale "
+                                  f"them (e.g. sklearn's digits 0..16: divide by 16)")
         mean = np.array(pre["mean"], dtype=np.float32).reshape(1, -1, 1, 1)
         std = np.array(pre["std"], dtype=np.float32).reshape(1, -1, 1, 1)
         return (x - mean) / std
@@ -172,13 +289,12 @@ class OnnxEarlyExitRunner:
     def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return ``(pred, exit_index, cost)`` per sample for a normalised batch ``x`` (B, C, H, W).
 
+        ``x`` is what :meth:`preprocess` returns: float16 / float32 / float64 (converted to
+        float32), finite; other dtypes, NaN / inf and wrong shapes are refused in one line.
         ``exit_index`` is 0..N (N = the final exit); ``cost`` is that exit's cost
         fraction from the manifest (NaN when the export had no cost table).
         """
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1] != self.input_size[0]:
-            raise ValueError(f"input of shape {x.shape} does not fit: expected "
-                             f"(batch, {', '.join(map(str, self.input_size))})")
+        x = _as_batch(x, "input", self.input_size)
         b = x.shape[0]
         pred = np.zeros(b, dtype=np.int64)
         exit_index = np.zeros(b, dtype=np.int64)

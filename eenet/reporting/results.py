@@ -8,7 +8,8 @@ names are the keys of ``results.json``; ``to_dict`` writes the file's layout
 and ``from_dict`` reads it back, so ``RunResults.from_dict(d).to_dict() == d``
 for every file eenet has written (those made before ``format_version`` included).
 
-Layout (later versions add keys, never remove or change these)::
+Layout (later versions add keys and never remove these; format 2 changed what
+entropy thresholds mean, see below)::
 
     {"format_version", "eenet_version",
      "dataset", "backbone", "num_classes", "backbone_macs", "macs_convention", "input_size",
@@ -38,6 +39,19 @@ has a larger version, or top-level keys this eenet does not know, was written
 by a newer eenet and is refused (:func:`check_results_file`) rather than read
 with a meaning it may not have. Files are written atomically
 (:func:`eenet.io.atomic_write_text`).
+
+Thresholds (``policy.thresholds``, the calibration's points) are in the user's
+units of :mod:`eenet.policies`: a sample leaves exit i when its score > t_i, so
+``"inf"`` means "never leave here" for every policy. Format 2 changed the
+entropy policy's threshold from the entropy (leave when H < t, ``"inf"``:
+always leave) to -H units (leave when -H > t); the keys are the same. A file
+of format 0 or 1 with entropy thresholds is refused when its thresholds are
+read (:func:`check_thresholds_readable`: :meth:`RunResults.from_dict`,
+:func:`read_policy`), in one line saying to re-run eenet-eval; other old files
+are read as before. (The old thresholds h would convert exactly to -h, but
+not the whole file's text, e.g. results.md, so eenet refuses rather than
+rewrite it.) Loading a run folder (:func:`check_results_file`) does not read
+thresholds and does not refuse it for that.
 """
 
 from __future__ import annotations
@@ -55,8 +69,10 @@ from eenet.errors import EENetError
 from eenet.io import atomic_write_text, first_line
 from eenet.reporting.markdown import results_markdown
 
-#: The layout this eenet writes and the newest it reads.
-FORMAT_VERSION = 1
+#: The layout this eenet writes and the newest it reads (2: entropy thresholds in -H units).
+FORMAT_VERSION = 2
+#: The first format whose entropy thresholds mean "leave when -H > t" (before: "H < t").
+ENTROPY_AS_NEGATIVE_FROM = 2
 
 _TRAINING_KEYS = ("splits", "epochs", "best_checkpoint", "val_loss", "test_loss", "resumed_from",
                   "world_size", "mode", "targets", "backbone_hash_before", "backbone_hash_after",
@@ -342,8 +358,10 @@ class RunResults:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "results") -> "RunResults":
-        """Read a results.json mapping; refuses one written by a newer eenet (one line)."""
+        """Read a results.json mapping; refuses (one line) one written by a newer eenet, and
+        one whose entropy thresholds have the meaning of format 0 or 1."""
         check_readable(d, where)
+        check_thresholds_readable(d, where)
         try:
             return cls._from_dict(d)
         except KeyError as exc:
@@ -394,6 +412,44 @@ def check_readable(results: Any, where: str) -> None:
         keys = f"; keys it does not know: {', '.join(unknown)}" if unknown else ""
         raise EENetError(f"{where} was written by a newer eenet (format {version}, this eenet "
                          f"reads up to {FORMAT_VERSION}{keys}); upgrade eenet")
+
+
+def check_thresholds_readable(results: dict, where: str) -> None:
+    """Raise (one line) when ``results`` holds entropy thresholds with their old meaning.
+
+    Before format 2 an entropy threshold was the entropy itself (leave when H < t;
+    ``inf``: always leave); from format 2 it is in -H units like every policy's score
+    (leave when -H > t; ``inf``: never leave). Checks the ``policy`` and the
+    ``calibration``'s policy.
+    """
+    version = results.get("format_version", 0)
+    if not isinstance(version, int) or version >= ENTROPY_AS_NEGATIVE_FROM:
+        return
+    names = {section.get("name" if key == "policy" else "policy")
+             for key in ("policy", "calibration")
+             if isinstance(section := results.get(key), dict)}
+    if "entropy" in names:
+        raise EENetError(f"{where} holds entropy thresholds of results format {version} (leave "
+                         f"when the entropy H < t, inf: always leave), which this eenet reads as "
+                         f"-H > t (inf: never leave); re-run eenet-eval (and eenet-export) for "
+                         f"this run")
+
+
+def read_policy(results: Any, where: str) -> tuple[str, list]:
+    """The ``(name, thresholds)`` of an eenet-eval results mapping, in this eenet's units.
+
+    Refuses in one line a file of a newer eenet (:func:`check_readable`), old entropy
+    thresholds (:func:`check_thresholds_readable`) and a file without a policy.
+    """
+    check_readable(results, where)
+    check_thresholds_readable(results, where)
+    policy = results.get("policy")
+    if not isinstance(policy, dict) or not isinstance(policy.get("name"), str) \
+            or "thresholds" not in policy:
+        raise EENetError(f"{where} is not an eenet-eval results.json (no policy with name and "
+                         f"thresholds)")
+    thresholds = policy["thresholds"]
+    return policy["name"], list(thresholds) if isinstance(thresholds, list) else thresholds
 
 
 def check_results_file(run_dir: str | Path) -> None:
