@@ -56,10 +56,90 @@ def test_exit_cost_table_is_closed_form_and_counts_exit_heads():
     assert final.cost_fraction > 1
 
 
-def test_resnet20_at_32x32_is_pinned():
+# Closed forms of two well-known networks, from their papers' descriptions (not from the
+# modules): what fvcore counts, in MACs, for one input in eval mode is
+#   convolution  Cin/groups * Cout * kh * kw * Hout * Wout   (a bias is not counted)
+#   linear       In * Out                                    (a bias is not counted)
+#   BatchNorm    2 per element of its input (eval mode, affine: a scale and a shift)
+#   adaptive average pooling  1 per element of its input
+# and ReLU, residual additions, flatten and padding cost nothing.
+
+
+def conv_macs(cin: int, cout: int, k: int, hw: int) -> int:
+    """A k x k convolution with ``hw`` x ``hw`` outputs."""
+    return cin * cout * k * k * hw * hw
+
+
+def bn_macs(c: int, hw: int) -> int:
+    return 2 * c * hw * hw
+
+
+def residual_network(blocks_per_group: int, widths=(16, 32, 64), in_chans=3, size=32, classes=10,
+                     shortcut_bn=True) -> dict:
+    """Stem conv 3x3 + BN; groups of basic blocks (conv 3x3 + BN, conv 3x3 + BN; the first
+    block of groups 2 and 3 has stride 2 and a 1x1 stride-2 projection shortcut, with BN when
+    ``shortcut_bn``); global average pooling; fc. Returns the MACs of the stem, of each block
+    and of the head, and the totals of each kind of operation."""
+    ops = {"conv": 0, "batch_norm": 0, "adaptive_avg_pool2d": 0, "linear": 0}
+    stem = conv_macs(in_chans, widths[0], 3, size) + bn_macs(widths[0], size)
+    ops["conv"] += conv_macs(in_chans, widths[0], 3, size)
+    ops["batch_norm"] += bn_macs(widths[0], size)
+    blocks, cin, hw = [], widths[0], size
+    for g, cout in enumerate(widths):
+        for b in range(blocks_per_group):
+            down = g > 0 and b == 0
+            hw_out = hw // 2 if down else hw
+            convs = conv_macs(cin, cout, 3, hw_out) + conv_macs(cout, cout, 3, hw_out)
+            bns = 2 * bn_macs(cout, hw_out)
+            if down:  # projection shortcut: 1x1, stride 2
+                convs += conv_macs(cin, cout, 1, hw_out)
+                bns += bn_macs(cout, hw_out) if shortcut_bn else 0
+            blocks.append(convs + bns)
+            ops["conv"] += convs
+            ops["batch_norm"] += bns
+            cin, hw = cout, hw_out
+    pool, fc = cin * hw * hw, cin * classes
+    ops["adaptive_avg_pool2d"] += pool
+    ops["linear"] += fc
+    return {"stem": stem, "stages": blocks, "head": pool + fc, "ops": ops,
+            "total": stem + sum(blocks) + pool + fc}
+
+
+def fvcore_by_operator(model, input_size) -> dict:
+    from fvcore.nn import FlopCountAnalysis
+
+    fa = FlopCountAnalysis(model.eval(), torch.zeros(1, *input_size))
+    fa.unsupported_ops_warnings(False)
+    fa.uncalled_modules_warnings(False)
+    return dict(fa.by_operator())
+
+
+def test_resnet20_at_32x32_is_its_closed_form():
+    """He et al. 2016, section 4.2, n = 3, with option B (1x1 conv + BN) projection shortcuts,
+    as EENets' ResNets: 40.81 M MACs in convolutions and the fc layer (0.44 M stem, 14.16 M
+    in group 1, 13.11 M in each of groups 2 and 3, 640 fc), 0.40 M in BatchNorm, 4,096 pooling."""
+    ref = residual_network(3)
+    assert ref["ops"]["conv"] + ref["ops"]["linear"] == 40_813_184
+    assert ref["total"] == 41_218_688
     b = create_backbone("resnet20", num_classes=10, in_chans=3)
-    # convolutions and fc 40.82 M (1x1 projection shortcuts) + BatchNorm + pooling
-    assert backbone_cost(b, (3, 32, 32)).total == 41_218_688
+    cost = backbone_cost(b, (3, 32, 32))
+    assert (cost.stem, cost.stages, cost.head) == (ref["stem"], ref["stages"], ref["head"])
+    assert cost.total == ref["total"]
+    # fvcore counts exactly these four kinds of operation, each as the closed form says
+    assert fvcore_by_operator(b, (3, 32, 32)) == ref["ops"]
+
+
+def test_mlperf_tiny_resnet8_is_its_closed_form():
+    """Banbury et al. 2021 (MLPerf Tiny image classification): one block per group, 1x1
+    shortcuts without BatchNorm, convolution biases (not counted): 12.50 M MACs in
+    convolutions and the fc layer, 0.15 M in BatchNorm, 4,096 pooling."""
+    ref = residual_network(1, shortcut_bn=False)
+    assert ref["ops"]["conv"] + ref["ops"]["linear"] == 12_501_632
+    assert ref["total"] == 12_653_184
+    b = create_backbone("resnet8_tiny", num_classes=10, in_chans=3)
+    cost = backbone_cost(b, (3, 32, 32))
+    assert (cost.stem, cost.stages, cost.head) == (ref["stem"], ref["stages"], ref["head"])
+    assert fvcore_by_operator(b, (3, 32, 32)) == ref["ops"]
 
 
 def test_mnist_resnet20_with_fine_exits_costs_and_overhead():
