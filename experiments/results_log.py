@@ -527,8 +527,11 @@ def check(root: Path) -> str | None:
         return None
     a, b = old.splitlines(), new.splitlines()
     n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    return (f"{readme} differs from its JSONs at line {n + 1} (README: {a[n][:80] if n < len(a) else ''!r}; "
-            f"JSONs give: {b[n][:80] if n < len(b) else ''!r}); run python experiments/results_log.py")
+    x, y = (a[n] if n < len(a) else ""), (b[n] if n < len(b) else "")
+    c = next((i for i, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+    start = max(0, c - 30)  # the first differing character, with some context
+    return (f"{readme} differs from its JSONs at line {n + 1}, column {c + 1} (README: "
+            f"{x[start:c + 40]!r}; JSONs give: {y[start:c + 40]!r}); run python experiments/results_log.py")
 
 
 def main(argv: list[str] | None = None) -> int:
