@@ -38,6 +38,7 @@ from eenet.runs import load_run
 from eenet.inference import DynamicEngine, exit_latency_table, fold_batchnorm
 from eenet.policies import create_policy
 from eenet.reporting.experiment import save_report
+from eenet.reporting.results import read_policy
 from eenet.reporting.markdown import markdown_table
 
 HERE = Path(__file__).resolve().parent
@@ -67,7 +68,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(2)
 
-    ev = json.loads(Path(args.eval or Path(args.ee_run) / "eval_budget" / "results.json").read_text())
+    eval_path = Path(args.eval or Path(args.ee_run) / "eval_budget" / "results.json")
+    ev = json.loads(eval_path.read_text())
     _, dm, net, cost = load_run(args.ee_run)
     _, _, plain_net, plain_cost = load_run(args.plain_run)
     plain = plain_net.backbone.eval()
@@ -75,7 +77,7 @@ def main() -> None:
         net, folded = fold_batchnorm(net)
         plain, folded_plain = fold_batchnorm(plain)
         print(f"folded {folded} Conv-BN pairs (early-exit network), {folded_plain} (plain)")
-    policy = create_policy(ev["policy"]["name"], ev["policy"]["thresholds"])
+    policy = create_policy(*read_policy(ev, str(eval_path)))
     engine = DynamicEngine(net, policy, cost)  # idle exits' heads are skipped and not charged
     n = args.samples or len(dm.test_dataset)
 

@@ -29,13 +29,14 @@ from eenet.inference import DynamicEngine
 from eenet.export.onnx_runner import OnnxEarlyExitRunner
 from eenet.policies import create_policy
 from eenet.reporting.experiment import save_report
+from eenet.reporting.results import read_policy
 from eenet.reporting.markdown import markdown_table
 
 
 def compare(run: str, results: str, out: Path, batch_size: int, threads: int) -> dict:
     ev = json.loads(Path(results).read_text())
     _, dm, net, cost = load_run(run)
-    policy = create_policy(ev["policy"]["name"], ev["policy"]["thresholds"])
+    policy = create_policy(*read_policy(ev, results))
     manifest = export_segments(net, tuple(dm.input_size), out, policy, cost,
                                mean=dm.mean, std=dm.std)
     runner = OnnxEarlyExitRunner(manifest, threads=threads)

@@ -134,6 +134,9 @@ def config_hash(cfg: DictConfig) -> str:
     for key in VOLATILE:
         c.pop(key, None)
     c.get("dataset", {}).get("datamodule", {}).pop("root", None)
+    # a copy of dataset.num_classes passed to the data module since its checks (issue 16):
+    # left out so that runs made before it keep their hash
+    c.get("dataset", {}).get("datamodule", {}).pop("num_classes", None)
     c.get("trainer", {}).pop("enable_progress_bar", None)
     if c.get("backbone", {}).get("checkpoint"):
         c["backbone"]["checkpoint"] = Path(c["backbone"]["checkpoint"]).name
