@@ -340,7 +340,7 @@ KWS12_SUBSET = register_dataset(DatasetSpec(
     name="kws12_subset", loader=load_kws12_subset, num_classes=len(KWS_CLASSES), in_chans=1,
     size=(num_frames(CLIP_SAMPLES), NUM_MFCC), mean=_MFCC_MEAN, std=_MFCC_STD,
     options=("features",), missing=lambda base, train: missing_kws12_subset(base),
-    downloadable=False, how_to_get="put the file there",
+    downloadable=False, how_to_get="put the file there", value_range=None,
     note="small real subset (1,000 clips of MLPerf Tiny's evaluation set), not the full "
          "Speech Commands; fixed stratified 70/30 split"))
 
@@ -508,4 +508,4 @@ SPEECH_COMMANDS = register_dataset(DatasetSpec(
     in_chans=1, size=(num_frames(CLIP_SAMPLES), NUM_MFCC), mean=_MFCC_MEAN, std=_MFCC_STD,
     options=("max_per_class", "quantize", "drop_validation_list"),
     missing=lambda base, train: missing_speech_commands(base), downloadable=False,
-    how_to_get=f"get {SPEECH_COMMANDS_URL} and extract it there"))
+    how_to_get=f"get {SPEECH_COMMANDS_URL} and extract it there", value_range=None))

@@ -347,6 +347,11 @@ class ClassificationDataModule(L.LightningDataModule):
         return tuple(int(s) for s in self.train_dataset.images.shape[1:])  # type: ignore
 
     @property
+    def value_range(self) -> tuple[float, float] | None:
+        """``(low, high)`` of the input values before normalisation, or ``None`` (unbounded)."""
+        return get_dataset(self.name).value_range
+
+    @property
     def num_classes(self) -> int:
         """Number of classes."""
         if self._info["num_classes"] is not None:

@@ -85,6 +85,9 @@ class DatasetSpec:
             ``num_classes``, ``in_chans``, ``size``) that depend on the files or
             on the options, overriding the static ones.
         note: a caveat reported by :func:`eenet.data.dataset_info` (e.g. "a small subset").
+        value_range: ``(low, high)`` of the loaded values before normalisation (images:
+            ``(0, 1)``); ``None`` when not bounded (audio features). An exported network
+            records it, so its runner can refuse raw inputs on another scale.
     """
 
     name: str
@@ -103,6 +106,7 @@ class DatasetSpec:
     resolve_info: Callable[[str | os.PathLike | None, Mapping[str, Any]],
                            dict[str, Any]] | None = None
     note: str | None = None
+    value_range: tuple[float, float] | None = (0.0, 1.0)
 
     def __post_init__(self) -> None:
         if (self.mean is None) != (self.std is None):
