@@ -402,7 +402,7 @@ def certify_with(cal: Calibrator, losses: torch.Tensor, risk: str, method: str =
         path = pareto_path(order_view, stop_risk, final_safe)
     else:
         path = quantile_path(order_view, points)
-    acc_full, cost_full, _ = view.evaluate(path)
+    _, cost_full, _ = view.evaluate(path)
     never_cost = float(view.evaluate(torch.full((1, cal.n), math.inf))[1][0])
     cheaper = cost_full < never_cost - 1e-12
 
@@ -424,23 +424,24 @@ def certify_with(cal: Calibrator, losses: torch.Tensor, risk: str, method: str =
     if smallest is not None and smallest >= 1:
         smallest = None
 
-    if k:
-        i = int(torch.argmin(cost_full[:k]))
+    i = int(torch.argmin(cost_full[:k])) if k else None
+    early = i is not None and bool(cheaper[i])
+    if early:
         vec = path[i]
-    else:  # nothing certified: the final exit alone
-        i, vec = None, torch.full((cal.n,), math.inf, dtype=path.dtype)
-    chosen = cal.point(vec)
-    early = k > 0 and bool(cheaper[i])
-    full_risk = 1 - float(view.evaluate(vec.view(1, -1))[0][0])
-    if i is not None:
         risk_test = float(risk_t[i])
         bound, p_value = float(bounds[i]), (None if pvals is None else float(pvals[i]))
-    else:
+        certified = True
+    else:  # nothing cheaper than the final exit alone is certified: return that
+        vec = torch.full((cal.n,), math.inf, dtype=path.dtype)
         never = vec.view(1, -1)
         risk_test = 1 - float((mono_test if method == "crc" else test_view).evaluate(never)[0][0])
         bound = ((n_test * risk_test + 1) / (n_test + 1) if method == "crc"
                  else float(hb_upper_bound(risk_test, n_test, delta)[0]))
         p_value = None if method == "crc" else float(hb_pvalue(risk_test, n_test, alpha))
+        # drop / disagree: zero loss on every sample; error: certified if on the certified prefix
+        certified = final_safe or bool(torch.isposinf(path[:k]).all(1).any())
+    chosen = cal.point(vec)
+    full_risk = 1 - float(view.evaluate(vec.view(1, -1))[0][0])
     name = {"ltt": "Learn then Test", "ucb": "the UCB", "crc": "conformal risk control"}[method]
     at = f"{risk} risk <= {alpha:g}" + ("" if method == "crc" else f" with probability >= {1 - delta:g}")
     if early:
@@ -451,7 +452,7 @@ def certify_with(cal: Calibrator, losses: torch.Tensor, risk: str, method: str =
         where = (f"the smallest alpha that certifies one on this path is {smallest:.4g}" if smallest
                  is not None else "no alpha below 1 certifies one on this path")
         fallback = ("returning the final-exit-only point (zero risk)" if final_safe else
-                    ("returning the final-exit-only point" if k else
+                    ("returning the final-exit-only point" if certified else
                      f"not even the final exit alone (its bound is {bound:.4g}); returning the "
                      f"final-exit-only point, uncertified"))
         message = (f"alpha={alpha:g} is too small for {name} to certify a threshold vector that "
@@ -459,7 +460,7 @@ def certify_with(cal: Calibrator, losses: torch.Tensor, risk: str, method: str =
     result = GuaranteeResult(
         method=method, risk=risk, alpha=float(alpha), delta=float(delta), policy=cal.policy.name,
         guarantee=METHODS[method], n=b, n_order=n_order, n_test=n_test,
-        order_fraction=float(order_fraction), seed=int(seed), certified=k > 0,
+        order_fraction=float(order_fraction), seed=int(seed), certified=certified,
         early_exit_certified=early, chosen=chosen, risk_calibration=full_risk, risk_test=risk_test,
         p_value=p_value, bound=bound, path_length=int(path.shape[0]), certified_count=int(k),
         smallest_alpha=smallest, message=message, labeled=labeled,
