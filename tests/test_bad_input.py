@@ -19,8 +19,10 @@ import torch
 
 from eenet.errors import EENetError
 from eenet.jobs.evaluate import evaluate
+from eenet.jobs.export import export_run
 from eenet.cli.common import run_job
 from eenet.config import check_command_line, compose_config, config_dir
+from eenet.config_checks import check_eval_config, check_export_config, check_train_config
 from eenet.jobs.train import train
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -247,20 +249,128 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 EVAL_ROWS = [
     ("no calibration target", [], "give exactly one calibration target"),
-    ("two calibration targets", ["budget=0.5", "tolerance=1"], "give exactly one calibration target"),
-    ("budget of 0", ["budget=0"], "budget must be an average cost fraction > 0"),
-    ("negative tolerance", ["tolerance=-1"], "tolerance must be >= 0 accuracy points"),
-    ("unknown policy", ["tolerance=1", "policy=softmax"], "unknown exit policy 'softmax'"),
+    ("two calibration targets", ["budget=0.5", "tolerance=1"],
+     "give exactly one calibration target: budget=B (average cost fraction), tolerance=D (accuracy points below "
+     "the final exit) or min_accuracy=A (got budget=0.5, tolerance=1)"),
+    ("three calibration targets", ["budget=0.5", "tolerance=1", "min_accuracy=0.9"],
+     "(got budget=0.5, tolerance=1, min_accuracy=0.9)"),
+    ("budget of 0", ["budget=0"], "budget=0 must be an average cost fraction in (0, 1] of the backbone's MACs"),
+    ("budget in percent", ["budget=50"], "budget=50 must be an average cost fraction in (0, 1]"),
+    ("budget as a word", ["budget=half"], "budget='half' must be an average cost fraction in (0, 1]"),
+    ("negative tolerance", ["tolerance=-1"], "tolerance=-1 must be accuracy points in [0, 100]"),
+    ("tolerance above 100 points", ["tolerance=150"], "tolerance=150 must be accuracy points in [0, 100]"),
+    ("tolerance as a word", ["tolerance=small"], "tolerance='small' must be accuracy points in [0, 100]"),
+    ("minimum accuracy in percent", ["min_accuracy=90"], "min_accuracy=90 must be a fraction in [0, 1]"),
+    ("minimum accuracy as a word", ["min_accuracy=high"], "min_accuracy='high' must be a fraction in [0, 1]"),
+    ("unknown policy", ["tolerance=1", "policy=softmax"], "policy='softmax' must be one of confidence, "),
+    ("no run", ["run=null", "tolerance=1"], "give the training run to evaluate: run=RUN_DIR"),
+    ("run folder read as a number", ["run=5", "tolerance=1"],
+     "run=5 must be a path, quoted if Hydra would read it as a number or true/false"),
+    ("negative grid", ["tolerance=1", "grid=-5"], "grid=-5 must be an integer >= 2 (candidate thresholds per exit)"),
+    ("grid of one threshold", ["tolerance=1", "grid=1"], "grid=1 must be an integer >= 2"),
+    ("grid as a word", ["tolerance=1", "grid=fine"], "grid='fine' must be an integer >= 2"),
+    ("negative thread count", ["tolerance=1", "threads=-1"],
+     "threads=-1 must be an integer >= 1 (or null: torch's default)"),
+    ("thread count 0", ["tolerance=1", "threads=0"], "threads=0 must be an integer >= 1"),
+    ("batch size 0", ["tolerance=1", "batch_size=0"], "batch_size=0 must be an integer >= 1"),
+    ("batch size as a word", ["tolerance=1", "batch_size=big"], "batch_size='big' must be an integer >= 1"),
+    ("negative timing passes", ["tolerance=1", "timing_passes=-1"],
+     "timing_passes=-1 must be an integer >= 0 (0: no timing)"),
+    ("fractional timing passes", ["tolerance=1", "timing_passes=1.5"], "timing_passes=1.5 must be an integer >= 0"),
+    ("one optimism fold", ["tolerance=1", "optimism_folds=1"],
+     "optimism_folds=1 must be 0 (no optimism correction) or a number of folds >= 2"),
+    ("optimism repeats 0", ["tolerance=1", "optimism_folds=3", "optimism_repeats=0"],
+     "optimism_repeats=0 must be an integer >= 1"),
+    ("optimism correction of a budget", ["budget=0.5", "optimism_folds=3"],
+     "optimism_folds=3 corrects a tolerance target; give tolerance=D"),
+    ("optimism correction of a minimum accuracy", ["min_accuracy=0.9", "optimism_folds=3"],
+     "optimism_folds=3 corrects a tolerance target"),
+    ("latency as a word", ["tolerance=1", "latency=yes"], "latency='yes' must be true or false"),
+    ("W&B settings as a word", ["tolerance=1", "wandb=eenet"],
+     "wandb='eenet' must be a mapping such as {project: eenet} (or null: no W&B)"),
+    ("data folder read as a number", ["tolerance=1", "data_root=5"], "data_root=5 must be a path"),
+    ("overwrite as a word", ["tolerance=1", "++overwrite=yes"], "overwrite='yes' must be true or false"),
 ]
 
 
 @pytest.mark.parametrize("name,overrides,message", EVAL_ROWS, ids=[r[0] for r in EVAL_ROWS])
 def test_eval_rows(digits_run, tmp_path, capsys, monkeypatch, name, overrides, message):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.chdir(tmp_path)  # a relative path written by mistake would land here
+    _earlier_run(tmp_path / "eval")
+    before, run_before = _tree(tmp_path), _tree(digits_run)
     cfg = compose_config([f"run={digits_run}", *overrides], output_dir=tmp_path / "eval",
                          config_name="eval")
     _expect_one_line_exit(evaluate, cfg, capsys, message)
-    assert not (tmp_path / "eval").exists()
+    assert _tree(tmp_path) == before  # the earlier evaluation's files byte-identical, nothing new
+    assert _tree(digits_run) == run_before
+
+
+# ---- eenet-export ------------------------------------------------------------------------------
+
+EXPORT_ROWS = [
+    ("no run", ["run=null"], "give the training run to export: run=RUN_DIR"),
+    ("run folder read as a number", ["run=5"], "run=5 must be a path, quoted if Hydra would read it as a number"),
+    ("opset below what torch exports", ["opset=5"], "opset=5 must be an integer in ["),
+    ("opset above what torch exports", ["opset=99"], "opset=99 must be an integer in ["),
+    ("opset as a word", ["opset=latest"], "opset='latest' must be an integer in ["),
+    ("fractional opset", ["opset=17.5"], "opset=17.5 must be an integer in ["),
+    ("negative thread count", ["threads=-1"], "threads=-1 must be an integer >= 1 (or null: torch's default)"),
+    ("thread count 0", ["threads=0"], "threads=0 must be an integer >= 1"),
+    ("check as a word", ["check=no"], "check='no' must be true or false"),
+    ("eval results read as a number", ["thresholds=null", "eval=123"], "eval=123 must be a path"),
+    ("output folder read as a number", ["out=5"], "out=5 must be a path"),
+    ("data folder read as a number", ["data_root=5"], "data_root=5 must be a path"),
+    ("overwrite as a word", ["++overwrite=yes"], "overwrite='yes' must be true or false"),
+]
+
+
+@pytest.mark.parametrize("name,overrides,message", EXPORT_ROWS, ids=[r[0] for r in EXPORT_ROWS])
+def test_export_rows(digits_run, tmp_path, capsys, monkeypatch, name, overrides, message):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    monkeypatch.chdir(tmp_path)  # out=5 would be the folder ./5
+    out = tmp_path / "onnx"
+    _earlier_run(out)
+    before, run_before = _tree(tmp_path), _tree(digits_run)  # the default out is RUN_DIR/onnx
+    cfg = compose_config([f"run={digits_run}", f"out={out}", "thresholds=0.5", *overrides],
+                         output_dir=tmp_path / "hydra", config_name="export")
+    _expect_one_line_exit(export_run, cfg, capsys, message)
+    assert _tree(tmp_path) == before
+    assert _tree(digits_run) == run_before
+
+
+def test_every_shipped_config_passes_its_checks():
+    """The checks refuse none of eenet's own configurations: every option of the groups whose
+    keys they read, every experiment (those that post-train get the backbone.checkpoint their
+    comments ask for), the sweep preset, and eval / export with each kind of target."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import open_dict
+
+    conf = config_dir()
+    options = [[f"{group}={f.stem}" for f in sorted((conf / group).glob("*.yaml"))]
+               for group in ("dataset", "exit", "loss", "optimizer", "scheduler", "trainer", "debug")]
+    # the i-th option of every group together (their checked keys do not depend on each other)
+    train_sets = [[group[i % len(group)] for group in options] for i in range(max(map(len, options)))]
+    train_sets += [[f"experiment={p.relative_to(conf / 'experiment').with_suffix('')}",
+                    "backbone.checkpoint=/a/trained/run"]
+                   for p in sorted((conf / "experiment").rglob("*.yaml")) if not p.name.startswith("_")]
+    train_sets.append(["hparams_search=optuna_budget"])
+    eval_sets = [["tolerance=1"], ["budget=0.2", "latency=true", "threads=1"], ["min_accuracy=0.9"],
+                 ["tolerance=0.5", "optimism_folds=3", "optimism_repeats=2", "policy=max_prob"]]
+    export_sets = [["thresholds=0.5"], ["eval=/a/run/eval/results.json", "out=deploy", "opset=17"]]
+    checked = 0
+    with initialize_config_module(config_module="eenet.conf", version_base="1.3"):
+        for name, check, sets in (("train", check_train_config, train_sets),
+                                  ("eval", check_eval_config, [["run=/a/run", *o] for o in eval_sets]),
+                                  ("export", check_export_config, [["run=/a/run", *o] for o in export_sets])):
+            for overrides in sets:
+                cfg = compose(config_name=name, overrides=overrides)
+                with open_dict(cfg):
+                    cfg.output_dir = "/unused"
+                check(cfg)
+                checked += 1
+    assert checked == len(train_sets) + len(eval_sets) + len(export_sets)
+    assert {o for group in options for o in group} <= {o for ov in train_sets for o in ov}
 
 
 def test_eval_of_a_folder_that_is_not_a_run(tmp_path, capsys, monkeypatch):
@@ -343,6 +453,8 @@ CLI_ROWS = [
      "error: backbone: CifarResNet.__init__() got an unexpected keyword argument 'depthh'"),
     ("override of a key that is not in the config", ["eenet.cli.train", "backbone.depthh=3"],
      "error: Could not override 'backbone.depthh'. To append to your config use +backbone.depthh=3"),
+    ("option refused by eenet-eval's checks", ["eenet.cli.eval", "run=/nonexistent/run", "tolerance=1", "grid=-5",
+                                               "hydra.run.dir=EVAL"], "error: grid=-5 must be an integer >= 2"),
 ]
 
 
