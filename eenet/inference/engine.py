@@ -1,10 +1,13 @@
 """Dynamic inference: real per-sample early exit for any batch size.
 
-The engine walks the network's segments (``EarlyExitNetwork.segments``, the
-same modules in the same order as the static path). After each early exit it
-applies the policy, writes out the samples that leave, and continues with only
-the rest of the batch, so later stages run only on what remains; when nothing
-remains it stops. Batch size 1 is the special case where a sample either leaves
+The engine walks the network's steps (``net.walk()``: the same modules in the
+same order as the static path) over the *live values*: the stage output of a
+staged backbone, plus what a later exit reads (T-RecX's carried features), or
+every tensor a later segment of a cut graph reads (its skip connections,
+:mod:`eenet.models.graph_split`). After each early exit it applies the policy,
+writes out the samples that leave, and continues with only the remaining
+samples of every live value, so later segments run only on what remains; when
+nothing remains it stops. Batch size 1 is the special case where a sample either leaves
 or the whole batch goes on; it takes a short path without the bookkeeping of
 sample indices (the same modules and the same decisions, compared as Python
 floats, which is exact: the thresholds are float32 values like the scores).
@@ -19,8 +22,8 @@ An exit whose threshold never releases a sample (``inf``, which calibration
 chooses for exits that do not pay for themselves) is idle: given the cost table,
 the engine runs only the stages there and not the head, and reports the cost
 without it (``CostTable.fractions_skipping``). Not for the patience policy,
-whose scores count every exit's prediction, nor for an exit whose features the
-final classifier reads (T-RecX mitigation).
+whose scores count every exit's prediction, nor for a step whose head is not
+skippable (an exit whose features the final classifier reads, T-RecX mitigation).
 
 Input contract (:func:`check_input`, also usable before a static forward): a
 ``torch.Tensor`` of shape (B, C, H, W) (NCHW, any B; C, and H and W for a
@@ -44,7 +47,7 @@ import torch
 
 from eenet.cost import CostTable
 from eenet.errors import EENetError
-from eenet.models.early_exit import EarlyExitNetwork
+from eenet.models.early_exit import EarlyExitNetwork, Step
 from eenet.policies import ExitPolicy
 
 
@@ -108,15 +111,15 @@ class DynamicEngine:
     def __init__(self, net: EarlyExitNetwork, policy: ExitPolicy,
                  cost_fractions: CostTable | Sequence[float] | None = None,
                  keep_logits: bool = False):
-        self._segments = net.segments()  # refuses networks without an explicit stage list
+        self._steps: list[Step] = net.walk()  # refused by networks without real early exit
         self.net = net
         self.policy = policy
         n_early = net.num_exits - 1
         self.thresholds = policy.threshold_vector(n_early).tolist()
         skip = [False] * n_early
         if cost_fractions is None or isinstance(cost_fractions, CostTable):
-            carry = net.carry_exit
-            skip = [idle and j != carry for j, idle in enumerate(policy.idle_exits(n_early))]
+            skip = [idle and self._steps[j].skippable
+                    for j, idle in enumerate(policy.idle_exits(n_early))]
         if isinstance(cost_fractions, CostTable):
             costs = cost_fractions.fractions_skipping(skip)
         elif cost_fractions is not None:
@@ -146,13 +149,14 @@ class DynamicEngine:
     def _run_one(self, x: torch.Tensor) -> DynamicOutput:
         """Batch size 1: the sample leaves at the first exit whose score passes its threshold."""
         state = self.policy.initial_state(1, x.device)
-        carried = None
-        for j, segment in enumerate(self._segments):
-            if segment[1] is not None and self.skipped[j]:
-                x, _, _, carried = self.net.run_segment(j, segment, x, carried, head=False)
+        live: tuple = (x,)
+        last = len(self._steps) - 1
+        for j, step in enumerate(self._steps):
+            live = step.body(live)
+            if j < last and self.skipped[j]:  # an idle exit: segment only
                 continue
-            x, logits, z, carried = self.net.run_segment(j, segment, x, carried)
-            if segment[1] is None:  # the final exit
+            logits, z, live = step.head(live)
+            if j == last:  # the final exit
                 break
             score, state = self.policy.exit_score(logits, z, state)
             if score.item() > self.thresholds[j]:
@@ -170,13 +174,14 @@ class DynamicEngine:
         out_logits = None
         remaining = torch.arange(b, device=device)
         state = self.policy.initial_state(b, device)
-        carried = None  # an early exit's features for the final exit (T-RecX mitigation)
-        for j, segment in enumerate(self._segments):
-            if segment[1] is not None and self.skipped[j]:  # an idle exit: stages only
-                x, _, _, carried = self.net.run_segment(j, segment, x, carried, head=False)
+        live: tuple = (x,)  # every value a later step reads, for the remaining samples
+        last = len(self._steps) - 1
+        for j, step in enumerate(self._steps):
+            live = step.body(live)
+            if j < last and self.skipped[j]:  # an idle exit: segment only
                 continue
-            x, logits, z, carried = self.net.run_segment(j, segment, x, carried)
-            if segment[1] is None:  # the final exit takes everything that is left
+            logits, z, live = step.head(live)
+            if j == last:  # the final exit takes everything that is left
                 leave = None
             else:
                 score, state = self.policy.exit_score(logits, z, state)
@@ -194,13 +199,12 @@ class DynamicEngine:
                     out_logits[ids] = chosen
             if leave is None:
                 break
-            stay = ~leave
             if ids.numel() == remaining.numel():
-                break  # every sample has left: later stages never run
+                break  # every sample has left: later segments never run
             if ids.numel():
-                x, remaining = x[stay], remaining[stay]
+                stay = ~leave
+                remaining = remaining[stay]
+                live = tuple(v[stay] for v in live)
                 state = tuple(s[stay] for s in state)
-                if carried is not None:
-                    carried = carried[stay]
         return DynamicOutput(pred=pred, exit=exit_idx, cost=self.costs.to(device)[exit_idx],
                              logits=out_logits)

@@ -3,7 +3,7 @@
 MACs say what an exit costs in arithmetic; on a real machine time also depends
 on memory traffic and per-layer overhead, which weigh most at batch size 1.
 For every exit i this measures, on the running machine, the time for a batch
-to go through the stem, the stages up to exit i and every exit head 0..i (what
+to go through the segments up to exit i (``net.walk()``) and every exit head 0..i (what
 a sample leaving at exit i really runs), at the batch sizes asked for. The
 medians let a user calibrate for a latency budget as well as a MACs budget
 (divide by the final exit's time for a latency fraction).
@@ -21,10 +21,12 @@ from eenet.models.early_exit import EarlyExitNetwork
 
 
 def run_to_exit(net: EarlyExitNetwork, x: torch.Tensor, exit_index: int) -> torch.Tensor:
-    """Run the segments up to ``exit_index`` with every exit head on the way; its logits."""
-    logits, carried = None, None
-    for j, segment in enumerate(net.segments()):
-        x, logits, _, carried = net.run_segment(j, segment, x, carried)
+    """Run the steps (``net.walk()``) up to ``exit_index`` with every exit head on the way;
+    its logits. Any network with a walk: staged or cut from a traced graph."""
+    logits, live = None, (x,)
+    for j, step in enumerate(net.walk()):
+        live = step.body(live)
+        logits, _, live = step.head(live)
         if j == exit_index:
             break
     return logits

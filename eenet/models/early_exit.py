@@ -13,12 +13,20 @@ sample that reaches the final exit always leaves there.
 Optionally the final exit is helped by an early exit (T-RecX's overthinking
 mitigation, ``eenet.models.trecx``): a ``final_head`` adds logits computed from
 the last stage's output and, when ``carry_exit`` is set, from that early exit's
-pre-block features, which both paths carry along with the samples that go on.
+pre-block features.
+
+Every walker (static path, dynamic engine, latency and cost tables) runs the
+network as a list of :class:`Step` s over *live values*: a tuple of batch
+tensors, ``(x,)`` at the input. A staged backbone has one live value, the
+stage output; the ``carry_exit``'s features become a second one once that exit
+has run. A network cut from any traced graph
+(:class:`eenet.models.graph_split.GraphSplitNetwork`) carries every tensor a
+later segment reads, skip connections included, through the same interface.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -43,6 +51,36 @@ class ExitOutputs(NamedTuple):
     @property
     def confidences(self) -> list[torch.Tensor]:
         return [torch.sigmoid(z) for z in self.conf_logits]
+
+
+class Step(NamedTuple):
+    """One segment of a network and the exit after it.
+
+    Attributes:
+        body: ``live -> live``: the segment on the live values (a tuple of tensors whose
+            first axis is the batch; the network's input is ``(x,)``).
+        head: ``live -> (logits (B, K), confidence logits (B,), live)``: the exit after
+            the segment (the final exit for the last step, confidence +inf); it may add
+            a live value that a later exit reads.
+        skippable: whether the head may be left out when its exit releases no sample
+            (false when a later exit reads what it adds, and for the final exit).
+    """
+
+    body: Callable[[tuple], tuple]
+    head: Callable[[tuple], tuple]
+    skippable: bool
+
+
+def static_walk(steps: Sequence[Step], x: torch.Tensor) -> ExitOutputs:
+    """Every step and every exit on ``x``: the static path of any network with a walk."""
+    live: tuple = (x,)
+    logits, conf = [], []
+    for step in steps:
+        live = step.body(live)
+        lg, z, live = step.head(live)
+        logits.append(lg)
+        conf.append(z)
+    return ExitOutputs(logits, conf)
 
 
 class EarlyExitNetwork(nn.Module):
@@ -103,22 +141,12 @@ class EarlyExitNetwork(nn.Module):
             raise EENetError(f"input of shape {tuple(x.shape)} does not fit this network: "
                              f"expected {expected}")
 
-    def run_exit(self, j: int, exit_block: nn.Module, x: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Early exit ``j`` on stage output ``x``: ``(logits, confidence logits, carried)``.
-
-        ``carried`` is the exit's pre-block features when it is the ``carry_exit``, else None.
-        """
-        if j == self.carry_exit:
-            f = exit_block.pre(x)
-            logits, z = exit_block.predict(f)
-            return logits, z, f
-        logits, z = exit_block(x)
-        return logits, z, None
-
     def final_exit(self, x: torch.Tensor, carried: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The final exit on the last stage's output: the backbone's head, h_N = 1."""
+        """The final exit on the last stage's output: the backbone's head, h_N = 1.
+
+        ``carried`` is the ``carry_exit``'s pre-block features (T-RecX ``concat`` mitigation).
+        """
         head = self.backbone.head
         logits = head.fc(head.pool(x))
         if self.final_head is not None:
@@ -130,8 +158,8 @@ class EarlyExitNetwork(nn.Module):
         """The network as ``[(stages to run, exit after them), ...]``, stem first.
 
         The first segment's modules start with the stem; the last segment's exit
-        is ``None`` (the final exit, :meth:`final_exit`). Both the static and the
-        dynamic path run exactly these modules in this order.
+        is ``None`` (the final exit, :meth:`final_exit`). :meth:`walk` runs exactly
+        these modules in this order.
         """
         segs: list[tuple[list[nn.Module], nn.Module | None]] = []
         run: list[nn.Module] = [self.backbone.stem]
@@ -143,43 +171,58 @@ class EarlyExitNetwork(nn.Module):
         segs.append((run, None))
         return segs
 
-    def run_segment(self, j: int, segment: tuple[list[nn.Module], nn.Module | None],
-                    x: torch.Tensor, carried: torch.Tensor | None = None, head: bool = True
-                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None,
-                               torch.Tensor | None]:
-        """Segment ``j`` of :meth:`segments`: its stages, then its exit (the final one if None).
+    def walk(self) -> list[Step]:
+        """The segments as :class:`Step` s: what the static path, the dynamic engine, the
+        latency and the cost tables all run.
 
-        Returns ``(stage output, logits, confidence logits, carried)``; ``carried`` is
-        the features the final exit takes from the ``carry_exit`` (T-RecX mitigation).
-        With ``head=False`` an early exit's head is not run (logits and confidence
-        are None); the ``carry_exit`` cannot be skipped. The static path, the dynamic
-        engine and the latency table all step through the network with this method.
+        The live values are the stage output, plus, once the ``carry_exit`` has run,
+        its pre-block features, which the final exit reads (T-RecX ``concat``
+        mitigation): one more live value, kept for the samples that go on.
         """
-        modules, exit_block = segment
-        for m in modules:
-            x = m(x)
-        if not head and exit_block is not None:
-            if j == self.carry_exit:
-                raise EENetError(f"exit {j}'s head cannot be skipped: the final exit reads "
-                                 "its features")
-            return x, None, None, carried
-        if exit_block is None:
-            logits, conf = self.final_exit(x, carried)
-        else:
-            logits, conf, c = self.run_exit(j, exit_block, x)
-            carried = c if c is not None else carried
-        return x, logits, conf, carried
+        steps = []
+        for j, (modules, exit_block) in enumerate(self.segments()):
+            body = _stages(modules)
+            if exit_block is None:
+                head = self._final_step
+            elif j == self.carry_exit:
+                head = _carrying_exit(exit_block)
+            else:
+                head = _exit(exit_block)
+            steps.append(Step(body, head, j != self.carry_exit))
+        return steps
+
+    def _final_step(self, live: tuple) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+        logits, conf = self.final_exit(live[0], live[1] if len(live) > 1 else None)
+        return logits, conf, live
 
     def forward(self, x: torch.Tensor) -> ExitOutputs:
         """Static path: every stage and every exit; returns all exits' outputs."""
         self.check_input(x)
-        logits, conf = [], []
-        carried = None
-        for j, segment in enumerate(self.segments()):
-            x, lg, cf, carried = self.run_segment(j, segment, x, carried)
-            logits.append(lg)
-            conf.append(cf)
-        return ExitOutputs(logits, conf)
+        return static_walk(self.walk(), x)
+
+
+def _stages(modules: list[nn.Module]) -> Callable[[tuple], tuple]:
+    def body(live: tuple) -> tuple:
+        x = live[0]
+        for m in modules:
+            x = m(x)
+        return (x,) if len(live) == 1 else (x, *live[1:])
+    return body
+
+
+def _exit(exit_block: nn.Module) -> Callable[[tuple], tuple]:
+    def head(live: tuple) -> tuple:
+        logits, z = exit_block(live[0])
+        return logits, z, live
+    return head
+
+
+def _carrying_exit(exit_block: nn.Module) -> Callable[[tuple], tuple]:
+    def head(live: tuple) -> tuple:
+        f = exit_block.pre(live[0])
+        logits, z = exit_block.predict(f)
+        return logits, z, (live[0], f)
+    return head
 
 
 def load_state_dict_checked(module: nn.Module, state_dict: dict, what: str = "checkpoint") -> None:

@@ -1,6 +1,8 @@
 """Exits on any torch model, through a rewritten graph: static path only.
 
-The fallback for a model without a staged description. torchvision's
+For real early exit on any traceable model use :mod:`eenet.models.graph_split`
+(``eenet.attach_exits``), which cuts the graph into segments that carry their
+live values. This module stays as the static-only form and as an oracle in tests. torchvision's
 ``create_feature_extractor`` (torch.fx) rewrites the model's graph so that one
 call returns the model's output and the inner nodes the user names (names as
 listed by ``torchvision.models.feature_extraction.get_graph_node_names``; a
@@ -15,9 +17,10 @@ networks give the same outputs (a test checks it).
 A rewritten graph always computes every requested output: the whole model runs
 for every sample, whatever the exits decide. Real early exit (the dynamic
 engine, ``eenet.inference``, which stops per sample and saves compute) needs an
-explicit list of stages that can stop part-way, i.e. a
-:class:`eenet.models.StagedBackbone`; :meth:`GraphExitNetwork.segments` raises
-:class:`EENetError` to say so. Use this network for static-path training,
+explicit list of stages that can stop part-way (a
+:class:`eenet.models.StagedBackbone`) or a cut graph
+(:class:`eenet.models.graph_split.GraphSplitNetwork`);
+:meth:`GraphExitNetwork.walk` raises :class:`EENetError` to say so. Use this network for static-path training,
 metrics and calibration only.
 
 Two details of the rewritten graph: each requested node's value is cloned as
@@ -262,11 +265,16 @@ class GraphExitNetwork(nn.Module):
                              f"expected {expected}")
 
     def segments(self):
-        """Not available: the dynamic path needs a staged backbone (see module doc)."""
+        """Not available: the dynamic path needs segments that can stop (see module doc)."""
         raise EENetError("a GraphExitNetwork cannot run dynamic (per-sample) early exit: its "
-                         "rewritten graph always computes every requested output; use a "
-                         "StagedBackbone (an explicit stage list) for the dynamic engine, and this "
-                         "network for static-path training, metrics and calibration only")
+                         "rewritten graph always computes every requested output; use "
+                         "eenet.attach_exits (the graph cut into segments) or a StagedBackbone "
+                         "for the dynamic engine, and this network for static-path training, "
+                         "metrics and calibration only")
+
+    def walk(self):
+        """Not available, as :meth:`segments`."""
+        self.segments()
 
     def forward(self, x: torch.Tensor) -> ExitOutputs:
         """Static path: the whole model and every exit; returns all exits' outputs."""
