@@ -15,8 +15,11 @@ final exit's fraction is above 1: the exit heads' overhead is counted, not
 hidden. Heads that are not run are not paid for: an exit whose threshold never
 releases a sample (``inf``) need not compute its head at all, and
 :meth:`CostTable.fractions_skipping` gives the costs with those heads left out
-(what the dynamic engine and the calibrator use). Costs are traced on the
-static path, which runs every exit; a dynamic run's real cost can be checked
+(what the dynamic engine and the calibrator use). Costs are traced step by
+step on ``net.walk()``, the segments and heads the static path and the dynamic
+engine run, each on the live values it receives, for a staged backbone and for
+a model cut from a traced graph alike (``eenet.models.graph_split``: its
+segments add up to fvcore's count of the unsplit model, the base there); a dynamic run's real cost can be checked
 with ``torch.utils.flop_counter.FlopCounterMode``.
 """
 
@@ -30,10 +33,23 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from eenet.models.early_exit import EarlyExitNetwork
+from eenet.models.early_exit import EarlyExitNetwork, Step
 from eenet.models.staged import StagedBackbone
 
 MAC_CONVENTION = "MACs as counted by fvcore (one fused multiply-add = one flop)"
+
+
+def _fvcore(model: nn.Module, inputs: tuple) -> dict[str, int]:
+    with warnings.catch_warnings():  # fvcore's import warns about torch.jit.script
+        warnings.simplefilter("ignore")
+        from fvcore.nn import FlopCountAnalysis
+
+        logging.getLogger("fvcore").setLevel(logging.ERROR)
+        fa = FlopCountAnalysis(model, inputs)
+        fa.unsupported_ops_warnings(False)
+        fa.uncalled_modules_warnings(False)
+        fa.tracer_warnings("none")
+        return {k: int(v) for k, v in fa.by_module().items()}
 
 
 def macs_by_module(model: nn.Module, input_size: tuple[int, ...]) -> dict[str, int]:
@@ -170,23 +186,70 @@ class CostTable:
         return "\n".join(lines)
 
 
-def exit_cost_table(net: EarlyExitNetwork, input_size: tuple[int, ...] | None = None) -> CostTable:
-    """Trace the static path of ``net`` and the plain backbone; return per-exit MACs."""
+def exit_cost_table(net: nn.Module, input_size: tuple[int, ...] | None = None) -> CostTable:
+    """Per-exit MACs of ``net``: fvcore's count of every step of ``net.walk()`` (the segments
+    and exit heads the static path and the dynamic engine run), on the live values it receives.
+
+    The base is the plain backbone: stem, stages and head of a staged backbone, or
+    the unsplit model of a network cut from a traced graph, whose segments must add
+    up to it exactly. The walk's total must equal fvcore's count of the static path.
+    """
     input_size = tuple(input_size or net.input_size)
-    base = backbone_cost(net.backbone, input_size)
-    m = macs_by_module(net, input_size)
-    stem = m.get("backbone.stem", 0)
-    stage_macs = [m.get(f"backbone.stages.{k}", 0) for k in range(net.backbone.num_stages)]
-    head_macs = [m.get(f"exits.{j}", 0) for j in range(len(net.exits))]
-    # the final exit is the backbone's head, plus the mitigation head when there is one
-    head_macs.append(m.get("backbone.head", 0) + m.get("final_head", 0))
-    rows, paid_heads = [], 0
-    for i, (stage, head) in enumerate(zip(net.exit_stage_indices(), head_macs)):
-        paid_heads += head
-        macs = stem + sum(stage_macs[: stage + 1]) + paid_heads
-        rows.append(ExitCost(name=f"exit{i}", stage=stage, head_macs=head, macs=macs,
-                             cost_fraction=macs / base.total))
-    if rows[-1].macs != m[""]:
-        raise RuntimeError(f"static path MACs {m['']} differ from the final exit's {rows[-1].macs}")
-    always = [net.carry_exit] if net.carry_exit is not None else []
-    return CostTable(backbone_macs=base.total, input_size=input_size, exits=rows, always_run=always)
+    steps = net.walk()
+    bodies, heads = walk_macs(net, steps, input_size)
+    if isinstance(net, EarlyExitNetwork):
+        base = backbone_cost(net.backbone, input_size).total
+        stages = net.exit_stage_indices()
+    else:  # a cut graph: the final exit is the model's own classifier, in the last segment
+        base = macs_by_module(net.backbone, input_size)[""]
+        stages = list(range(len(steps)))
+        if sum(bodies) + heads[-1] != base:
+            raise RuntimeError(f"the segments' MACs {sum(bodies)} (final head {heads[-1]}) "
+                               f"differ from the unsplit model's {base}")
+    rows, acc = [], 0
+    for i, (stage, body, head) in enumerate(zip(stages, bodies, heads)):
+        acc += body + head
+        rows.append(ExitCost(name=f"exit{i}", stage=stage, head_macs=head, macs=acc,
+                             cost_fraction=acc / base))
+    static = macs_by_module(net, input_size)[""]
+    if rows[-1].macs != static:
+        raise RuntimeError(f"static path MACs {static} differ from the final exit's {rows[-1].macs}")
+    always = [j for j, step in enumerate(steps[:-1]) if not step.skippable]
+    return CostTable(backbone_macs=base, input_size=input_size, exits=rows, always_run=always)
+
+class _Call(nn.Module):
+    """A step's body or head as a module, so that fvcore can trace it with the live values."""
+
+    def __init__(self, fn, modules: nn.Module):
+        super().__init__()
+        self.fn = fn
+        self.net = modules  # registered so that fvcore sees the modules it calls
+
+    def forward(self, *live):
+        return self.fn(tuple(live))
+
+
+def walk_macs(net: nn.Module, steps: Sequence[Step], input_size: tuple[int, ...]
+              ) -> tuple[list[int], list[int]]:
+    """fvcore MACs of every step's body and head, on the live values of one input (eval mode).
+
+    The same steps the static path and the dynamic engine run (``net.walk()``), each
+    counted on exactly the live values it receives.
+    """
+    was_training = net.training
+    net.eval()
+    try:
+        param = next(net.parameters(), None)
+        device = param.device if param is not None else torch.device("cpu")
+        live: tuple = (torch.zeros(1, *input_size, device=device),)
+        bodies, heads = [], []
+        with torch.no_grad():
+            for step in steps:
+                bodies.append(_fvcore(_Call(step.body, net), live)[""])
+                live = step.body(live)
+                heads.append(_fvcore(_Call(step.head, net), live)[""])
+                _, _, live = step.head(live)
+    finally:
+        net.train(was_training)
+    return bodies, heads
+

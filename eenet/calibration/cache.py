@@ -2,8 +2,10 @@
 
 Calibration (:mod:`eenet.calibration.search`), the anytime view and the
 reports evaluate any threshold vector on these cached outputs without running
-the network again. The inputs meet the dynamic engine's contract
-(:func:`eenet.inference.engine.check_input`): a batch with NaN or infinite
+the network again. The static pass is ``net(x)``, which walks the same steps
+(``net.walk()``) as the dynamic engine, for a staged backbone and for a model
+cut from a traced graph (:class:`eenet.models.graph_split.GraphSplitNetwork`) alike.
+The inputs meet the dynamic engine's contract (:func:`eenet.inference.engine.check_input`): a batch with NaN or infinite
 values, or of an integer dtype, is refused in one line rather than calibrated on.
 """
 
