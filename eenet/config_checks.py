@@ -3,7 +3,8 @@
 Each job (:mod:`eenet.jobs.train`, :mod:`eenet.jobs.evaluate`, :mod:`eenet.jobs.export`)
 calls its check first. A bad option raises :class:`~eenet.errors.EENetError` with one
 line naming the key, the value and what is accepted, e.g.
-``optimizer.lr=-1.0 must be a finite number > 0``.
+``optimizer.lr=-1.0 must be a finite number > 0``, or ``unknown mode 'frozen'; accepted:
+joint, posttrain, mixed`` for a name (the form of every unknown name in eenet).
 
 The checks are a table per job: rows ``(key, Accepts)`` read by one function,
 :func:`check_options`. A key may hold ``*`` (one level) or ``**`` (any depth), so one
@@ -49,10 +50,20 @@ SEED_MAX = 2 ** 32 - 1
 
 @dataclass(frozen=True)
 class Accepts:
-    """What an option accepts: a test of its value and the words that say it."""
+    """What an option accepts: a test of its value and the words that say it.
+
+    ``names``: the option takes one of these names; a bad one is reported as eenet reports
+    every unknown name (``unknown mode 'frozen'; accepted: joint, posttrain, mixed``).
+    """
 
     test: Callable[[Any], bool]
     text: str
+    names: tuple = ()
+
+    def error(self, key: str, value: Any) -> str:
+        if self.names:
+            return f"unknown {key} {show(value)}; accepted: {', '.join(map(str, self.names))}"
+        return f"{key}={show(value)} must be {self.text}"
 
     def __or__(self, other: "Accepts") -> "Accepts":
         return Accepts(lambda v: self.test(v) or other.test(v), f"{self.text} or {other.text}")
@@ -106,7 +117,7 @@ def choice(values: Iterable[Any]) -> Accepts:
     values = tuple(values)
     return Accepts(lambda v: any(v == x and isinstance(v, bool) == isinstance(x, bool)
                                  for x in values),
-                   f"one of {', '.join(str(x) for x in values)}")
+                   f"one of {', '.join(str(x) for x in values)}", names=values)
 
 
 def path() -> Accepts:
@@ -138,7 +149,8 @@ NULL = Accepts(lambda v: v is None, "null")
 
 def nullable(of: Accepts, meaning: str) -> Accepts:
     """``of``, or null, which means ``meaning``."""
-    return Accepts(lambda v: v is None or of.test(v), f"{of.text} (or null: {meaning})")
+    names = (*of.names, f"null ({meaning})") if of.names else ()
+    return Accepts(lambda v: v is None or of.test(v), f"{of.text} (or null: {meaning})", names)
 
 
 def said(of: Accepts, text: str) -> Accepts:
@@ -203,7 +215,7 @@ def check_options(cfg: DictConfig, rules: Sequence[tuple[str, Accepts]]) -> None
     for key, accepts in rules:
         for name, value in find(cfg, key):
             if not accepts.test(value):
-                raise EENetError(f"{name}={show(value)} must be {accepts.text}")
+                raise EENetError(accepts.error(name, value))
 
 
 # ---- the tables ----------------------------------------------------------------------------------
@@ -403,7 +415,7 @@ def _accelerator(cfg: DictConfig) -> None:
     known = sorted(AcceleratorRegistry.available_accelerators())
     kinds = ("cuda", "mps") if name == "gpu" else (name,)
     if not isinstance(name, str) or not set(kinds) <= set(known):
-        raise EENetError(f"trainer.accelerator={show(name)} must be one of "
+        raise EENetError(f"unknown trainer.accelerator {show(name)}; accepted: "
                          f"{', '.join(['auto', 'gpu', *known])}")
     here = [k for k in known if AcceleratorRegistry[k]["accelerator"].is_available()]
     if not any(k in here for k in kinds):
@@ -432,7 +444,7 @@ def check_train_config(cfg: DictConfig) -> None:
     """The options of ``eenet-train`` (``conf/train.yaml`` and its groups)."""
     precisions = _precisions()
     precision = Accepts(lambda v: not isinstance(v, bool) and str(v) in precisions,
-                        f"one of {', '.join(precisions)}")
+                        f"one of {', '.join(precisions)}", names=tuple(precisions))
     rules = TRAIN_RULES + ([("trainer.precision", precision)] if precisions else [])
     check_options(cfg, rules)
     for check in (_trained_backbone, _checkpoint_direction, _nesterov, _val_below_subset,
