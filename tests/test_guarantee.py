@@ -20,7 +20,7 @@ import torch
 
 from eenet.calibration import CachedExits, Calibrator
 from eenet.calibration.guarantee import (certify, certify_with, crc_lambda, empirical_search,
-                                         fixed_sequence, hb_min_samples, hb_pvalue, hb_upper_bound,
+                                         fixed_sequence, greedy_path, hb_min_samples, hb_pvalue, hb_upper_bound,
                                          path_losses, quantile_path)
 from eenet.calibration.risk import exit_losses, monotone_losses, risk_view
 from eenet.errors import EENetError
@@ -154,6 +154,11 @@ def test_crc_loss_is_monotone_along_the_path():
     plain = path_losses(risk_view(cal, raw), path).int()
     assert (plain[:, 1:] < plain[:, :-1]).any()  # the raw loss is not monotone on this data
     assert (mono >= plain).all()
+    # LTT's greedy path lowers exactly one exit's threshold per step
+    walk = greedy_path(risk_view(cal, raw), stop_risk=0.1)
+    assert torch.isposinf(walk[0]).all() and walk.shape[0] > 10
+    assert (walk[1:] <= walk[:-1]).all() and ((walk[1:] != walk[:-1]).sum(1) == 1).all()
+    assert 1 - float(risk_view(cal, raw).evaluate(walk[-1:])[0][0]) > 0.1  # walked past the stop
 
 
 @pytest.mark.parametrize("policy", ["confidence", "max_prob", "entropy", "patience"])

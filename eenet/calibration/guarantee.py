@@ -12,9 +12,11 @@ level ``alpha``, from ``n`` i.i.d. calibration samples:
   with the order of Pareto Testing (Laufer-Goldshtein, Fisch, Barzilay &
   Jaakkola, "Efficiently Controlling Multiple Risks with Pareto Testing", ICLR
   2023). The calibration split is cut at random into an ordering part and a
-  testing part. On the ordering part a greedy walk over per-exit thresholds
-  (:func:`pareto_path`) collects threshold vectors and keeps the Pareto front of
-  (risk, cost), sorted from the lowest risk (the final exit alone) to the highest. On the testing part each
+  testing part. On the ordering part a greedy walk (:func:`greedy_path`) goes
+  from the final exit alone along the (risk, cost) Pareto front, lowering one
+  exit's threshold per step where it saves the most cost per unit of risk; the
+  sequence of its vectors is the path (the order comes from the first part, the
+  p-values from the second, as in Pareto Testing). On the testing part each
   vector's null hypothesis H_t: R(t) > alpha gets a Hoeffding-Bentkus p-value,
   and fixed-sequence testing rejects in that order while p <= delta. The
   rejected prefix is the certified set; the cheapest of it is returned.
@@ -79,7 +81,6 @@ from scipy.stats import binom
 from eenet.calibration.cache import CachedExits
 from eenet.calibration.risk import check_risk, exit_losses, has_labels, monotone_losses, risk_view
 from eenet.calibration.search import Calibrator, OperatingPoint
-from eenet.calibration.stats import pareto_indices
 from eenet.cost import CostTable
 from eenet.errors import EENetError, unknown_name
 from eenet.io import json_float
@@ -233,27 +234,26 @@ def quantile_path(calibrator: Calibrator, points: int = 256) -> torch.Tensor:
     return path[keep]
 
 
-def pareto_path(view: Calibrator, stop_risk: float, final_safe: bool, lookahead: int = 8
-                ) -> torch.Tensor:
-    """(T, N) threshold vectors (score units) on the (risk, cost) Pareto front of ``view`` (a
-    :func:`risk_view` of the ordering part), from the lowest risk to the highest: Pareto
-    Testing's order (its p-values rise with the risk).
+def greedy_path(view: Calibrator, stop_risk: float, lookahead: int = 8) -> torch.Tensor:
+    """(T, N) threshold vectors (score units): a greedy walk along the (risk, cost) Pareto
+    front of ``view`` (a :func:`risk_view` of the ordering part), from the final exit alone.
 
-    The vectors are all those a greedy walk over the threshold search's per-exit candidates
-    evaluates. From the final exit alone, each step tries the next ``lookahead`` lower
-    candidates of every exit's threshold (every candidate for an exit still at ``inf``, whose
+    Each step tries the next ``lookahead`` lower candidates (the threshold search's per-exit
+    candidates) of every exit's threshold (every candidate for an exit still at ``inf``, whose
     head costs nothing until it releases samples) and takes the move that saves the most cost
     per unit of added risk (a move that saves cost at no added risk first), until the risk
-    exceeds ``stop_risk``. Each step lowers one threshold, so the walk is a monotone path. On
-    the MNIST model of experiments/guarantee (two early exits, 8 samples of 5,000, alpha 0.005)
-    adding every combination of candidates to the walk's vectors certified the same points,
-    at 8x the time. ``final_safe``: the final exit alone has zero loss on every sample, so it
-    leads the path.
+    exceeds ``stop_risk``. The path is the sequence of vectors taken. Each step lowers one
+    threshold, so samples only move to earlier exits along it and the risk on new samples rises
+    almost monotonically, which suits fixed-sequence testing: on the MNIST model of
+    experiments/guarantee (alpha 0.5 points, 40 calibration sets of 5,000) testing the Pareto
+    front of every vector the walk evaluated, ordered by risk as Pareto Testing does, stopped
+    earlier (mean cost 0.195 against 0.157 along the walk): its order is not nested, so the
+    testing part's risk jumps up and down along it and the test stops at the first jump.
     """
     never = torch.full((1, view.n), math.inf, dtype=view.scores.dtype)
     acc, cost, _ = view.evaluate(never)
-    pool, risks, costs = [never], [1 - acc.double()], [cost.double()]
-    cur, r, c = never[0], float(risks[0][0]), float(costs[0][0])
+    cur, r, c = never[0], 1 - float(acc[0]), float(cost[0])
+    steps = [never]
     while r <= stop_risk:
         moves = []
         for i, cand in enumerate(view.candidates):
@@ -268,11 +268,7 @@ def pareto_path(view: Calibrator, stop_risk: float, final_safe: bool, lookahead:
             break
         moves = torch.cat(moves)
         acc, cost, _ = view.evaluate(moves)
-        mr, mc = 1 - acc.double(), cost.double()
-        pool.append(moves)
-        risks.append(mr)
-        costs.append(mc)
-        saving, added = c - mc, mr - r
+        saving, added = c - cost.double(), (1 - acc.double()) - r
         saves = saving > 1e-12
         if not saves.any():
             break
@@ -280,12 +276,9 @@ def pareto_path(view: Calibrator, stop_risk: float, final_safe: bool, lookahead:
         gain = torch.where(free, saving, -math.inf) if free.any() else torch.where(
             saves, saving / added.clamp_min(1e-12), -math.inf)
         j = int(torch.argmax(gain))
-        cur, r, c = moves[j], float(mr[j]), float(mc[j])
-    pool, risks, costs = torch.cat(pool), torch.cat(risks), torch.cat(costs)
-    front = pool[pareto_indices(1 - risks, costs)].flip(0)  # pareto_indices: by increasing cost
-    if final_safe:
-        front = torch.cat([never, front[~torch.isposinf(front).all(1)]])
-    return front
+        cur, r, c = moves[j], 1 - float(acc[j]), float(cost[j])
+        steps.append(cur.view(1, -1))
+    return torch.cat(steps)
 
 
 def path_losses(view: Calibrator, path: torch.Tensor) -> torch.Tensor:
@@ -398,8 +391,7 @@ def certify_with(cal: Calibrator, losses: torch.Tensor, risk: str, method: str =
     final_safe = risk in ("drop", "disagree")  # zero loss at the final exit, on every sample
 
     if method == "ltt":
-        stop_risk = 1.5 * alpha  # points beyond it would be certified only by rare luck
-        path = pareto_path(order_view, stop_risk, final_safe)
+        path = greedy_path(order_view, 1.5 * alpha)  # beyond 1.5 alpha: certified by rare luck only
     else:
         path = quantile_path(order_view, points)
     _, cost_full, _ = view.evaluate(path)
