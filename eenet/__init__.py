@@ -39,6 +39,7 @@ _API = {
     "ExitBlock": "eenet.models",
     "EarlyExitNetwork": "eenet.models",
     "build_early_exit_network": "eenet.build",
+    "attach_exits": "eenet.build",
     "exit_cost_table": "eenet.cost",
     "CostTable": "eenet.cost",
     # training losses and exit policies

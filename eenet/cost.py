@@ -202,7 +202,7 @@ def exit_cost_table(net: nn.Module, input_size: tuple[int, ...] | None = None) -
         stages = net.exit_stage_indices()
     else:  # a cut graph: the final exit is the model's own classifier, in the last segment
         base = macs_by_module(net.backbone, input_size)[""]
-        stages = list(range(len(steps)))
+        stages = net.exit_stage_indices()
         if sum(bodies) + heads[-1] != base:
             raise RuntimeError(f"the segments' MACs {sum(bodies)} (final head {heads[-1]}) "
                                f"differ from the unsplit model's {base}")

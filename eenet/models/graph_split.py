@@ -113,6 +113,7 @@ def _resolve(query: str, order: Sequence[fx.Node], names: dict[fx.Node, str], mo
             and (names[n] == query or names[n].startswith(query + "."))]
     if not hits:
         known = [names[n] for n in order if n in names]
+        known += sorted({".".join(k.split(".")[:i]) for k in known for i in range(1, k.count(".") + 1)})
         close = difflib.get_close_matches(query, known, n=5, cutoff=0.5)
         hint = f"; nearest names: {', '.join(close)}" if close else ""
         raise EENetError(f"node '{query}' is not in the traced graph of {model}{hint}; list the "
@@ -189,6 +190,63 @@ def _split(gm: fx.GraphModule, names: dict[fx.Node, str], at: Sequence[str], mod
         segments.append(fx.GraphModule(gm, g, f"{model}Segment{k}"))
         start = end + 1
     return _Split(segments, exit_pos, live_names)
+
+
+def block_outputs(model: nn.Module, input_size: Sequence[int]) -> list[str]:
+    """Candidate exit nodes: the outputs of the model's blocks, in execution order.
+
+    A block is a module with submodules (a residual block, a transformer layer, a
+    ``Sequential``) whose last node is a cut with exactly one live value (nothing
+    else crosses it: no skip connection is carried) and gives a feature map or a
+    token sequence; nodes shared by nested blocks are named by the outermost.
+    """
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm, names = trace(model, False)
+    order = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(order)}
+    out_inputs = order[-1].all_input_nodes
+    end = pos[out_inputs[0]] if out_inputs else len(order) - 1
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(2, *input_size))
+    except Exception as exc:
+        raise EENetError(f"{type(model).__name__} does not run on an input of shape "
+                         f"{(2, *input_size)} ({_first_line(exc)}); check input_size") from exc
+    finally:
+        model.train(was_training)
+    depends = {n for n in order if n.op == "placeholder"}
+    for n in order:
+        if any(a in depends for a in n.all_input_nodes):
+            depends.add(n)
+    last_use = {n: max((pos[u] for u in n.users), default=pos[n]) for n in order}
+    # how many per-sample values cross the cut after position i
+    starts = [0] * (len(order) + 1)
+    for n in depends:
+        if last_use[n] > pos[n]:
+            starts[pos[n]] += 1
+            starts[last_use[n]] -= 1
+    crossing, acc = [], 0
+    for i in range(len(order)):
+        acc += starts[i]
+        crossing.append(acc)
+    found: dict[int, str] = {}
+    for qual, module in model.named_modules():
+        if not qual or not any(True for _ in module.children()):
+            continue
+        hits = [i for i, n in enumerate(order) if n in names
+                and (names[n] == qual or names[n].startswith(qual + "."))]
+        if not hits or hits[-1] in found or hits[-1] >= end:
+            continue
+        i = hits[-1]
+        meta = order[i].meta.get("tensor_meta")
+        shape = getattr(meta, "shape", None)
+        if order[i] in depends and crossing[i] == 1 and shape is not None \
+                and len(shape) in (3, 4) and shape[0] == 2:
+            found[i] = qual
+    return [found[i] for i in sorted(found)]
 
 
 def _run_split(split: _Split, x: torch.Tensor) -> list[tuple[torch.Tensor, ...]]:
@@ -346,6 +404,9 @@ class GraphSplitNetwork(nn.Module):
             raise EENetError(f"one exit per node: {len(exits)} exits for {len(at)} nodes")
         self.exits = nn.ModuleList(exits)
         self.exits.train(was_training)
+        #: where each exit sits, for cost tables and for rebuilding (segment index by
+        #: default; eenet.build sets the index among block_outputs when it placed them)
+        self.exit_stages = list(range(len(at)))
         self._steps_cache: dict[bool, list[Step]] = {}
 
     @property
@@ -355,6 +416,10 @@ class GraphSplitNetwork(nn.Module):
 
     def exit_names(self) -> list[str]:
         return [f"exit{i}" for i in range(self.num_exits)]
+
+    def exit_stage_indices(self) -> list[int]:
+        """:attr:`exit_stages` and, for the final exit, one past the last of them."""
+        return [*self.exit_stages, (self.exit_stages[-1] + 1) if self.exit_stages else 0]
 
     def live_values(self) -> list[list[str]]:
         """For each cut, the names of the values carried past it (the exit node's included)."""
