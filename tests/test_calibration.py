@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -107,17 +108,69 @@ def test_unreachable_budget_says_so_and_returns_the_cheapest_point():
     assert res.chosen.exit_rates[0] == pytest.approx(1.0)
 
 
-def test_pareto_front_is_non_dominated_and_contains_the_chosen_point():
-    cached, costs = synthetic(seed=5)
-    res = Calibrator(cached, "confidence", costs, grid=12).calibrate(budget=0.7)
-    pts = [(p.avg_cost, p.accuracy) for p in res.pareto]
-    assert pts == sorted(pts)
-    assert all(a2 > a1 for (_, a1), (_, a2) in zip(pts, pts[1:]))
-    assert (res.chosen.avg_cost, res.chosen.accuracy) in pts or any(
-        c <= res.chosen.avg_cost and a >= res.chosen.accuracy for c, a in pts)
+def exact_front(cal, cached, costs):
+    """Every (cost, accuracy) pair the search had, and the non-dominated ones, by cost.
+
+    The pool is the shared sweep and, 3 exits on a grid of 12 (searched exhaustively),
+    every combination of candidates; each pair is worked out in exact fractions from the
+    policy's own decisions, not from the calibrator's evaluation."""
+    b, correct = len(cached), cached.correct
+    assert math.prod(len(c) for c in cal.candidates) <= cal.exhaustive_limit
+    points = set()
+    for vec in torch.cat([cal.shared_sweep(), torch.cartesian_prod(*cal.candidates)]):
+        exits = create_policy(cal.policy.name, cal.policy.from_score_units(vec.double()).tolist()
+                              ).decide(cached.outputs)
+        counts = torch.bincount(exits, minlength=len(costs)).tolist()
+        points.add((sum(c * n for c, n in zip(costs, counts)) / b,
+                    Fraction(int(correct[torch.arange(b), exits].sum()), b)))
+    front = sorted(p for p in points
+                   if not any(q != p and q[0] <= p[0] and q[1] >= p[1] for q in points))
+    return points, front
+
+
+#: dyadic costs (multiples of 1/32): the calibrator's float64 sums of them are exact and its
+#: one division by B is correctly rounded, as is every accuracy k / B, so its figures equal
+#: the exact fractions rounded once and are compared with ==, no tolerance
+DYADIC = [Fraction(7, 32), Fraction(19, 32), Fraction(33, 32)]
+
+PARETO_TARGETS = [
+    {"budget": 0.6}, {"tolerance": 1.0}, {"tolerance": 4.0},
+    pytest.param({"budget": 0.45}, marks=pytest.mark.xfail(strict=True, reason=(
+        "library bug (eenet/calibration/search.py, Calibrator.calibrate): with few exits the "
+        "exhaustive branch picks the best of every combination of per-exit candidates and never "
+        "compares it with the shared sweep, whose vectors it also evaluates and puts on the "
+        "Pareto front; here a shared vector reaches 86.50% at cost 0.4475 <= 0.45 and the "
+        "result is 85.75% at 0.4461"))),
+]
+
+
+def test_pareto_front_is_every_non_dominated_point():
+    cached, _ = synthetic(seed=5)
+    cal = Calibrator(cached, "confidence", [float(c) for c in DYADIC], grid=12)
+    res = cal.calibrate(budget=0.6)  # the pool, so the front, is the same for every target
+    points, front = exact_front(cal, cached, DYADIC)
+    assert len(front) >= 5 and len(points) > 2 * len(front)  # the front is a real selection
+    assert [(p.avg_cost, p.accuracy) for p in res.pareto] == [(float(c), float(a)) for c, a in front]
     acc = torch.tensor([0.5, 0.6, 0.55, 0.9])
     cost = torch.tensor([0.1, 0.3, 0.4, 0.8])
     assert pareto_indices(acc, cost) == [0, 1, 3]
+
+
+@pytest.mark.parametrize("target", PARETO_TARGETS)
+def test_chosen_point_is_the_best_point_of_the_front_for_its_target(target):
+    """Not merely some point no front point beats: the front's own best for the target."""
+    cached, _ = synthetic(seed=5)
+    cal = Calibrator(cached, "confidence", [float(c) for c in DYADIC], grid=12)
+    res = cal.calibrate(**target)
+    _, front = exact_front(cal, cached, DYADIC)
+    if "budget" in target:  # the most accurate point within the budget (the front rises with cost)
+        want = [p for p in front if p[0] <= Fraction(target["budget"])][-1]
+    else:  # the cheapest point within the tolerance of the final exit's accuracy
+        final = Fraction(int(cached.correct[:, -1].sum()), len(cached))
+        want = next(p for p in front if p[1] >= final - Fraction(target["tolerance"]) / 100)
+    assert 0 < front.index(want) < len(front) - 1  # neither end: the target cuts the front
+    assert res.reachable
+    assert (res.chosen.avg_cost, res.chosen.accuracy) == (float(want[0]), float(want[1]))
 
 
 def test_calibration_input_errors():
