@@ -135,12 +135,7 @@ DYADIC = [Fraction(7, 32), Fraction(19, 32), Fraction(33, 32)]
 
 PARETO_TARGETS = [
     {"budget": 0.6}, {"tolerance": 1.0}, {"tolerance": 4.0},
-    pytest.param({"budget": 0.45}, marks=pytest.mark.xfail(strict=True, reason=(
-        "library bug (eenet/calibration/search.py, Calibrator.calibrate): with few exits the "
-        "exhaustive branch picks the best of every combination of per-exit candidates and never "
-        "compares it with the shared sweep, whose vectors it also evaluates and puts on the "
-        "Pareto front; here a shared vector reaches 86.50% at cost 0.4475 <= 0.45 and the "
-        "result is 85.75% at 0.4461"))),
+    {"budget": 0.45},  # once failed: the exhaustive branch ignored the shared sweep (fixed)
 ]
 
 

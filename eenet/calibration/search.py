@@ -352,6 +352,11 @@ class Calibrator:
             pool.append(every)
             best = every[k]
             best_key = self._key(float(a[k]), float(c[k]), kind, value)
+            # a shared threshold is not always on the per-exit grid (each exit's candidates
+            # are its own quantiles): keep the best shared vector when it beats the grid
+            shared_key = self._key(float(acc[j]), float(cost[j]), kind, value)
+            if shared_key > best_key:
+                best, best_key = shared[j], shared_key
         else:
             for s in (shared[j], never, always_first):
                 vec, tried = self._descend(s, kind, value)
