@@ -243,11 +243,14 @@ def walk_macs(net: nn.Module, steps: Sequence[Step], input_size: tuple[int, ...]
         device = param.device if param is not None else torch.device("cpu")
         live: tuple = (torch.zeros(1, *input_size, device=device),)
         bodies, heads = [], []
-        with torch.no_grad():
-            for step in steps:
-                bodies.append(_fvcore(_Call(step.body, net), live)[""])
+        # counted with autograd on, as macs_by_module counts the static path: without it
+        # nn.MultiheadAttention takes a fused kernel that fvcore does not count
+        for step in steps:
+            bodies.append(_fvcore(_Call(step.body, net), live)[""])
+            with torch.no_grad():
                 live = step.body(live)
-                heads.append(_fvcore(_Call(step.head, net), live)[""])
+            heads.append(_fvcore(_Call(step.head, net), live)[""])
+            with torch.no_grad():
                 _, _, live = step.head(live)
     finally:
         net.train(was_training)
