@@ -350,3 +350,13 @@ def test_exit_factories_and_token_pools():
     assert net.exits[0].pool == "cls"
     with torch.no_grad():
         assert torch.equal(net(inputs(2)).logits[-1], vit(inputs(2)))
+
+
+def test_onnx_export_of_a_cut_graph_is_refused_in_one_line(tmp_path):
+    pytest.importorskip("onnx")
+    from eenet.export import export_segments
+
+    _, net = built("unet")
+    with pytest.raises(EENetError, match="GraphSplitNetwork .* is not exported yet"):
+        export_segments(net, SIZE, tmp_path / "out", create_policy("max_prob", 0.5))
+    assert not (tmp_path / "out").exists()

@@ -157,6 +157,10 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
             raise EENetError(f"input_range must be finite with lo < hi, got {input_range!r}")
         input_range = [lo, hi]
+    if not isinstance(net, EarlyExitNetwork):
+        raise EENetError(f"ONNX segment export takes a staged early-exit network; a "
+                         f"{type(net).__name__} (a model cut from a traced graph, several live "
+                         "values per segment) is not exported yet: run it with the DynamicEngine")
     if getattr(net, "carry_exit", None) is not None:
         raise EENetError("this network carries an early exit's features to the final exit "
                          "(mitigation 'concat'), which the segment export does not support; "
