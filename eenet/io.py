@@ -2,7 +2,9 @@
 
 - Writes go to a temporary file in the same folder, are flushed to disk and
   renamed over the target, so a process killed at any moment leaves either the
-  old file or the new one, never a truncated file where a good one was.
+  old file or the new one, never a truncated file where a good one was. The
+  file gets the mode a plain ``open(path, "w")`` would give it (``0o666`` less
+  the process umask: 0644 under umask 022), not ``mkstemp``'s private 0600.
 - Tensor files (weights, checkpoints) are read with
   ``torch.load(..., weights_only=True)``, which only rebuilds tensors and plain
   Python values: a file carrying a pickled object that would run code is
@@ -27,16 +29,36 @@ from typing import Any, BinaryIO, Callable
 from eenet.errors import EENetError
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the system allows.
+
+    Linux reports it in ``/proc/self/status``; elsewhere it is read by setting it and
+    setting it back (``os.umask`` has no read-only form).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, flush it to disk, rename it.
 
-    A process killed at any moment leaves either the old file or the new one.
+    A process killed at any moment leaves either the old file or the new one. The file
+    gets mode ``0o666 & ~umask``, as ``open(path, "w")`` would give a new file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~current_umask())  # mkstemp makes it 0600
             write(f)
             f.flush()
             os.fsync(f.fileno())
