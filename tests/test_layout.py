@@ -18,12 +18,12 @@ ROOT = Path(eenet.__file__).resolve().parent
 
 # bottom to top: a module may import its own layer and the layers below it
 LAYERS = [
-    ("eenet.errors", "eenet.io", "eenet.conf"),
+    ("eenet.errors", "eenet.io", "eenet.run_folder", "eenet.conf"),
     ("eenet.models",),
     ("eenet.cost", "eenet.losses", "eenet.policies", "eenet.build"),
     ("eenet.inference", "eenet.calibration", "eenet.export"),
     ("eenet.data", "eenet.training", "eenet.reporting"),
-    ("eenet.config", "eenet.runs"),
+    ("eenet.config", "eenet.config_checks", "eenet.runs"),
     ("eenet.jobs",),
     ("eenet.cli",),
 ]
