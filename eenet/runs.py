@@ -1,7 +1,9 @@
 """Run folders: building a network from a config, and loading a finished run.
 
 A run folder written by ``eenet-train`` holds ``config.yaml``, ``model.pt``
-(a plain ``state_dict``), ``cost.json`` and ``results.json``. Whoever sent the
+(a plain ``state_dict``), ``cost.json`` and ``results.json`` (written last; while the
+run is incomplete an ``INCOMPLETE`` marker is there, see :mod:`eenet.run_folder`, and
+``resume=true`` continues it: :func:`check_resume_config`). Whoever sent the
 folder, loading it (:func:`load_run`, behind ``eenet-eval`` and ``eenet-export``)
 runs no code of theirs and writes nothing:
 
@@ -20,7 +22,7 @@ runs no code of theirs and writes nothing:
 from __future__ import annotations
 
 import copy
-import tempfile
+import re
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from eenet.errors import EENetError
 from eenet.io import first_line, safe_torch_load
 from eenet.models.early_exit import EarlyExitNetwork, load_state_dict_checked
 from eenet.reporting.results import check_results_file
+from eenet.run_folder import MARKER, read_marker
 
 RUN_FILES = ("config.yaml", "model.pt")
 
@@ -69,14 +72,75 @@ def build_network(cfg: DictConfig, input_size: tuple[int, int, int],
                                     input_size=input_size, mitigation=mitigation)
 
 
-def check_output_dir(out_dir: Path) -> None:
-    """The output folder can be created and written to (checked before anything is written)."""
+#: Settings a run continued with ``resume=true`` may change: where things are, how
+#: the run is shown and logged, what is computed after training, on what hardware, and
+#: how many epochs it runs (and a value that only follows one of them, such as
+#: ``scheduler.T_max: ${trainer.max_epochs}``). Everything else must be the folder's
+#: own ``config.yaml``.
+RESUME_MAY_DIFFER = ("resume", "ckpt_path", "overwrite", "threads", "output_dir", "data_root",
+                     "dataset.datamodule.root", "dataset.datamodule.download",
+                     "dataset.datamodule.num_workers", "logger", "anytime", "objective_budget",
+                     "trainer.max_epochs", "trainer.enable_progress_bar",
+                     "trainer.enable_model_summary", "trainer.log_every_n_steps",
+                     "trainer.accelerator", "trainer.devices", "trainer.num_nodes")
+
+
+def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict) and node:
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: node}
+
+
+def _short(value: Any) -> str:
+    text = "absent" if value is _ABSENT else repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_ABSENT = object()
+
+
+def check_resume_config(cfg: DictConfig, run_dir: str | Path) -> None:
+    """``resume=true`` continues the run in ``run_dir``: refuse (one line) a configuration that
+    differs from the folder's ``config.yaml`` in anything but :data:`RESUME_MAY_DIFFER`."""
+    saved_file = Path(run_dir) / "config.yaml"
+    if not saved_file.is_file():
+        raise EENetError(f"resume=true but {saved_file} does not exist, so the run to continue "
+                         f"is unknown; start it again in a new folder or give overwrite=true")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out_dir, prefix=".eenet-write-check-"):
-            pass
-    except OSError as exc:
-        raise EENetError(f"output folder {out_dir} is not writable: {exc.strerror or exc}") from exc
+        saved = OmegaConf.to_container(OmegaConf.load(saved_file), resolve=False)
+    except Exception as exc:
+        raise EENetError(f"cannot read {saved_file}: {first_line(exc)}") from exc
+    if not isinstance(saved, dict):
+        raise EENetError(f"{saved_file} does not hold a mapping")
+    now, then = _flat(OmegaConf.to_container(cfg, resolve=True)), _flat(saved)
+
+    def free(key: str) -> bool:
+        return any(key == f or key.startswith(f + ".") for f in RESUME_MAY_DIFFER)
+
+    def follows_free(key: str) -> bool:  # e.g. scheduler.T_max: ${trainer.max_epochs}
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+        if not isinstance(node, DictConfig) or leaf not in node \
+                or not OmegaConf.is_interpolation(node, leaf):
+            return False
+        refs = re.findall(r"\$\{([^}:]+)\}", str(OmegaConf.to_container(node)[leaf]))
+        return bool(refs) and all(free(r) for r in refs)
+
+    differ = [k for k in sorted(set(now) | set(then))
+              if now.get(k, _ABSENT) != then.get(k, _ABSENT) and not free(k)
+              and not follows_free(k)]
+    if differ:
+        shown = "; ".join(f"{k}: {_short(now.get(k, _ABSENT))} here, {_short(then.get(k, _ABSENT))} "
+                          f"in the run" for k in differ[:3])
+        more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+        raise EENetError(f"resume=true continues the run in {run_dir}, but this configuration "
+                         f"differs from its config.yaml: {shown}{more}; resume with the run's own "
+                         f"settings (trainer.max_epochs, threads, data_root, logger, devices and "
+                         f"the like may change: eenet.runs.RESUME_MAY_DIFFER), or start a new run "
+                         f"in another folder (or overwrite=true)")
 
 
 def read_run_config(run_dir: str | Path) -> DictConfig:
@@ -85,6 +149,11 @@ def read_run_config(run_dir: str | Path) -> DictConfig:
     for name in RUN_FILES:
         if not (run_dir / name).is_file():
             raise EENetError(f"{run_dir} is not a finished eenet-train run: {name} is missing")
+    if (run_dir / MARKER).exists():
+        job = read_marker(run_dir).get("job", "eenet-train")
+        raise EENetError(f"{run_dir} is not a finished run: {MARKER} is there ({job} is writing "
+                         f"it, or stopped before it finished); let it finish, or continue it: "
+                         f"eenet-train resume=true hydra.run.dir={run_dir}")
     check_results_file(run_dir)  # a run written by a newer eenet is refused, not half-read
     try:
         cfg = OmegaConf.load(run_dir / "config.yaml")

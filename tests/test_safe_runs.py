@@ -260,14 +260,14 @@ def test_hydra_full_error_shows_the_traceback(digits_run, tmp_path, monkeypatch)
     evil.assert_untouched()
 
 
-def test_without_the_early_check_hydra_leaves_an_eval_folder(digits_run, tmp_path):
-    """The snapshot comparison sees what Hydra writes: with the check of ``run=`` before Hydra
-    starts switched off (and the removal of an empty job folder after a refusal, where the
-    entry points have one), the job still refuses the folder but ``eval/<time>`` is left."""
+def test_without_its_own_folder_making_hydra_leaves_an_eval_folder(digits_run, tmp_path):
+    """The snapshot comparison sees what Hydra writes: with eenet's making of the output
+    folder switched off (eenet.run_folder, which also removes the folder of a refused
+    job), Hydra makes ``eval/<time>`` empty, the job still refuses the run, and the empty
+    folder is left."""
     evil = Evil(digits_run, tmp_path, "numpy.load", "dataset.datamodule")
-    no_early_check = ["-c", "import sys, eenet.cli.common as c, eenet.cli.eval as m; "
-                      "m._check_run_argument = lambda argv: None; "
-                      "c._remove_empty_output_dir = lambda *a, **k: None; "
+    no_early_check = ["-c", "import sys, eenet.run_folder as f, eenet.cli.eval as m; "
+                      "f.create_output_folder = lambda *a, **k: False; "
                       "sys.argv[0] = 'eenet-eval'; m.main()"]
     (code, _, stderr), _ = run_both(evil.folder, tmp_path / "export", tmp_path, no_early_check)
     assert code == 2
@@ -513,12 +513,18 @@ def test_export_into_a_planted_symlink_is_refused_or_replaced(digits_run, tmp_pa
         run_job(export_run, cfg)
     assert_one_error_line(capsys.readouterr().err, "onnx is a symlink", "out=DIR")
     assert snapshot(victim) == before
-    # files already in the output folder that are symlinks are replaced, not written through
+    # an output folder holding files (here symlinks where the export's files go) is refused,
+    # and with overwrite=true they are replaced, not written through
     out = tmp_path / "deploy"
     out.mkdir()
     (out / "onnx_runner.py").symlink_to(victim / "onnx_runner.py")
     (out / "segment_0.onnx").symlink_to(victim / "onnx_runner.py")
-    export_run(compose_config([f"run={digits_run}", "policy=max_prob", "thresholds=[0.9]",
-                               f"out={out}", "threads=1"], config_name="export"))
+    planted = snapshot(out)
+    args = [f"run={digits_run}", "policy=max_prob", "thresholds=[0.9]", f"out={out}", "threads=1"]
+    with pytest.raises(SystemExit):
+        run_job(export_run, compose_config(args, config_name="export"))
+    assert_one_error_line(capsys.readouterr().err, f"{out} is not empty", "overwrite=true")
+    assert snapshot(out) == planted and snapshot(victim) == before
+    export_run(compose_config(args + ["overwrite=true"], config_name="export"))
     assert snapshot(victim) == before
     assert not (out / "onnx_runner.py").is_symlink() and not (out / "segment_0.onnx").is_symlink()

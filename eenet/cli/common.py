@@ -14,6 +14,13 @@ A mistake is caught at one of three moments, and each prints a single line
 
 ``HYDRA_FULL_ERROR=1`` shows the full traceback instead, at every moment. An error
 of eenet's own (a bug) is not a user's mistake and keeps its traceback.
+
+A refused command leaves nothing behind, by one mechanism: the job's output folder
+is made by :mod:`eenet.run_folder` (with its ``INCOMPLETE`` marker inside, before
+Hydra would make it empty; :class:`OutputFolderCallback`), which remembers what this
+process created, and :func:`run_job` gives it all back
+(:func:`eenet.run_folder.abandon_all`) when the job stops early: what is still empty
+is removed, nothing that existed before the process started.
 """
 
 from __future__ import annotations
@@ -21,21 +28,21 @@ from __future__ import annotations
 import os
 import re
 import sys
-import time
 import warnings
-from pathlib import Path
 from typing import Any, Callable, NoReturn, TypeVar
 
 from omegaconf import DictConfig
 
+from hydra.experimental.callback import Callback
+
+from eenet import run_folder
 from eenet.config import check_command_line
 from eenet.errors import EENetError
 from eenet.io import first_line
 
 T = TypeVar("T")
 
-# Set by prepare_command_line (a command-line process) and run_job (its Hydra job started).
-_started: float | None = None
+# Set by run_job: the Hydra job started (errors are then the job's, not Hydra's).
 _job_started = False
 
 # What Python says when a call gets a keyword its target does not take, or lacks one.
@@ -81,53 +88,81 @@ def config_error(exc: BaseException) -> EENetError | None:
     return None
 
 
-def _remove_empty_output_dir() -> None:
-    """Remove the folder Hydra made for a job that stopped on a user's mistake, if it is empty.
+class OutputFolderCallback(Callback):
+    """Hydra callback (``conf/hydra/default.yaml``): the job's output folder is made by
+    :mod:`eenet.run_folder`, with its ``INCOMPLETE`` marker (and lock) inside, before
+    Hydra's own ``mkdir`` (which then finds it), so that a process killed at any moment
+    leaves no folder or a marked one, and a refused job's folder is removed again.
 
-    Hydra creates ``hydra.run.dir`` (and its missing parents) before the job runs. The
-    folder is removed, and then its parents, only while each is empty, was changed after
-    this process started and is not the working folder or one of its parents: an empty
-    ``hydra.run.dir`` that existed before stays. (An empty parent that existed before and
-    got the new folder counts as changed, and goes too; it held nothing.)
+    A sweep's folder (and its missing parents) is made the same way; each job's folder
+    inside it is made by Hydra and marked at once when the sweep folder is this
+    process's own.
     """
-    from hydra.core.hydra_config import HydraConfig
 
-    if _started is None or not HydraConfig.initialized():
-        return
-    folder = Path(HydraConfig.get().runtime.output_dir).resolve()
-    keep = Path.cwd().resolve()
-    while folder != keep and folder not in keep.parents:
+    @staticmethod
+    def _job(config: DictConfig) -> str:
+        return f"eenet-{config.hydra.job.config_name}"
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from omegaconf import open_dict, read_write
+
+        folder = str(config.hydra.run.dir)
+        with read_write(config), open_dict(config):
+            config.hydra.run.dir = folder  # the folder made here is the one Hydra uses
         try:
-            if any(folder.iterdir()) or folder.stat().st_ctime < _started:
-                return
-            folder.rmdir()
-        except OSError:
-            return
-        folder = folder.parent
+            run_folder.create_output_folder(folder, self._job(config), key="hydra.run.dir")
+        except EENetError as exc:
+            fail(exc)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from omegaconf import open_dict, read_write
+
+        folder = str(config.hydra.sweep.dir)
+        with read_write(config), open_dict(config):
+            config.hydra.sweep.dir = folder
+        try:
+            run_folder.create_parents(folder, key="hydra.sweep.dir")
+        except EENetError as exc:
+            fail(exc)
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.types import RunMode
+
+        folder = config.hydra.runtime.output_dir
+        if config.hydra.mode == RunMode.MULTIRUN and run_folder.created_here(folder):
+            run_folder.mark_new_folder(folder, self._job(config))
 
 
 def run_job(job: Callable[[DictConfig], T], cfg: DictConfig) -> T:
     """Run ``job(cfg)``; a user's mistake prints one line and exits with code 2.
 
-    Inside a Hydra job, the empty output folder Hydra made for it is then removed
-    (nothing is left behind by a refused command). ``HYDRA_FULL_ERROR=1`` lets the
-    traceback through instead.
+    Whenever the job stops before it finished (a refusal, a bug, Ctrl-C), what this
+    process created for its output folder and that is still empty is removed
+    (:func:`eenet.run_folder.abandon_all`); a folder the job wrote into keeps its
+    ``INCOMPLETE`` marker. ``HYDRA_FULL_ERROR=1`` lets the traceback through instead of
+    the one line.
     """
     global _job_started
     from hydra.core.hydra_config import HydraConfig
 
     _job_started = _job_started or HydraConfig.initialized()
     try:
-        return job(cfg)
+        result = job(cfg)
     except EENetError as exc:
         error: BaseException = exc
     except Exception as exc:
         error = config_error(exc)
         if error is None:
+            run_folder.abandon_all()
             raise
         error.__cause__ = exc
-    if not _full_error():
-        _remove_empty_output_dir()
+    except BaseException:  # Ctrl-C, sys.exit
+        run_folder.abandon_all()
+        raise
+    else:  # e.g. a folder made for the job that it did not use (a sweep's folder stays)
+        run_folder.abandon_all(parents=False)
+        return result
+    run_folder.abandon_all()
     fail(error)
 
 
@@ -190,7 +225,7 @@ def _one_line_hydra_errors() -> None:
             except Exception as exc:
                 if _job_started or _full_error():
                     raise
-                fail(EENetError(hydra_error_line(exc)))
+                fail(exc if isinstance(exc, EENetError) else EENetError(hydra_error_line(exc)))
 
         return report(step)
 
@@ -198,14 +233,54 @@ def _one_line_hydra_errors() -> None:
     hydra_utils.run_and_report = run_and_report
 
 
+def _quote_non_ascii(argv: list[str]) -> list[str]:
+    """``key=value`` with non-ASCII characters in the value, quoted for Hydra.
+
+    Hydra's override grammar reads letters outside ASCII only inside quotes, so
+    ``run=/tmp/données/run`` would be refused; it is passed on as
+    ``run='/tmp/données/run'`` (the same string). Only a value that Hydra refuses as
+    it is and reads once quoted is changed, and never one with characters the grammar
+    gives a meaning (``,`` of a sweep, brackets, quotes, ``${``): such a value is
+    refused in one line that says how to quote it.
+    """
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+    except ImportError:
+        return argv
+    parser = None
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep or arg.startswith("-") or value.isascii():
+            out.append(arg)
+            continue
+        parser = parser or OverridesParser.create()
+        try:
+            parser.parse_overrides([arg])
+            out.append(arg)
+            continue
+        except Exception:
+            pass
+        quoted = f"{key}='{value}'"
+        plain = not any(c in value for c in ",[]{}()\\'\"") and "${" not in value
+        try:
+            if not plain:
+                raise ValueError
+            parser.parse_overrides([quoted])
+        except Exception:
+            raise EENetError(f"{arg}: Hydra reads characters outside ASCII only inside quotes; "
+                             f"quote the value (in the shell too): \"{key}='{value}'\"") from None
+        out.append(quoted)
+    return out
+
+
 def prepare_command_line() -> None:
-    """Before Hydra starts: check ``sys.argv``, make Hydra's errors one line, quiet warnings
-    that are not the user's business."""
-    global _started
-    _started = time.time()
+    """Before Hydra starts: check ``sys.argv`` (and quote its non-ASCII values for Hydra),
+    make Hydra's errors one line, quiet warnings that are not the user's business."""
     # fvcore's import scripts its focal loss, which torch reports as deprecated
     warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
     try:
+        sys.argv[1:] = _quote_non_ascii(sys.argv[1:])
         check_command_line(sys.argv[1:])
     except EENetError as exc:
         fail(exc)

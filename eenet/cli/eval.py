@@ -5,12 +5,14 @@ Usage::
 
     eenet-eval run=RUN_DIR tolerance=0.5
     eenet-eval run=RUN_DIR budget=0.4 policy=max_prob latency=true
+
+The output folder (``RUN_DIR/eval/<time>`` unless ``hydra.run.dir`` says otherwise)
+is made with its ``INCOMPLETE`` marker before the job starts and removed again when
+the job refuses the run folder (:mod:`eenet.run_folder`), so a refused run folder is
+left exactly as it was.
 """
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -25,32 +27,14 @@ def _main(cfg: DictConfig) -> None:
 
     results = run_job(evaluate, cfg)
     print(report(results))
-    print(f"\nWritten to {cfg.output_dir}: results.json, results.md, curve.png, exits.png")
-
-
-def _check_run(run: str) -> None:
-    from eenet.io import safe_torch_load
-    from eenet.runs import check_run_folder
-
-    check_run_folder(run)  # config.yaml: plain data, allowed classes only
-    safe_torch_load(Path(run) / "model.pt", what="weights")  # tensors only
-
-
-def _check_run_argument(argv: list[str]) -> None:
-    """Check the folder of ``run=DIR`` (its config and weights) before Hydra creates
-    ``DIR/eval/<time>`` in it, so a folder that is refused is left exactly as it was."""
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if sep and key.lstrip("+") == "run" and value and "${" not in value and "," not in value:
-            quoted = len(value) > 1 and value[0] in "'\"" and value[-1] == value[0]
-            run = value[1:-1] if quoted else value
-            run_job(lambda _: _check_run(run), None)
+    written = ", ".join(["results.json", "results.md", "curve.png", "exits.png",
+                         *(["latency.json"] if "latency" in results else [])])
+    print(f"\nWritten to {cfg.output_dir}: {written}")
 
 
 def main() -> None:
     """Console entry point ``eenet-eval``."""
     prepare_command_line()
-    _check_run_argument(sys.argv[1:])
     _main()
 
 

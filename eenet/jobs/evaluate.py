@@ -26,7 +26,11 @@ Writes into its own folder (``<run>/eval/<time>`` unless ``hydra.run.dir`` says
 otherwise): ``results.json`` (:class:`eenet.reporting.results.RunResults`: the
 training results' layout with test figures from the dynamic engine, plus
 ``calibration`` and ``engine``), ``results.md``, ``curve.png``, ``exits.png``
-and, with ``latency=true``, ``latency.json``.
+and, with ``latency=true``, ``latency.json``. The folder must be new or empty
+(``overwrite=true`` replaces an earlier evaluation's files); it is claimed through
+:mod:`eenet.run_folder` once the run folder was checked: an ``INCOMPLETE`` marker
+(and lock) first, ``results.json`` after every other file, the marker removed last.
+An incomplete folder of an earlier eenet-eval (killed) is replaced by a rerun.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eenet.calibration import Calibrator, cache_exit_outputs, paired_drop
+from eenet.config_checks import check_eval_config
 from eenet.data.batching import make_loader
 from eenet.errors import EENetError
 from eenet.inference import DynamicEngine, exit_latency_table
@@ -52,8 +57,12 @@ from eenet.reporting.plots import plot_curve, plot_exit_distribution
 from eenet.reporting.results import (EngineResult, EvaluationRecord, RunResults, SplitResult,
                                      write_results)
 from eenet.reporting.wandb import log_evaluation_results
+from eenet.run_folder import OutputFolder, claim_output_folder
 from eenet.runs import load_run
 from eenet.training.metrics import overthinking_counts
+
+#: What eenet-eval writes into its folder (removed first when the folder is replaced).
+OUTPUTS = ("results.json", "results.md", "curve.png", "exits.png", "latency.json")
 
 
 def time_against_final_exit(engine: DynamicEngine, final: DynamicEngine,
@@ -91,6 +100,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
     Returns the mapping written to ``results.json`` (:class:`RunResults`'s layout).
     """
+    check_eval_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     if cfg.run is None or cfg.run == "???":
@@ -99,7 +109,15 @@ def evaluate(cfg: DictConfig) -> dict:
     if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
         raise EENetError(f"timing_passes must be an integer >= 0 (0: no timing), got {passes!r}")
     train_cfg, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
-    out_dir = Path(cfg.output_dir)
+    folder = claim_output_folder(cfg.output_dir, "eenet-eval", OUTPUTS, key="hydra.run.dir",
+                                 overwrite=bool(cfg.get("overwrite")))
+    with folder:  # an exception leaves the folder marked INCOMPLETE (or removes it if unused)
+        return _calibrate_test_and_write(cfg, folder, train_cfg, dm, net, cost, passes)
+
+
+def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: DictConfig, dm,
+                              net, cost, passes: int) -> dict:
+    out_dir = folder.path
     n_exits = net.num_exits
     bs = int(cfg.batch_size)
 
@@ -181,13 +199,14 @@ def evaluate(cfg: DictConfig) -> dict:
                                     calibration=calibration, engine=timing,
                                     drop_vs_final_exit=drops))
 
-    # 5. write
-    out_dir.mkdir(parents=True, exist_ok=True)
+    # 5. write: results.json last, after every other file (the folder is complete once
+    # it is there and the INCOMPLETE marker is gone)
     if cfg.get("latency"):
         results.latency = exit_latency_table(net, tuple(dm.input_size), batch_sizes=(1, bs))
+    folder.clear(OUTPUTS)
+    if results.latency is not None:
         atomic_write_text(out_dir / "latency.json", json.dumps(results.latency, indent=2) + "\n")
     saved = results.to_dict()
-    write_results(out_dir, saved)
     curves = {"val (shared threshold)": [(p.avg_cost, p.accuracy) for p in res.curve],
               "test (same thresholds)": on_test(res.curve),
               "val Pareto (per-exit thresholds)": [(p.avg_cost, p.accuracy) for p in res.pareto]}
@@ -204,6 +223,7 @@ def evaluate(cfg: DictConfig) -> dict:
         log_evaluation_results({**OmegaConf.to_container(cfg.wandb),
                                 "config": {"eval": OmegaConf.to_container(cfg),
                                            "train": saved["config"]}}, saved, out_dir)
+    write_results(out_dir, saved)
     return saved
 
 

@@ -5,7 +5,10 @@ runs; the ONNX format is described in :mod:`eenet.export.onnx`. The run folder
 is loaded as data (:func:`eenet.runs.load_run`: no code from it runs) and so is
 ``eval=RESULTS_JSON`` (JSON: only its policy name, thresholds and run path are
 read). The export goes to ``out=DIR``, or to ``RUN/onnx`` unless that is a
-symlink placed in the run folder.
+symlink placed in the run folder. The folder must be new or empty (``overwrite=true``
+replaces an earlier export's files); it is claimed through :mod:`eenet.run_folder`:
+an ``INCOMPLETE`` marker (and lock) first, ``manifest.json`` after every piece, the
+marker removed last. An incomplete export (killed) is replaced by a rerun.
 """
 
 from __future__ import annotations
@@ -17,10 +20,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from eenet.config_checks import check_export_config
 from eenet.errors import EENetError
 from eenet.export.onnx import export_segments
 from eenet.policies import ExitPolicy, create_policy
+from eenet.run_folder import claim_output_folder
 from eenet.runs import load_run
+
+#: What eenet-export writes into its folder (removed first when the folder is replaced).
+OUTPUTS = ("manifest.json", "onnx_runner.py", "segment_*.onnx", "exit_*.onnx", "final.onnx")
 
 
 def _policy_from(cfg: DictConfig) -> ExitPolicy:
@@ -70,13 +78,20 @@ def _default_out(run: Path) -> Path:
 
 def export_run(cfg: DictConfig) -> Path:
     """Load the run, take the policy and write the export; returns the manifest's path."""
+    check_export_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     if not cfg.get("run"):
         raise EENetError("give the training run to export: run=RUN_DIR")
     policy = _policy_from(cfg)
-    _, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
     out = Path(cfg.out) if cfg.get("out") else _default_out(Path(cfg.run))
-    return export_segments(net, tuple(dm.input_size), out, policy, cost, opset=int(cfg.opset),
-                           mean=getattr(dm, "mean", None), std=getattr(dm, "std", None),
-                           check=bool(cfg.check))
+    if out.exists() and not out.is_dir():  # before the run is loaded: a mistake fails at once
+        raise EENetError(f"out={out} is a file, not a folder; give a folder: out=DIR")
+    _, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
+    with claim_output_folder(out, "eenet-export", OUTPUTS, key="out",
+                             overwrite=bool(cfg.get("overwrite"))) as folder:
+        folder.clear(OUTPUTS)
+        # export_segments writes manifest.json after every other file
+        return export_segments(net, tuple(dm.input_size), out, policy, cost,
+                               opset=int(cfg.opset), mean=getattr(dm, "mean", None),
+                               std=getattr(dm, "std", None), check=bool(cfg.check))

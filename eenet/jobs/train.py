@@ -13,6 +13,13 @@ evaluate on val and test, and write into the run's output folder:
 - ``cost.json``: the fvcore per-exit cost table;
 - ``results.json`` and ``results.md``: see :mod:`eenet.reporting.results`.
 
+The folder is claimed through :mod:`eenet.run_folder` once everything is built: a
+folder that holds a run (finished, or started and stopped: ``INCOMPLETE`` is there)
+is refused unless ``resume=true`` continues it (same configuration, but for
+:data:`eenet.runs.RESUME_MAY_DIFFER`) or ``overwrite=true`` replaces it. The
+``INCOMPLETE`` marker (and lock) comes first, ``results.json`` after every other
+file, the marker goes last.
+
 Usage::
 
     eenet-train                                   # resnet20 + 2 exits on the bundled digits
@@ -22,6 +29,7 @@ Usage::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -39,13 +47,15 @@ from eenet.config import instantiate
 from eenet.cost import CostTable, exit_cost_table
 from eenet.data.batching import make_loader
 from eenet.errors import EENetError
+from eenet.config_checks import check_train_config
 from eenet.io import atomic_write, atomic_write_text, safe_torch_load
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.models.weights import state_hash
 from eenet.policies import create_policy
 from eenet.reporting.results import RunResults, TrainingRecord, write_results
 from eenet.reporting.wandb import finish_wandb_run, log_training_results
-from eenet.runs import build_network, check_output_dir
+from eenet.run_folder import claim_output_folder
+from eenet.runs import build_network, check_resume_config
 from eenet.training.checkpoint import EpochSeed, EpochTimer, SafeCheckpointIO
 from eenet.training.module import EarlyExitModule
 
@@ -55,6 +65,25 @@ log = logging.getLogger("eenet")
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 MODES = ("joint", "posttrain", "mixed")
+
+#: What eenet-train writes into its folder: a folder holding any of it holds a run.
+OUTPUTS = ("config.yaml", "cost.json", "model.pt", "results.json", "results.md", "checkpoints",
+           "csv")
+
+
+class _NoAdvertising(logging.Filter):
+    """Drops Lightning's "💡 Tip: ... litlogger" line, an advertisement printed on every fit."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+# Lightning logs it through the rank-zero logger of lightning.pytorch or lightning.fabric
+# (whichever was imported last names it)
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    _logger = logging.getLogger(_name)
+    if not any(isinstance(f, _NoAdvertising) for f in _logger.filters):
+        _logger.addFilter(_NoAdvertising())
 
 
 def process_rank() -> int:
@@ -119,13 +148,11 @@ def _build(cfg: DictConfig, rank: int, out_dir: Path) -> dict[str, Any]:
                              freeze_backbone=mode == "posttrain",
                              targets=cfg.get("targets", "labels"))
     ckpt_path = _resume_path(cfg, out_dir)
-    if rank == 0:
-        check_output_dir(out_dir)
     return {"mode": mode, "datamodule": datamodule, "net": net, "cost": cost, "policy": policy,
             "module": module, "ckpt_path": ckpt_path, "backbone_hash": state_hash(net.backbone)}
 
 
-def _make_trainer(cfg: DictConfig, out_dir: Path, config: dict, extra_callbacks: list
+def _make_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks: list
                   ) -> tuple[L.Trainer, Any, list, EpochTimer]:
     """The Lightning trainer with eenet's callbacks, safe checkpoint I/O and the loggers."""
     group = _sweep_group()
@@ -135,8 +162,6 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, config: dict, extra_callbacks:
         lg = instantiate(node, "logger", **extra)
         if lg is not None:
             loggers.append(lg)
-    for lg in loggers:
-        lg.log_hyperparams(config)
     epoch_timer = EpochTimer()
     callbacks: list = [EpochSeed(int(cfg.seed)), epoch_timer, *extra_callbacks]
     ckpt_cb = None
@@ -186,6 +211,7 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
     and ``cost`` table for callers that want to go on with them.
     """
     started = time.time()
+    check_train_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
     L.seed_everything(int(cfg.seed), workers=True, verbose=False)
@@ -198,18 +224,35 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
     if not cfg.get("threads") and isinstance(devices, int) and devices > 1:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // devices))
 
-    # 1. build and check everything; nothing is written before this is done
+    # 1. build and check everything, the output folder last; nothing is written before
     b = _build(cfg, rank, out_dir)
+    folder = None
+    if rank == 0:  # DDP: the other ranks write nothing of the folder's
+        if cfg.get("resume"):
+            check_resume_config(cfg, out_dir)
+        folder = claim_output_folder(out_dir, "eenet-train", OUTPUTS, key="hydra.run.dir",
+                                     others_allowed=True, restart_incomplete=False,
+                                     overwrite=bool(cfg.get("overwrite")),
+                                     resume=bool(cfg.get("resume")))
+    # an exception leaves the folder marked INCOMPLETE (or removes it if nothing was written)
+    with folder or contextlib.nullcontext():
+        return _train_and_write(cfg, b, out_dir, folder, list(extra_callbacks or []), started)
+
+
+def _train_and_write(cfg: DictConfig, b: dict[str, Any], out_dir: Path, folder,
+                     extra_callbacks: list, started: float) -> tuple[dict, dict[str, Any]]:
     net, datamodule, cost, module = b["net"], b["datamodule"], b["cost"], b["module"]
     log.info("exits after stages %s\n%s", net.exit_stages, cost.to_markdown())
 
     # 2. train
     config = _config_dict(cfg)
-    if rank == 0:
+    trainer, ckpt_cb, loggers, epoch_timer = _make_trainer(cfg, out_dir, extra_callbacks)
+    if folder is not None:
+        folder.clear(OUTPUTS)  # overwrite=true: the earlier run's files go
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
         atomic_write_text(out_dir / "cost.json", json.dumps(cost.to_dict(), indent=2) + "\n")
-    trainer, ckpt_cb, loggers, epoch_timer = _make_trainer(cfg, out_dir, config,
-                                                           list(extra_callbacks or []))
+    for lg in loggers:
+        lg.log_hyperparams(config)
     trainer.fit(module, datamodule=datamodule, ckpt_path=b["ckpt_path"])
 
     # 3. evaluate the checkpoint chosen on val, on val and on test
@@ -236,11 +279,12 @@ def train(cfg: DictConfig, extra_callbacks: list | None = None) -> tuple[dict, d
     saved = results.to_dict()
     if trainer.is_global_zero:
         atomic_write(out_dir / "model.pt", lambda f: torch.save(net.state_dict(), f))
-        write_results(out_dir, saved)
         for lg in loggers:
             log_training_results(lg, saved)
     for lg in loggers:
         finish_wandb_run(lg)
+    if trainer.is_global_zero:
+        write_results(out_dir, saved)  # last: the run is complete once it is there
     return saved, {"datamodule": datamodule, "net": net, "module": module,
                    "trainer": trainer, "cost": cost}
 
