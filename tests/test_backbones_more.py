@@ -104,9 +104,13 @@ def test_vgg_small_input_folds_the_pool_without_changing_the_function():
     x = torch.randn(2, 3, 40, 40)  # any size whose last feature map is 1x1
     with torch.no_grad():
         expected = model(x)
+        # the noise floor: the unfolded model's own float32 error against it in float64; the
+        # folded model is another float32 computation of the same function: 4x (two errors
+        # of about the floor, and a maximum of another draw); measured <= 1.1x (4 seeds)
+        floor = float((expected.double() - copy.deepcopy(model).double()(x.double())).abs().max())
         fold_pool_for_small_input(model)
         assert model.classifier[0].in_features == 512
-        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(x), expected, rtol=0, atol=4 * floor)
 
 
 def test_densenet_head_is_norm_relu_pool_and_the_classifier():
@@ -166,7 +170,11 @@ def test_in_chans_with_pretrained_filters_keeps_the_response_to_grey_images():
     assert new.in_channels == 1 and new.bias is not None
     x = torch.randn(2, 1, 8, 8)
     with torch.no_grad():
-        torch.testing.assert_close(new(x), old(x.repeat(1, 3, 1, 1)), rtol=1e-5, atol=1e-5)
+        grey = x.repeat(1, 3, 1, 1)
+        # the summed filters are rounded to float32, and the sums taken in another order:
+        # 4x the old convolution's own float32 error against it in float64 (measured <= 1.4x)
+        floor = float((old(grey).double() - copy.deepcopy(old).double()(grey.double())).abs().max())
+        torch.testing.assert_close(new(x), old(grey), rtol=0, atol=4 * floor)
 
 
 def test_unknown_weights_name_lists_the_accepted_ones():
