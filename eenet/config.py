@@ -38,6 +38,12 @@ ALLOWED_TARGETS = frozenset({
     "eenet.models.ExitBlock",
     "eenet.models.exits.ExitBlock",
     "eenet.models.trecx.TRecXExit",
+    # models cut at graph nodes (eenet.models.graph_backbone): torchvision and timm models are
+    # named by a string; graph_backbone's own model (backbone.model._target_, the user's class)
+    # is a nested _target_ that this list does not hold, so a run folder cannot name it
+    "eenet.models.graph_backbone.torchvision_backbone",
+    "eenet.models.graph_backbone.timm_backbone",
+    "eenet.models.graph_backbone.graph_backbone",
     "eenet.losses.EENetLoss",
     "eenet.losses.ExitDistillation",
     "eenet.losses.MultiExitCE",
