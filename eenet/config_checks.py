@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from eenet.data.registry import check_folder
 from eenet.errors import EENetError
 from eenet.models.trecx import MITIGATIONS
 from eenet.policies import POLICIES
@@ -369,6 +370,13 @@ def _needs_run(cfg: DictConfig, verb: str) -> None:
         raise EENetError(f"give the training run to {verb}: run=RUN_DIR")
 
 
+def _data_root(cfg: DictConfig) -> None:
+    """``data_root``, when given, must be a folder that can be read (or not exist yet)."""
+    root = cfg.get("data_root")
+    if isinstance(root, str) and root:
+        check_folder(root, "data_root")
+
+
 def _trained_backbone(cfg: DictConfig) -> None:
     mode = get(cfg, "mode", "joint")
     if mode in ("posttrain", "mixed") and not (get(cfg, "backbone.checkpoint")
@@ -447,8 +455,8 @@ def check_train_config(cfg: DictConfig) -> None:
                         f"one of {', '.join(precisions)}", names=tuple(precisions))
     rules = TRAIN_RULES + ([("trainer.precision", precision)] if precisions else [])
     check_options(cfg, rules)
-    for check in (_trained_backbone, _checkpoint_direction, _nesterov, _val_below_subset,
-                  _accelerator):
+    for check in (_data_root, _trained_backbone, _checkpoint_direction, _nesterov,
+                  _val_below_subset, _accelerator):
         check(cfg)
 
 
@@ -456,6 +464,7 @@ def check_eval_config(cfg: DictConfig) -> None:
     """The options of ``eenet-eval`` (``conf/eval.yaml``)."""
     _needs_run(cfg, "evaluate")
     check_options(cfg, EVAL_RULES)
+    _data_root(cfg)
     _one_target(cfg)
     _optimism_needs_tolerance(cfg)
 
@@ -464,3 +473,4 @@ def check_export_config(cfg: DictConfig) -> None:
     """The options of ``eenet-export`` (``conf/export.yaml``)."""
     _needs_run(cfg, "export")
     check_options(cfg, [*EXPORT_RULES, _opset_rule()])
+    _data_root(cfg)

@@ -48,7 +48,6 @@ from omegaconf import DictConfig, OmegaConf
 from eenet.calibration import Calibrator, cache_exit_outputs, paired_drop
 from eenet.config_checks import check_eval_config
 from eenet.data.batching import make_loader
-from eenet.errors import EENetError
 from eenet.inference import DynamicEngine, exit_latency_table
 from eenet.io import atomic_write_text
 from eenet.policies import create_policy
@@ -103,11 +102,7 @@ def evaluate(cfg: DictConfig) -> dict:
     check_eval_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    if cfg.run is None or cfg.run == "???":
-        raise EENetError("give the training run to evaluate: run=RUN_DIR")
-    passes = cfg.get("timing_passes") or 0
-    if isinstance(passes, bool) or not isinstance(passes, int) or passes < 0:
-        raise EENetError(f"timing_passes must be an integer >= 0 (0: no timing), got {passes!r}")
+    passes = cfg.get("timing_passes") or 0  # an integer >= 0: check_eval_config
     train_cfg, dm, net, cost = load_run(cfg.run, cfg.get("data_root"))
     folder = claim_output_folder(cfg.output_dir, "eenet-eval", OUTPUTS, key="hydra.run.dir",
                                  overwrite=bool(cfg.get("overwrite")))

@@ -24,6 +24,7 @@ from eenet.config_checks import check_export_config
 from eenet.errors import EENetError
 from eenet.export.onnx import export_segments
 from eenet.policies import ExitPolicy, create_policy
+from eenet.reporting.results import read_policy
 from eenet.run_folder import claim_output_folder
 from eenet.runs import load_run
 
@@ -41,10 +42,10 @@ def _policy_from(cfg: DictConfig) -> ExitPolicy:
             raise EENetError(f"eval results {path} not found: give the results.json of eenet-eval")
         try:
             results = json.loads(path.read_text())
-            name, thresholds = results["policy"]["name"], results["policy"]["thresholds"]
-        except (ValueError, KeyError, TypeError):
-            raise EENetError(f"{path} is not an eenet-eval results.json (no policy with "
-                             "name and thresholds)") from None
+        except ValueError:
+            raise EENetError(f"{path} is not an eenet-eval results.json (not JSON)") from None
+        # refuses a newer format, old entropy thresholds and a file without a policy
+        name, thresholds = read_policy(results, str(path))
         run = results.get("run")
         if run and Path(run).resolve() != Path(cfg.run).resolve():
             print(f"warning: {path} was calibrated for the run {run}, not {cfg.run}",
@@ -81,8 +82,6 @@ def export_run(cfg: DictConfig) -> Path:
     check_export_config(cfg)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg.threads))
-    if not cfg.get("run"):
-        raise EENetError("give the training run to export: run=RUN_DIR")
     policy = _policy_from(cfg)
     out = Path(cfg.out) if cfg.get("out") else _default_out(Path(cfg.run))
     if out.exists() and not out.is_dir():  # before the run is loaded: a mistake fails at once
@@ -94,4 +93,5 @@ def export_run(cfg: DictConfig) -> Path:
         # export_segments writes manifest.json after every other file
         return export_segments(net, tuple(dm.input_size), out, policy, cost,
                                opset=int(cfg.opset), mean=getattr(dm, "mean", None),
-                               std=getattr(dm, "std", None), check=bool(cfg.check))
+                               std=getattr(dm, "std", None), check=bool(cfg.check),
+                               input_range=getattr(dm, "value_range", None))

@@ -64,7 +64,6 @@ log = logging.getLogger("eenet")
 # Lightning 2.6 on torch 2.14 warns about a torch-internal deprecation on every fit
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
-MODES = ("joint", "posttrain", "mixed")
 
 #: What eenet-train writes into its folder: a folder holding any of it holds a run.
 OUTPUTS = ("config.yaml", "cost.json", "model.pt", "results.json", "results.md", "checkpoints",
@@ -116,13 +115,7 @@ def _load_best(module: EarlyExitModule, ckpt_path: str | None) -> None:
 
 def _build(cfg: DictConfig, rank: int, out_dir: Path) -> dict[str, Any]:
     """Every object of a run, checked; raises before anything is written."""
-    mode = cfg.get("mode", "joint")
-    if mode not in MODES:
-        raise EENetError(f"unknown mode '{mode}'; accepted: {', '.join(MODES)}")
-    if mode in ("posttrain", "mixed") and not (cfg.backbone.get("checkpoint")
-                                                or cfg.backbone.get("weights")):
-        raise EENetError(f"mode={mode} starts from a trained backbone: give backbone.checkpoint="
-                         f"<run folder or state_dict> (or backbone.weights= for torchvision)")
+    mode = cfg.get("mode", "joint")  # checked by check_train_config
     datamodule = instantiate(cfg.dataset.datamodule, "dataset")
     datamodule.prepare_data()
     datamodule.setup("fit")

@@ -469,11 +469,12 @@ def check_results_file(run_dir: str | Path) -> None:
 
 
 def write_results(folder: str | Path, results: RunResults | dict) -> tuple[Path, Path]:
-    """Write ``results.json`` and ``results.md`` into ``folder`` atomically."""
+    """Write ``results.md`` and then ``results.json`` into ``folder``, each atomically:
+    ``results.json`` last, so a folder holding it holds the report too."""
     folder = Path(folder)
     if isinstance(results, RunResults):
         results = results.to_dict()
     js, md = folder / "results.json", folder / "results.md"
-    atomic_write_text(js, json.dumps(results, indent=2, default=str) + "\n")
     atomic_write_text(md, results_markdown(results) + "\n")
+    atomic_write_text(js, json.dumps(results, indent=2, default=str) + "\n")
     return js, md
