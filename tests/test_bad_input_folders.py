@@ -449,3 +449,21 @@ def test_export_refuses_a_folder_another_export_is_writing(digits_run, tmp_path)
         assert [p.name for p in out.iterdir()] == [MARKER]
         held.abandon()
     assert not out.exists()  # made by the claim above, empty: removed with it
+
+
+def test_an_exported_digits_run_refuses_raw_0_to_16_values(digits_run, tmp_path):
+    """The reported case: sklearn's digits are 0..16, the network was trained on them divided
+    by 16. eenet-export records the data set's value range, and the runner refuses raw values
+    on another scale in one line instead of classifying them (80 % instead of 100 % before)."""
+    from sklearn.datasets import load_digits
+
+    from eenet.export.onnx_runner import OnnxEarlyExitRunner, RunnerError
+
+    out = tmp_path / "deploy"
+    manifest = export_run(export_config(digits_run, out))
+    assert json.loads(Path(manifest).read_text())["input_range"] == [0.0, 1.0]
+    runner = OnnxEarlyExitRunner(manifest, threads=1)
+    raw = load_digits().images[:16].astype("float32")[:, None]  # values 0..16
+    with pytest.raises(RunnerError, match=r"values in \[0, 16\] but the model was trained on \[0, 1\]"):
+        runner.preprocess(raw)
+    assert runner.preprocess(raw / 16).shape == raw.shape  # the same images, rescaled: accepted
