@@ -5,49 +5,72 @@ The command ``eenet-export`` (:mod:`eenet.cli.export`, job :mod:`eenet.jobs.expo
     eenet-export run=RUN_DIR eval=RUN_DIR/eval/<time>/results.json out=DIR
     eenet-export run=RUN_DIR policy=max_prob thresholds=[0.9,0.8] out=DIR
 
-The network is cut where :meth:`EarlyExitNetwork.segments` cuts it, so that a
-runner can stop per sample exactly as the PyTorch dynamic engine
-(:mod:`eenet.inference.engine`) does. For N early exits (exits 0..N-1, the
-final exit N), the output folder holds::
+The network is cut where :meth:`walk` cuts it (the steps that the static path,
+the PyTorch dynamic engine :mod:`eenet.inference.engine`, the latency and the cost
+tables all run), so that a runner can stop per sample exactly as the engine does.
+Each step is a segment on the *live values* (every tensor a later piece reads: the
+stage output of a staged backbone; the skip connections crossing a cut of a
+traced graph, :mod:`eenet.models.graph_split`; an early exit's features that a
+T-RecX ``concat`` final exit reads), then the exit after it. For N early exits
+(exits 0..N-1, the final exit N), the output folder holds::
 
-    segment_0.onnx   stem + stages up to exit 0's stage  x (B, C, H, W) -> features
-    exit_0.onnx      exit 0's head                        features -> logits (B, K), conf_logit (B,)
-    segment_j.onnx   the stages after exit j-1 up to exit j
+    segment_0.onnx   up to exit 0          x (B, C, H, W) -> the live values it computes
+    exit_0.onnx      exit 0's head          the live value it reads -> logits (B, K),
+                                            conf_logit (B,)[, live values it adds]
+    segment_j.onnx   the part after exit j-1 up to exit j (live values in, live values out)
     exit_j.onnx      exit j's head
-    segment_N.onnx   the remaining stages
-    final.onnx       the final exit, the backbone's head  features -> logits (B, K)
-    manifest.json    what to run in which order, the policy, costs, preprocessing
+    segment_N.onnx   the rest of the model
+    final.onnx       the final exit         -> logits (B, K)
+    manifest.json    what to run in which order, the live values, the policy, costs,
+                     preprocessing
     onnx_runner.py   a copy of :mod:`eenet.export.onnx_runner` (numpy + onnxruntime only)
 
-The last segment and the final exit are separate files, so every piece is
-"segment, then head" and the only special case is that the final head releases
-every sample (h_N = 1, so it has no confidence output). Every file has a
-dynamic batch axis (axis 0) and is exported in eval mode (BatchNorm uses its
-running statistics). Each piece is checked against PyTorch with onnxruntime
-after export. Every file is written atomically (:func:`eenet.io.atomic_write`):
-a symlink already at a file's place is replaced, never written through.
+Every piece is "segment, then head", and the only special case is that the final
+head releases every sample (h_N = 1, so it has no confidence output). A live value
+has one name throughout (the network's input is ``x``; a cut graph's values take
+their node's name, a staged backbone's stage output ``features_j``, an exit's
+carried features ``exit_j.features``), which is also its input and output name in
+every ONNX file: a piece takes exactly the values it reads, and returns only the
+values it computes (a value carried past a piece unchanged is not an output of it).
+Every file has a dynamic batch axis (axis 0) and is exported in eval mode
+(BatchNorm uses its running statistics). Each piece is checked against PyTorch with
+onnxruntime after export. Every file is written atomically
+(:func:`eenet.io.atomic_write`): a symlink already at a file's place is replaced,
+never written through.
 
-``manifest.json`` (``format: eenet-onnx-segments``, ``format_version: 2``)::
+``manifest.json`` (``format: eenet-onnx-segments``, ``format_version: 3``)::
 
     eenet_version, opset, input_size [C, H, W] (float32, NCHW),
     input_range: [lo, hi] of the raw values the model was trained on, before
           normalisation (e.g. [0, 1] for images), or null when not given;
           the runner's ``preprocess`` refuses values outside it
     num_classes, num_exits (N + 1: the final exit counts), exit_stages,
-    pieces: [{exit, segment, head, outputs}, ...]        in running order
+    input: "x", the name of the network's input
+    pieces: in running order, [{exit, segment, head, outputs,
+             segment_inputs, segment_outputs,   live values the segment reads / computes
+             head_inputs, head_live_outputs,    live values the head reads / adds (after
+                                                its ``outputs``: logits[, conf_logit])
+             live,                              the live values after this piece, kept
+                                                for the samples that go on ([] at the end)
+             skippable}, ...]                   whether the head may be left out when the
+                                                exit releases nobody (false when a later
+                                                piece reads what it adds)
     policy: {name, thresholds: one per early exit, in the user's units
              (eenet.policies: leave when score > t; "inf", never leave here, and
              "-inf" as strings since JSON has no infinity), rule}
     cost: the eenet.cost table {backbone_macs, input_size, convention, exits:
-          [{name, stage, head_macs, macs, cost_fraction}]}; MACs as counted by
-          fvcore (one fused multiply-add = one flop), exit heads included
+          [{name, stage, head_macs, macs, cost_fraction}], always_run}; MACs as counted
+          by fvcore (one fused multiply-add = one flop), exit heads included
     preprocessing: {mean, std, rule} or null
     runner: "onnx_runner.py"
 
-Format 2 (this eenet) orients the entropy policy like the others: its score is
--H and a sample leaves when -H > t (format 1: when H < t, so ``inf`` meant
-"always leave"); it adds ``input_range``. The runner refuses a format-1
-manifest with entropy thresholds and reads the others as before.
+Format 3 (this eenet) names the live values, so that a segment may take and
+return several (format 2: one value from each segment to the next, which format 3
+reads exactly: the runner reads both). Format 2 oriented the entropy policy like
+the others: its score is -H and a sample leaves when -H > t (format 1: when
+H < t, so ``inf`` meant "always leave"); it added ``input_range``. The runner
+refuses a format-1 manifest with entropy thresholds and reads the others as
+before.
 
 The exporter is PyTorch's TorchScript-based one (``dynamo=False``): the
 torch.export-based exporter needs ``onnxscript``, which eenet does not require.
@@ -60,7 +83,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -75,7 +98,8 @@ from eenet.policies import ExitPolicy
 
 MANIFEST = "manifest.json"
 FORMAT = "eenet-onnx-segments"
-FORMAT_VERSION = 2  # 2: entropy thresholds are -H units (leave when -H > t), input_range
+FORMAT_VERSION = 3  # 2: entropy thresholds are -H units (leave when -H > t), input_range;
+#                     3: named live values, several per segment
 RULES = {
     "confidence": "leave at exit i when sigmoid(conf_logit_i) > t_i",
     "max_prob": "leave at exit i when max_k softmax(logits_i)[k] > t_i",
@@ -84,42 +108,76 @@ RULES = {
 }
 
 
-class _FinalExit(nn.Module):
-    """The final exit's logits, as :meth:`EarlyExitNetwork.final_exit` computes them."""
+class _Piece(nn.Module):
+    """One callable of a walk step (a segment or an exit head) as a module for the exporter.
 
-    def __init__(self, net: EarlyExitNetwork):
+    ``fn`` maps the live tuple to its outputs; ``pick`` chooses the outputs the piece
+    returns (the values it computes). ``owner`` (the network) is registered so that
+    the tracer sees the parameters ``fn`` reads as parameters, not constants.
+    """
+
+    def __init__(self, owner: nn.Module, fn: Callable[[tuple], tuple], pick: Sequence[int]):
         super().__init__()
-        self.net = net
+        self.owner = owner
+        self.fn = fn
+        self.pick = list(pick)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.final_exit(x)[0]
+    def forward(self, *live: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.fn(tuple(live))
+        return tuple(out[i] for i in self.pick)
 
 
-def _export(module: nn.Module, x: torch.Tensor, path: Path, input_name: str,
-            output_names: Sequence[str], opset: int) -> None:
-    """Export one piece to ``path`` atomically (a symlink there is replaced, not followed)."""
+def _export(module: nn.Module, inputs: Sequence[torch.Tensor], path: Path,
+            input_names: Sequence[str], output_names: Sequence[str], opset: int) -> list[str]:
+    """Export one piece to ``path`` atomically (a symlink there is replaced, not followed);
+    return the names of the inputs the ONNX graph kept (the exporter drops unread ones)."""
+    import onnx
+
     extra = {"dynamo": False} if "dynamo" in inspect.signature(torch.onnx.export).parameters else {}
-    axes = {name: {0: "batch"} for name in (input_name, *output_names)}
+    axes = {name: {0: "batch"} for name in (*input_names, *output_names)}
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the legacy exporter's deprecation and tracer notes
-        torch.onnx.export(module, (x,), buffer, input_names=[input_name],
+        torch.onnx.export(module, tuple(inputs), buffer, input_names=list(input_names),
                           output_names=list(output_names), dynamic_axes=axes,
                           opset_version=opset, do_constant_folding=True, **extra)
+    graph = onnx.load_from_string(buffer.getvalue()).graph
+    kept = {i.name for i in graph.input} - {t.name for t in graph.initializer}
+    outputs = [o.name for o in graph.output]
+    if outputs != list(output_names):
+        raise RuntimeError(f"{path.name}: the exporter returned outputs {outputs}, expected "
+                           f"{list(output_names)}")
     atomic_write(path, lambda f: f.write(buffer.getvalue()))
+    return [n for n in input_names if n in kept]
 
 
-def _check(path: Path, x: torch.Tensor, expected: Sequence[torch.Tensor]) -> None:
+def _check(path: Path, feeds: dict[str, torch.Tensor], expected: Sequence[torch.Tensor]) -> None:
     """Run one exported piece with onnxruntime and compare it with PyTorch's outputs."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    got = sess.run(None, {i.name: feeds[i.name].numpy() for i in sess.get_inputs()})
+    if len(got) != len(expected):
+        raise RuntimeError(f"{path.name} has {len(got)} outputs, PyTorch {len(expected)}")
     for g, e in zip(got, expected):
         e = e.numpy()
         if g.shape != e.shape or not np.allclose(g, e, rtol=1e-3, atol=1e-4):
             diff = np.abs(g - e).max() if g.shape == e.shape else f"shape {g.shape} != {e.shape}"
             raise RuntimeError(f"{path.name} differs from PyTorch after export: {diff}")
+
+
+def _new(values: Sequence[torch.Tensor], known: Sequence[torch.Tensor]) -> list[int]:
+    """Positions of ``values`` that are not one of ``known`` (the same tensor object) nor a
+    repeat of an earlier position: what a piece computes rather than carries through."""
+    out: list[int] = []
+    for i, v in enumerate(values):
+        if not any(v is k for k in known) and not any(v is values[j] for j in out):
+            out.append(i)
+    return out
+
+
+def _name_of(v: torch.Tensor, live: Sequence[torch.Tensor], names: Sequence[str]) -> str:
+    return next(n for u, n in zip(live, names) if u is v)
 
 
 def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: str | Path,
@@ -141,6 +199,10 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
             normalisation (``(0, 1)`` for images scaled from 0..255); recorded so that
             the runner refuses inputs of another scale. ``None``: not recorded.
     """
+    if not callable(getattr(net, "walk", None)):
+        raise EENetError(f"ONNX segment export takes an early-exit network with a walk() (an "
+                         f"EarlyExitNetwork or a model cut by eenet.attach_exits), got "
+                         f"{type(net).__name__}")
     n_early = net.num_exits - 1
     policy.threshold_vector(n_early)  # checks the number of thresholds
     t = policy.thresholds
@@ -157,14 +219,6 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
             raise EENetError(f"input_range must be finite with lo < hi, got {input_range!r}")
         input_range = [lo, hi]
-    if not isinstance(net, EarlyExitNetwork):
-        raise EENetError(f"ONNX segment export takes a staged early-exit network; a "
-                         f"{type(net).__name__} (a model cut from a traced graph, several live "
-                         "values per segment) is not exported yet: run it with the DynamicEngine")
-    if getattr(net, "carry_exit", None) is not None:
-        raise EENetError("this network carries an early exit's features to the final exit "
-                         "(mitigation 'concat'), which the segment export does not support; "
-                         "use mitigation 'trecx' (nothing is carried) or none")
     cost = cost_table if cost_table is not None else exit_cost_table(net, input_size)
     if len(cost.exits) != net.num_exits:
         raise EENetError(f"the cost table has {len(cost.exits)} exits, the network "
@@ -178,25 +232,68 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
     try:
         x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
         net.check_input(x)
+        graph_names = net.live_values() if callable(getattr(net, "live_values", None)) else None
+        steps = net.walk()
+        last = len(steps) - 1
+        used = {"x"}
+
+        def fresh(name: str, j: int) -> str:
+            name = name if name not in used else f"{name}@{j}"
+            used.add(name)
+            return name
+
         with torch.no_grad():
-            for j, (modules, exit_block) in enumerate(net.segments()):
-                final = exit_block is None
-                # wrappers in eval mode: the exporter restores a wrapper's mode afterwards,
-                # which would switch the wrapped network's dropout and BatchNorm to training
-                segment = nn.Sequential(*modules).eval()
-                head = _FinalExit(net).eval() if final else exit_block
-                names = {"exit": j, "segment": f"segment_{j}.onnx",
+            live, names = (x,), ["x"]
+            for j, step in enumerate(steps):
+                final = j == last
+                piece = {"exit": j, "segment": f"segment_{j}.onnx",
                          "head": "final.onnx" if final else f"exit_{j}.onnx",
                          "outputs": ["logits"] if final else ["logits", "conf_logit"]}
-                y = segment(x)
-                _export(segment, x, out / names["segment"], "x", ["features"], opset)
-                _export(head, y, out / names["head"], "features", names["outputs"], opset)
+                # the segment: live values in, the values it computes out
+                body_out = tuple(step.body(live))
+                computed = _new(body_out, live)
+                body_names = []
+                for k, v in enumerate(body_out):
+                    if k in computed:
+                        given = graph_names[j][k] if graph_names and not final else (
+                            "output" if graph_names else f"features_{j}")
+                        body_names.append(fresh(given, j))
+                    else:  # carried through, or a repeat of an earlier output
+                        body_names.append(_name_of(v, [*live, *body_out[:k]], [*names, *body_names]))
+                seg_out = [body_names[k] for k in computed]
+                seg_in = _export(_Piece(net, step.body, computed).eval(), live,
+                                 out / piece["segment"], names, seg_out, opset)
+                # the head: reads some live values, gives logits (and conf_logit), may add values
+                logits, z, after = step.head(body_out)
+                after = tuple(after)
+                added = _new(after, body_out)
+                if step.skippable and added:
+                    raise RuntimeError(f"internal: exit {j}'s head adds a live value but is "
+                                       "marked skippable")
+                after_names = [fresh(f"exit_{j}.features", j) if k in added
+                               else _name_of(v, body_out, body_names) for k, v in enumerate(after)]
+                added_names = [after_names[k] for k in added]
+                if final:
+                    head_fn, pick, head_out = (lambda lv, h=step.head: h(lv)[:1]), [0], [logits]
+                else:
+                    def head_fn(lv, h=step.head):
+                        lg, zz, rest = h(lv)
+                        return (lg, zz, *rest)
+                    pick = [0, 1, *(2 + k for k in added)]
+                    head_out = [logits, z, *(after[k] for k in added)]
+                head_in = _export(_Piece(net, head_fn, pick).eval(), body_out,
+                                  out / piece["head"], body_names,
+                                  [*piece["outputs"], *added_names], opset)
                 if check:
-                    head_out = head(y)
-                    _check(out / names["segment"], x, [y])
-                    _check(out / names["head"], y, [head_out] if final else list(head_out))
-                pieces.append(names)
-                x = y
+                    feeds = dict(zip(names, live))
+                    _check(out / piece["segment"], feeds, [body_out[k] for k in computed])
+                    _check(out / piece["head"], dict(zip(body_names, body_out)), head_out)
+                piece.update(segment_inputs=seg_in, segment_outputs=seg_out, head_inputs=head_in,
+                             head_live_outputs=added_names,
+                             live=[] if final else after_names,
+                             skippable=bool(step.skippable) and not final)
+                pieces.append(piece)
+                live, names = after, after_names
     finally:
         net.train(was_training)
 
@@ -210,6 +307,7 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
         "num_classes": net.num_classes,
         "num_exits": net.num_exits,
         "exit_stages": net.exit_stage_indices(),
+        "input": "x",
         "pieces": pieces,
         "policy": {"name": policy.name, "thresholds": [json_float(float(v)) for v in thresholds],
                    "rule": RULES.get(policy.name, "")},

@@ -26,11 +26,17 @@ and would leave at the final exit).
 The walk is the one of ``eenet/inference/engine.py``: run segment j, then exit
 j's head; the samples whose score beats the threshold leave with that exit's
 prediction, and only the others go on to segment j + 1. The final exit takes
-everything that is left. An exit whose threshold releases nobody (``inf``; not
-with patience, which counts every exit's prediction) does not run its head, and
-the reported cost leaves that head out, as the engine does (the formula of
-``eenet.cost.CostTable.fractions_skipping``, written again here because this file
-must not import eenet). Scores, with the same strict ``score > threshold`` as
+everything that is left. Between the pieces the runner carries the *live values*
+by name (manifest format 3): each piece reads the values it names, adds the values
+it computes, and after the exit only the values the manifest lists as ``live`` are
+kept, each for the remaining samples only (a skip connection crossing a cut, an
+early exit's features that the final exit reads). A format-2 manifest carries one
+value from each segment to the next, and is read as the one-value case. An exit
+whose threshold releases nobody (``inf``; not with patience, which counts every
+exit's prediction; not for a head whose features a later piece reads) does not
+run its head, and the reported cost leaves that head out, as the engine does (the
+formula of ``eenet.cost.CostTable.fractions_skipping``, written again here because
+this file must not import eenet). Scores, with the same strict ``score > threshold`` as
 ``eenet/policies.py`` (thresholds in the manifest are in the user's units)::
 
     confidence  s = sigmoid(z)                        leave when s > t         (EENets)
@@ -64,7 +70,7 @@ import numpy as np
 import onnxruntime as ort
 
 #: The newest manifest format this runner reads (``eenet.export.onnx.FORMAT_VERSION``).
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
 
 #: Raw values may lie this far outside ``input_range``, as a share of its width. Data that
 #: went through float16 (half a unit in the last place is 2**-11, about 4.9e-4, relative) or
@@ -168,6 +174,63 @@ def check_manifest_version(m: dict, where: object) -> None:
                           f"-H > t (inf: never leave); re-run eenet-export for this run")
 
 
+def _names(piece: dict, key: str, where: object) -> list[str]:
+    value = piece.get(key)
+    if not isinstance(value, list) or not all(isinstance(n, str) and n for n in value):
+        raise RunnerError(f"{where}: piece {piece.get('exit')!r} has no list of value names "
+                          f"'{key}' (manifest format 3)")
+    return list(value)
+
+
+class _Plan:
+    """What one piece reads, computes and keeps: (name in the ONNX file, live value name)
+    pairs, so that a format-2 file (inputs 'x' / 'features') reads as the one-value case."""
+
+    def __init__(self, seg_feed, seg_fetch, head_feed, head_fetch, n_outputs, live, skippable):
+        self.seg_feed, self.seg_fetch = seg_feed, seg_fetch
+        self.head_feed, self.head_fetch = head_feed, head_fetch
+        self.n_outputs, self.live, self.skippable = n_outputs, live, skippable
+
+
+def _plan_v2(segment, head) -> _Plan:
+    """A format-2 piece: one value ('v') from each segment to its head and the next segment."""
+    outs = [o.name for o in head.get_outputs()]
+    return _Plan([(segment.get_inputs()[0].name, "v")], [(segment.get_outputs()[0].name, "v")],
+                 [(head.get_inputs()[0].name, "v")], [(n, n) for n in outs], len(outs), ["v"],
+                 True)
+
+
+def _plan_v3(piece: dict, segment, head, available: set, first: str, where: object) -> _Plan:
+    """A format-3 piece, checked against its ONNX files and the values available before it."""
+    seg_in, seg_out = _names(piece, "segment_inputs", where), _names(piece, "segment_outputs", where)
+    head_in = _names(piece, "head_inputs", where)
+    head_live = _names(piece, "head_live_outputs", where)
+    outputs, live = _names(piece, "outputs", where), _names(piece, "live", where)
+    skippable = piece.get("skippable")
+    if not isinstance(skippable, bool) or (skippable and head_live):
+        raise RunnerError(f"{where}: piece {piece.get('exit')!r} has skippable={skippable!r}; "
+                          f"accepted: true or false, false when its head adds live values")
+    for file, sess, inputs, fetched in ((piece["segment"], segment, seg_in, seg_out),
+                                        (piece["head"], head, head_in, [*outputs, *head_live])):
+        declared = [i.name for i in sess.get_inputs()]
+        produced = [o.name for o in sess.get_outputs()]
+        if sorted(declared) != sorted(inputs) or not set(fetched) <= set(produced):
+            raise RunnerError(f"{where}: {file} takes {declared} and gives {produced}, the "
+                              f"manifest says {inputs} -> {fetched}: it does not belong to this "
+                              f"manifest")
+        missing = [n for n in inputs if n not in available]
+        if missing:
+            raise RunnerError(f"{where}: {file} reads {missing}, which no earlier piece gives "
+                              f"(available: {sorted(available)}; the input is '{first}')")
+        available = available | set(seg_out)
+    unknown = [n for n in live if n not in available | set(head_live)]
+    if unknown:
+        raise RunnerError(f"{where}: piece {piece.get('exit')!r} keeps {unknown}, which no piece "
+                          f"gives")
+    return _Plan([(n, n) for n in seg_in], [(n, n) for n in seg_out], [(n, n) for n in head_in],
+                 [(n, n) for n in (*outputs, *head_live)], len(outputs), live, skippable)
+
+
 def _as_batch(x, what: str, input_size: tuple, allow_uint8: bool = False) -> np.ndarray:
     """``x`` as a C-contiguous array of shape (B, *input_size): floats become float32 and
     uint8 stays uint8 when allowed; anything else is refused in one line."""
@@ -227,6 +290,22 @@ class OnnxEarlyExitRunner:
             return ort.InferenceSession(str(file), options, providers=list(providers))
 
         self.pieces = [(session(segment), session(head)) for segment, head in files]
+        #: the name of the network's input among the live values
+        self.input_name = "v"  # format 2: one unnamed value
+        if m["format_version"] >= 3:
+            self.input_name = m.get("input", "x")
+            if not isinstance(self.input_name, str):
+                raise RunnerError(f"{path}: input {self.input_name!r} is not a value name")
+            self._plans, available = [], {self.input_name}
+            for piece, (segment, head) in zip(m["pieces"], self.pieces):
+                plan = _plan_v3(piece, segment, head, available, self.input_name, path)
+                self._plans.append(plan)
+                available = set(plan.live)
+            if self._plans and self._plans[-1].live:
+                raise RunnerError(f"{path}: the final piece keeps live values {self._plans[-1].live}"
+                                  f"; it ends the walk")
+        else:
+            self._plans = [_plan_v2(segment, head) for segment, head in self.pieces]
         self.policy = m["policy"]["name"]
         if self.policy not in POLICIES:
             raise RunnerError(f"unknown policy '{self.policy}'; accepted: {', '.join(POLICIES)}")
@@ -241,7 +320,9 @@ class OnnxEarlyExitRunner:
             raise RunnerError(f"{len(self.thresholds)} thresholds for {n - 1} early exits")
         # an exit whose threshold is +inf (score units) releases no sample: its head is not
         # run and not charged (as in eenet's dynamic engine); patience needs every head
-        self.idle = [self.policy != "patience" and bool(np.isposinf(t)) for t in self.thresholds]
+        # (not for a head whose features a later piece reads: not skippable)
+        self.idle = [self.policy != "patience" and bool(np.isposinf(t)) and plan.skippable
+                     for t, plan in zip(self.thresholds, self._plans)]
         cost = m.get("cost")
         if cost:
             macs = np.array([e["macs"] for e in cost["exits"]], dtype=np.float64)
@@ -303,11 +384,16 @@ class OnnxEarlyExitRunner:
         remaining = np.arange(b)
         state = _initial_state(self.policy, b)
         last = len(self.pieces) - 1
-        for j, (segment, head) in enumerate(self.pieces):
-            x = segment.run(None, {segment.get_inputs()[0].name: x})[0]
+        values = {self.input_name: x}  # every live value, for the remaining samples
+        for j, ((segment, head), plan) in enumerate(zip(self.pieces, self._plans)):
+            outs = segment.run([f for f, _ in plan.seg_fetch],
+                               {f: values[v] for f, v in plan.seg_feed})
+            values.update((v, o) for (_, v), o in zip(plan.seg_fetch, outs))
             if j < last and self.idle[j]:
-                continue  # nobody leaves here: the head is not run
-            outs = head.run(None, {head.get_inputs()[0].name: x})
+                continue  # nobody leaves here: the head is not run (it adds no live value)
+            outs = head.run([f for f, _ in plan.head_fetch], {f: values[v] for f, v in plan.head_feed})
+            values.update((v, o) for (_, v), o in zip(plan.head_fetch[plan.n_outputs:],
+                                                       outs[plan.n_outputs:]))
             logits = outs[0]
             if j == last:  # the final exit releases every sample that reaches it
                 leave = np.ones(len(remaining), dtype=bool)
@@ -320,6 +406,7 @@ class OnnxEarlyExitRunner:
             if leave.all():
                 break  # nobody is left: later segments never run
             stay = ~leave
-            x, remaining = x[stay], remaining[stay]
+            values = {v: values[v][stay] for v in plan.live}  # only what later pieces read
+            remaining = remaining[stay]
             state = tuple(s[stay] for s in state)
         return pred, exit_index, self.costs[exit_index]
