@@ -38,6 +38,12 @@ drop on the held-out fold, compare with the drop the calibration saw; the
 optimism of an apparent error, Efron, JASA 1983) and tightens the tolerance by
 it (never loosens it) before the final search on the whole split.
 
+Latency as the cost: a measured table (``eenet.inference.latency.latency_cost_table``: per
+exit, the milliseconds per sample the engine pays to leave there, and what an idle head saves)
+has the cost table's interface in units of the final exit's time, so every formula above holds
+with c_i = ms_i / ms_N; ``budget_ms`` M is the budget M / ms_N, and the chosen point's
+expected time per sample, E[ms] = ms_N x cost(t), is reported in the target.
+
 MSDNet (Huang et al., ICLR 2018) chooses thresholds for a budget from an
 assumed exit distribution; searching threshold vectors directly on validation
 outputs reaches any distribution the data allows.
@@ -104,7 +110,9 @@ class Calibrator:
         cached: outputs of every exit on the validation split.
         policy: policy name (``confidence``, ``max_prob``, ``entropy``, ``patience``).
         cost_fractions: the cost table (then idle exits' heads are not paid for, as in
-            the dynamic engine), or plain fractions c_0..c_N (every head paid for).
+            the dynamic engine), a measured latency table (the same interface, with
+            ``final_ms``: then ``budget_ms`` is accepted), or plain fractions c_0..c_N
+            (every head paid for).
         grid: number of candidate thresholds per exit (quantiles of its scores).
         exhaustive_limit: search every combination of candidates when there are at
             most this many; coordinate descent from several starts otherwise.
@@ -118,7 +126,11 @@ class Calibrator:
         self.policy: ExitPolicy = create_policy(policy)  # thresholds come from the search
         self.scores = self.policy.scores(cached.outputs)  # (B, N), score units
         self.correct = cached.correct                     # (B, N+1)
-        table = cost_fractions if isinstance(cost_fractions, CostTable) else None
+        # a CostTable, or anything with its interface (a measured latency table)
+        table = cost_fractions if (isinstance(cost_fractions, CostTable)
+                                   or hasattr(cost_fractions, "head_fractions")) else None
+        #: milliseconds per unit of cost when the costs are measured times, else None
+        self.ms_per_unit = getattr(cost_fractions, "final_ms", None)
         fractions = table.fractions if table is not None else list(cost_fractions)
         self.costs = torch.tensor(fractions, dtype=torch.float64)
         self.n = self.scores.shape[1]
@@ -294,7 +306,8 @@ class Calibrator:
 
     def calibrate(self, budget: float | None = None, tolerance: float | None = None,
                   min_accuracy: float | None = None, optimism_folds: int = 0,
-                  optimism_seed: int = 0, optimism_repeats: int = 1) -> CalibrationResult:
+                  optimism_seed: int = 0, optimism_repeats: int = 1,
+                  budget_ms: float | None = None) -> CalibrationResult:
         """Thresholds for a cost ``budget``, an accuracy ``tolerance`` (accuracy points below
         the final exit) or an absolute ``min_accuracy`` (a fraction, e.g. a reference model's
         validation accuracy minus a tolerance).
@@ -302,7 +315,21 @@ class Calibrator:
         ``optimism_folds=K`` (tolerance only): tighten the tolerance by the K-fold
         estimate of the calibration's optimism (:meth:`optimism`, averaged over
         ``optimism_repeats`` shuffles), never loosen it.
+
+        ``budget_ms`` (with a latency table as the cost): the most accurate thresholds whose
+        expected time per sample is within that many milliseconds.
         """
+        ms_target = None
+        if budget_ms is not None:
+            if self.ms_per_unit is None:
+                raise EENetError("budget_ms needs measured latencies as the cost (a latency "
+                                 "table, cost=latency); with MACs give budget=B (a fraction)")
+            if budget is not None:
+                raise EENetError("give budget=B (a cost fraction) or budget_ms=M, not both")
+            if not budget_ms > 0:
+                raise EENetError(f"budget_ms must be > 0 milliseconds, got {budget_ms}")
+            ms_target = float(budget_ms)
+            budget = ms_target / float(self.ms_per_unit)
         if sum(v is not None for v in (budget, tolerance, min_accuracy)) != 1:
             raise EENetError("give exactly one calibration target: budget=B (average cost "
                              "fraction) or tolerance=D (accuracy points below the final exit)")
@@ -324,6 +351,8 @@ class Calibrator:
                 raise EENetError(f"budget must be an average cost fraction > 0, got {budget}")
             kind, value = "budget", float(budget)
             target = {"kind": "budget", "value": value}
+            if ms_target is not None:
+                target = {"kind": "budget_ms", "value": ms_target, "budget_fraction": value}
         elif min_accuracy is not None:
             if not 0 <= min_accuracy <= 1:
                 raise EENetError(f"min_accuracy must be a fraction in [0, 1], got {min_accuracy}")
@@ -366,6 +395,9 @@ class Calibrator:
                 if best_key is None or key > best_key:
                     best, best_key = vec, key
         chosen = self.point(best)
+        if self.ms_per_unit is not None:  # E[ms per sample] = ms_N x cost(t)
+            target["final_exit_ms"] = float(self.ms_per_unit)
+            target["expected_ms"] = chosen.avg_cost * float(self.ms_per_unit)
         reachable = best_key[0] == 1
         if reachable:
             message = (f"{kind} target met on val: accuracy {100 * chosen.accuracy:.2f}% at "

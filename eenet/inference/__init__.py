@@ -1,7 +1,12 @@
-"""Inference: the dynamic early-exit engine, per-exit latency, BatchNorm folding."""
+"""Inference: the dynamic early-exit engine and its backends, per-exit and tail latency,
+BatchNorm folding."""
 
+from eenet.inference.backends import BACKENDS, BackendEngine, create_engine
 from eenet.inference.engine import DynamicEngine, DynamicOutput
 from eenet.inference.fold import fold_batchnorm
-from eenet.inference.latency import exit_latency_table, run_to_exit
+from eenet.inference.latency import (TAIL_KEYS, LatencyCostTable, exit_latency_table,
+                                     latency_cost_table, run_to_exit, tail_latency)
 
-__all__ = ["DynamicEngine", "DynamicOutput", "exit_latency_table", "fold_batchnorm", "run_to_exit"]
+__all__ = ["BACKENDS", "BackendEngine", "DynamicEngine", "DynamicOutput", "LatencyCostTable",
+           "TAIL_KEYS", "create_engine", "exit_latency_table", "fold_batchnorm",
+           "latency_cost_table", "run_to_exit", "tail_latency"]

@@ -7,17 +7,29 @@ to go through the segments up to exit i (``net.walk()``) and every exit head 0..
 a sample leaving at exit i really runs), at the batch sizes asked for. The
 medians let a user calibrate for a latency budget as well as a MACs budget
 (divide by the final exit's time for a latency fraction).
+
+For a backend (:mod:`eenet.inference.backends`) :func:`latency_cost_table` times the engine
+itself, forced to release every sample at exit i (the policy's thresholds: never leave before
+i, always leave at i), so the table holds what the dynamic run pays at that exit: the segments,
+the heads, the policy's scores and the bookkeeping. Its per-exit milliseconds are the cost the
+:class:`eenet.calibration.search.Calibrator` takes for ``budget_ms``: the expected per-sample
+time of thresholds t is E[t] = sum_i rate_i(t) x ms_i. :func:`tail_latency` measures the
+per-sample latency distribution of a dynamic run at batch size 1 (p50, p95, p99, max, mean).
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 
+from eenet.errors import EENetError
 from eenet.models.early_exit import EarlyExitNetwork
+from eenet.policies import create_policy
 
 
 def run_to_exit(net: EarlyExitNetwork, x: torch.Tensor, exit_index: int) -> torch.Tensor:
@@ -68,3 +80,163 @@ def exit_latency_table(net: EarlyExitNetwork, input_size: Sequence[int],
     finally:
         net.train(was_training)
     return rows
+
+
+TAIL_KEYS = ("p50_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms", "backend")
+
+
+def _percentile(sorted_ms: list[float], q: float) -> float:
+    """The q-th percentile by linear interpolation between order statistics (numpy's default)."""
+    pos = (len(sorted_ms) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(sorted_ms) - 1)
+    return sorted_ms[lo] + (sorted_ms[hi] - sorted_ms[lo]) * (pos - lo)
+
+
+def tail_latency(engine, samples, warmup: int = 10) -> dict:
+    """Per-sample latency of ``engine`` at batch size 1 over ``samples`` (an iterable of
+    (1, C, H, W) tensors or a (B, C, H, W) tensor cut into single samples).
+
+    Each call is timed with ``time.perf_counter`` around the whole engine call (input check,
+    segments, heads, policy). Returns ``{"p50_ms", "p95_ms", "p99_ms", "max_ms", "mean_ms",
+    "backend", "samples", "exit_ms"}``: percentiles interpolated between order statistics;
+    ``exit_ms`` the mean time of the samples that left at each exit (None where none did).
+    """
+    if isinstance(samples, torch.Tensor):
+        samples = [samples[i:i + 1] for i in range(samples.shape[0])]
+    samples = list(samples)
+    if not samples:
+        raise EENetError("tail_latency needs at least one sample")
+    for x in samples[:warmup]:
+        engine(x)
+    times, exits = [], []
+    for x in samples:
+        t0 = time.perf_counter()
+        out = engine(x)
+        times.append(1e3 * (time.perf_counter() - t0))
+        exits.append(int(out.exit[0]))
+    srt = sorted(times)
+    per_exit = {}
+    for e, t in zip(exits, times):
+        per_exit.setdefault(e, []).append(t)
+    n_exits = len(getattr(engine, "costs", [])) or (max(exits) + 1)
+    return {"p50_ms": _percentile(srt, 50), "p95_ms": _percentile(srt, 95),
+            "p99_ms": _percentile(srt, 99), "max_ms": srt[-1], "mean_ms": sum(times) / len(times),
+            "backend": getattr(engine, "backend", "eager"), "samples": len(times),
+            "exit_ms": [statistics.fmean(per_exit[i]) if i in per_exit else None
+                        for i in range(n_exits)]}
+
+
+@dataclass
+class LatencyCostTable:
+    """Measured time per sample to leave at each exit, as a cost for the calibrator.
+
+    Attributes:
+        ms: per exit 0..N, the time per sample of a dynamic run whose samples all leave there
+            (every earlier head run), at ``batch_size``.
+        head_ms: per early exit, what leaving its head out saves (its head and policy score,
+            timed on its own input), 0 where it is not skippable.
+        skippable_heads: whether each early exit's head may be left out when idle.
+        batch_size, backend: where it was measured.
+    """
+
+    ms: list[float]
+    head_ms: list[float]
+    skippable_heads: list[bool]
+    batch_size: int
+    backend: str
+    repeats: int = 0
+    exits: list[str] = field(default_factory=list)
+
+    # the interface the Calibrator reads (as eenet.cost.CostTable's), in units of the final exit
+    @property
+    def final_ms(self) -> float:
+        return self.ms[-1]
+
+    @property
+    def fractions(self) -> list[float]:
+        return [m / self.final_ms for m in self.ms]
+
+    @property
+    def head_fractions(self) -> list[float]:
+        return [m / self.final_ms for m in self.head_ms]
+
+    def skippable(self) -> list[bool]:
+        return list(self.skippable_heads)
+
+    def expected_ms(self, exit_rates: Sequence[float]) -> float:
+        """E[time per sample] = sum_i rate_i x ms_i (every head run)."""
+        return sum(r * m for r, m in zip(exit_rates, self.ms))
+
+    def expected_percentile_ms(self, exit_rates: Sequence[float], q: float) -> float:
+        """The q-th percentile of the per-sample time if a sample leaving at exit i took ms_i:
+        the smallest ms_i whose cumulative rate (exits sorted by time) reaches q/100."""
+        acc = 0.0
+        for m, r in sorted(zip(self.ms, exit_rates)):
+            acc += r
+            if acc >= q / 100 - 1e-12:
+                return m
+        return max(self.ms)
+
+    def to_dict(self) -> dict:
+        return {"ms": self.ms, "head_ms": self.head_ms, "skippable": self.skippable_heads,
+                "batch_size": self.batch_size, "backend": self.backend, "repeats": self.repeats,
+                "fractions": self.fractions}
+
+
+def _median_ms(fn, repeats: int, warmup: int, min_seconds: float) -> tuple[float, int]:
+    for _ in range(warmup):
+        fn()
+    samples, spent = [], 0.0
+    while len(samples) < repeats or spent < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+        samples.append(dt)
+        spent += dt
+    return 1e3 * statistics.median(samples), len(samples)
+
+
+def latency_cost_table(engine, input_size: Sequence[int], batch_size: int = 1,
+                       repeats: int = 50, warmup: int = 5, min_seconds: float = 0.0,
+                       seed: int = 0) -> LatencyCostTable:
+    """Per-exit time per sample of ``engine`` (a DynamicEngine or a backend's engine) at
+    ``batch_size``: the median time of the engine's own walk with every sample forced out at
+    exit i, divided by the batch size (module docstring)."""
+    from eenet.inference.engine import DynamicEngine
+
+    steps = getattr(engine, "steps", None) or engine._steps
+    net = engine.net
+    n_early = net.num_exits - 1
+    name = engine.policy.name
+    always = engine.policy.always_leave
+    x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(seed))
+    ms, repeats_done = [], 0
+    for i in range(net.num_exits):
+        thr = [math.inf] * n_early
+        if i < n_early:
+            thr[i] = always
+        forced = DynamicEngine(net, create_policy(name, thr), [0.0] * net.num_exits)
+        forced._steps = steps  # the backend's steps; plain fractions: every head runs
+        t, n = _median_ms(lambda: forced(x), repeats, warmup, min_seconds)
+        ms.append(t / batch_size)
+        repeats_done = max(repeats_done, n)
+    # what an idle head saves: the head and the policy's score on the head's own input
+    head_ms, skippable = [], []
+    with torch.inference_mode():
+        live: tuple = (x,)
+        for j, step in enumerate(steps[:-1]):
+            live = step.body(live)
+            state = engine.policy.initial_state(batch_size, x.device)
+
+            def head_and_score(step=step, live=live, state=state):
+                logits, z, _ = step.head(live)
+                return engine.policy.exit_score(logits, z, state)
+            skip = step.skippable and not engine.policy.needs_every_exit
+            head_ms.append(_median_ms(head_and_score, repeats, warmup, 0.0)[0] / batch_size
+                           if skip else 0.0)
+            skippable.append(skip)
+            _, _, live = step.head(live)
+    return LatencyCostTable(ms=ms, head_ms=head_ms, skippable_heads=skippable,
+                            batch_size=batch_size, backend=getattr(engine, "backend", "eager"),
+                            repeats=repeats_done, exits=net.exit_names())
