@@ -111,7 +111,7 @@ class Table:
 
     def evaluate(self, job: Path, policy: str, **target) -> dict:
         """Calibrate on val for the target, evaluate on test with the dynamic engine."""
-        ov = [f"run={job}", f"policy={policy}", "batch_size=256"]
+        ov = [f"run={job}", f"policy={policy}", "batch_size=256", "overwrite=true"]
         ov += [f"{k}={v}" for k, v in target.items()]
         return evaluate(compose_config(ov, output_dir=job / "eval" / policy, config_name="eval"))
 

@@ -50,12 +50,13 @@ def main() -> None:
     started = git_revision(__file__)  # the code this run starts with (commits may land before it ends)
     base = ["experiment=trecx_dscnn_kws", f"data_root={args.data}",
             f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false", "logger=csv",
-            f"threads={args.threads}"]
+            f"threads={args.threads}", "overwrite=true"]  # a rerun replaces the runs
     plain, _ = train(compose_config(base + ["placement.stages=[]", "loss=multi_ce",
                                             "loss.weights=null"], output_dir=RUNS / "plain"))
     ee, _ = train(compose_config(base, output_dir=RUNS / "trecx"))
     ev = evaluate(compose_config([f"run={RUNS / 'trecx'}", f"tolerance={args.tolerance}",
-                                  "policy=max_prob", "latency=true", "batch_size=64"],
+                                  "policy=max_prob", "latency=true", "batch_size=64",
+                                  "overwrite=true"],
                                  output_dir=RUNS / "trecx" / "eval", config_name="eval"))
 
     _, dm, net, cost = load_run(RUNS / "trecx")

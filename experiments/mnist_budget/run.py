@@ -54,7 +54,8 @@ def train_run(name: str, overrides: list[str], args) -> Path:
     base = ["dataset=mnist", f"data_root={args.data}", "backbone=resnet20",
             "optimizer=adam", "scheduler=cosine", f"trainer.max_epochs={args.epochs}",
             "trainer.enable_progress_bar=false", "logger=csv", f"threads={args.threads}", f"seed={args.seed}"]
-    train(compose_config([*base, *overrides], output_dir=out))
+    # not reused (absent, unfinished or --retrain): replaced (eenet refuses otherwise)
+    train(compose_config([*base, *overrides, "overwrite=true"], output_dir=out))
     return out
 
 

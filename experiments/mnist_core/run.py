@@ -59,7 +59,7 @@ def run(name: str, overrides: list[str], args) -> dict:
         base += ["dataset.datamodule.train_subset=3000", "dataset.datamodule.val_size=500",
                  "dataset.datamodule.test_subset=1000"]
     t0 = time.time()
-    results, _ = train(compose_config([*base, *overrides], output_dir=out))
+    results, _ = train(compose_config([*base, *overrides, "overwrite=true"], output_dir=out))
     wall = round(time.time() - t0, 1)
     atomic_write_text(out / "wall_s.json", json.dumps(wall) + "\n")
     return {"name": name, "overrides": overrides, "run_dir": str(out),

@@ -83,7 +83,7 @@ SHARED = ("dataset", "data_root", "threads")
 # --smoke: the whole pipeline on the bundled digits, one epoch per run
 SMOKE = ["dataset=digits", "trainer.max_epochs=1"]
 # the settings of a run that do not change what it computes (left out of its folder's hash)
-VOLATILE = ("output_dir", "data_root", "threads", "logger", "study")
+VOLATILE = ("output_dir", "data_root", "threads", "logger", "study", "overwrite")
 
 
 def study_names() -> list[str]:
@@ -184,6 +184,7 @@ def run(kind: str, cfg: DictConfig, runs: Path, retrain: bool, fresh: bool = Fal
         return json.loads(done.read_text()), out
     with open_dict(cfg):
         cfg.output_dir = str(out)
+        cfg.overwrite = True  # not reused (absent, unfinished or retrained): replaced
     print(f"training {out}", flush=True)
     results, _ = train(cfg)  # writes results.json (eenet's own format) into the folder
     return results, out
@@ -202,7 +203,8 @@ def calibrate_and_test(run_dir: Path, study: DictConfig, policy: str, retrain: b
     if (out / "results.json").is_file() and not retrain:
         print(f"reusing {out}", flush=True)
         return json.loads((out / "results.json").read_text())
-    return evaluate(compose_config(overrides, output_dir=out, config_name="eval"))
+    return evaluate(compose_config([*overrides, "overwrite=true"], output_dir=out,
+                                   config_name="eval"))
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

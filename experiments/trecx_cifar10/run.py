@@ -54,7 +54,7 @@ def run(name: str, overrides: list[str], args) -> Path:
             f"trainer.max_epochs={args.epochs}", "trainer.enable_progress_bar=false",
             "logger=csv", f"threads={args.threads}"]
     t0 = time.time()
-    results, _ = train(compose_config([*base, *overrides], output_dir=out))
+    results, _ = train(compose_config([*base, *overrides, "overwrite=true"], output_dir=out))
     print(f"{name}: final exit test acc {100 * results['exits'][-1]['test_accuracy']:.2f}% "
           f"({time.time() - t0:.0f} s)", flush=True)
     return out
