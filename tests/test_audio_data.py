@@ -1,4 +1,10 @@
-"""Keyword-spotting data (MFCC front end, kws12_subset, speech_commands) and Visual Wake Words."""
+"""Keyword-spotting data (MFCC front end, kws12_subset, speech_commands) and Visual Wake Words.
+
+The keyword-spotting subset is read from conftest's ``data_root``: the real 1,000-clip file of
+``../shared/data`` when present, else a small one written in its format
+(``small_data.write_kws12_subset``); the checks that need MLPerf Tiny's own file say so when
+they skip. Speech Commands and VWW folders are written per test (``tests/small_data.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy.io import wavfile
+from small_data import SR, make_speech_commands, make_vww, write_wav
 
 from eenet.data import (ClassificationDataModule, dataset_info, list_datasets, load_split,
                         missing_files)
@@ -15,9 +21,6 @@ from eenet.data.audio import (KWS_CLASSES, SUBSET_FILE, kws12_subset_split, kws_
                               mel_weight_matrix, mfcc, num_frames, quantize_mfcc)
 from eenet.errors import EENetError
 
-REPO = Path(__file__).resolve().parents[1]
-NPZ = REPO.parent / "shared" / "data" / SUBSET_FILE
-SR = 16000
 KWS_MEAN, KWS_STD = [80.0572], [15.6136]  # conf/dataset/kws12_subset.yaml
 
 
@@ -28,17 +31,24 @@ def one_line(err) -> str:
 
 
 @pytest.fixture(scope="module")
-def npz_root() -> Path:
-    if not NPZ.is_file():
-        pytest.skip(f"real Speech Commands subset not found at {NPZ} (../shared/data beside "
-                    f"the repo)")
-    return NPZ.parent
+def npz_root(data_root) -> Path:
+    """The folder of the keyword-spotting subset file (real or small)."""
+    return data_root.path
 
 
 @pytest.fixture(scope="module")
 def npz(npz_root):
     with np.load(npz_root / SUBSET_FILE) as data:
         return {k: data[k] for k in ("audio", "mfcc", "lfbe", "y")}
+
+
+@pytest.fixture
+def real_npz(data_root, npz):
+    """The arrays of MLPerf Tiny's own file, or skip: the small file's MFCCs are eenet's own."""
+    if not data_root.is_real("kws12_subset"):
+        pytest.skip(f"needs the real {SUBSET_FILE} in {data_root.shared} (absent; the small one "
+                    f"written instead holds eenet's own MFCCs, not MLPerf Tiny's)")
+    return npz
 
 
 def test_registered():
@@ -120,33 +130,44 @@ def test_quantisation_grid():
     assert quantize_mfcc(c).tolist() == [-128.0, 82.0, 83.0, 84.0, 127.0]
 
 
-def test_features_of_the_real_audio(npz):
-    audio = npz["audio"]
+@pytest.mark.data
+def test_features_of_the_real_audio(real_npz):
+    audio = real_npz["audio"]
     raw = kws_features(audio, quantize=False)
     assert raw.shape == (1000, 1, 49, 10) and raw.dtype == torch.float32
     assert torch.isfinite(raw).all()
     q = quantize_mfcc(raw)
-    stored = torch.from_numpy(npz["mfcc"].astype(np.float32)).unsqueeze(1)
+    stored = torch.from_numpy(real_npz["mfcc"].astype(np.float32)).unsqueeze(1)
     # not required to match, but it does: the stored int8 MFCCs up to float rounding, except
     # values above 127 that the reference's int8 cast wrapped around (here they saturate)
     wrapped = (q == 127) & (stored < 0)
     assert (q == stored).float().mean() > 0.99
     assert torch.all(((q - stored).abs() <= 1) | wrapped)
     assert wrapped.float().mean() < 1e-4
+    # the documented sizes of the real file and of its fixed split (700 / 300)
+    train_idx, test_idx = kws12_subset_split(real_npz["y"])
+    assert (len(train_idx), len(test_idx)) == (700, 300)
 
 
 # ----------------------------------------------------------------------------- kws12_subset
 
 
+def _split_sizes(y: np.ndarray) -> tuple[int, int]:
+    """Train and test sizes by the documented rule: round(0.3 n) of each class's n to test."""
+    n_test = sum(round(0.3 * int((y == c).sum())) for c in np.unique(y))
+    return len(y) - n_test, n_test
+
+
 def test_kws12_subset_shapes_and_fixed_split(npz_root, npz):
     x_train, y_train = load_split("kws12_subset", npz_root, True)
     x_test, y_test = load_split("kws12_subset", npz_root, False)
-    assert x_train.shape == (700, 1, 49, 10) and x_test.shape == (300, 1, 49, 10)
+    n_train, n_test = _split_sizes(npz["y"])
+    assert x_train.shape == (n_train, 1, 49, 10) and x_test.shape == (n_test, 1, 49, 10)
     assert x_train.dtype == torch.float32 and y_train.dtype == torch.int64
     assert set(y_train.tolist()) == set(y_test.tolist()) == set(range(len(KWS_CLASSES)))
     train_idx, test_idx = kws12_subset_split(npz["y"])
     assert not set(train_idx) & set(test_idx)
-    assert sorted([*train_idx, *test_idx]) == list(range(1000))
+    assert sorted([*train_idx, *test_idx]) == list(range(len(npz["y"])))
     np.testing.assert_array_equal(x_train[:, 0].numpy(), npz["mfcc"][train_idx])
     np.testing.assert_array_equal(y_test.numpy(), npz["y"][test_idx])
     # stratified: every class about 30% in test
@@ -171,51 +192,38 @@ def test_kws12_subset_options_and_download(npz_root):
     assert "cannot be downloaded" in one_line(err)
 
 
-def test_kws12_subset_datamodule(npz_root):
+def test_kws12_subset_datamodule(npz_root, npz):
     dm = ClassificationDataModule("kws12_subset", str(npz_root), mean=KWS_MEAN, std=KWS_STD,
                                   val_size=0.2, batch_size=64)
     assert dm.input_size == (1, 49, 10) and dm.num_classes == 12
-    assert dm.split_sizes == {"train": 560, "val": 140, "test": 300}
+    n_train, n_test = _split_sizes(npz["y"])
+    n_val = round(0.2 * n_train)
+    assert dm.split_sizes == {"train": n_train - n_val, "val": n_val, "test": n_test}
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (64, 1, 49, 10) and x.dtype == torch.float32
-    assert abs(float(x.mean())) < 0.5 and 0.5 < float(x.std()) < 1.5
+    # the batches are the stored int8 MFCCs of the train split, normalised by the config's values
+    train_idx, _ = kws12_subset_split(npz["y"])
+    stored = torch.from_numpy(npz["mfcc"][train_idx].astype(np.float32)).unsqueeze(1)
+    val_x = torch.cat([b for b, _ in dm.val_dataloader()])
+    torch.testing.assert_close(val_x, (stored[dm.val_indices] - KWS_MEAN[0]) / KWS_STD[0])
+
+
+@pytest.mark.data
+def test_kws12_subset_config_normalisation_is_the_real_files(real_npz):
+    """conf/dataset/kws12_subset.yaml's mean and std are, as eenet/data/audio.py documents, the
+    mean and population std of every MFCC value of the 700 training clips, to 4 decimals."""
+    from omegaconf import OmegaConf
+
+    from eenet.config import config_dir
+
+    conf = OmegaConf.load(Path(config_dir()) / "dataset" / "kws12_subset.yaml").datamodule
+    train_idx, _ = kws12_subset_split(real_npz["y"])
+    values = real_npz["mfcc"][train_idx].astype(np.float64)
+    # written with 4 decimals: within half a unit of the last decimal
+    assert abs(values.mean() - conf.mean[0]) <= 5e-5 and abs(values.std() - conf.std[0]) <= 5e-5
 
 
 # ----------------------------------------------------------------------------- speech_commands
-
-
-def write_wav(path: Path, seconds: float, freq: float, rate: int = SR) -> np.ndarray:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pcm = (0.3 * 32767 * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)
-           ).astype(np.int16)
-    wavfile.write(str(path), rate, pcm)
-    return pcm
-
-
-def make_speech_commands(root: Path) -> dict[str, np.ndarray]:
-    """Every keyword with a train and a test clip, two unknown words, one noise file (3.2 s)."""
-    written, testing, validation = {}, [], []
-    words = [*KWS_CLASSES[:10], "bed", "cat"]
-    for i, word in enumerate(words):
-        for speaker in ("aa11", "bb22"):
-            if word == "cat" and speaker == "bb22":
-                continue
-            rel = f"{word}/{speaker}_nohash_0.wav"
-            seconds = 0.5 if word == "go" else 1.0  # a short clip gets padded
-            written[rel] = write_wav(root / rel, seconds, 200.0 + 90 * i + (speaker == "bb22"))
-            if speaker == "bb22":
-                testing.append(rel)
-    written["yes/cc33_nohash_1.wav"] = write_wav(root / "yes/cc33_nohash_1.wav", 1.0, 777.0)
-    validation.append("yes/cc33_nohash_1.wav")
-    rng = np.random.default_rng(0)
-    noise = (rng.normal(0, 3000, int(3.2 * SR))).astype(np.int16)
-    (root / "_background_noise_").mkdir()
-    wavfile.write(str(root / "_background_noise_" / "white.wav"), SR, noise)
-    written["noise"] = noise
-    (root / "testing_list.txt").write_text("\n".join(testing) + "\n")
-    (root / "validation_list.txt").write_text("\n".join(validation) + "\n")
-    (root / "README.md").write_text("not a word folder")
-    return written
 
 
 def test_speech_commands_layout(tmp_path):
@@ -287,22 +295,6 @@ def test_missing_files_name_them(tmp_path):
 
 
 # ----------------------------------------------------------------------------- vww
-
-
-def write_image(path: Path, size, value: int, fmt: str) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(value)
-    pixels = np.clip(rng.normal(value, 10, (*size, 3)), 0, 255).astype(np.uint8)
-    Image.fromarray(pixels).save(path, format=fmt)
-
-
-def make_vww(root: Path, negative: str = "no_person") -> None:
-    for split, n in (("train", 3), ("test", 2)):
-        for i in range(n):
-            write_image(root / split / "person" / f"p{i}.jpg", (120, 100), 200, "JPEG")
-            write_image(root / split / negative / f"n{i}.png", (50, 50), 40, "PNG")
 
 
 @pytest.mark.parametrize("negative", ["no_person", "non_person"])
