@@ -70,7 +70,8 @@ def previous_make_results():
         source = subprocess.run(["git", "show", f"{PREVIOUS}:eenet/reporting/results.py"],
                                 cwd=REPO, capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
-        pytest.skip(f"git history with commit {PREVIOUS} is not available")
+        pytest.skip(f"needs git history with commit {PREVIOUS} (a shallow clone or an archive has "
+                    f"none): the results.json files its code wrote cannot be remade")
     module = types.ModuleType("previous_results")
     exec(compile(source, f"{PREVIOUS}:eenet/reporting/results.py", "exec"), module.__dict__)
     return module.make_results

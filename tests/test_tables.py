@@ -1,37 +1,64 @@
-"""Every paper table's whole pipeline (sweeps, calibration, table files) on tiny data: no table rots."""
+"""Every paper table's whole pipeline (sweeps, calibration, table files) on tiny data: no table rots.
+
+The data root (``data_root`` of conftest) has every data set the tables read, real ones where
+../shared/data has them and small ones otherwise, Visual Wake Words among them: its T-RecX row
+runs too (``tables.py`` adds it only where ``data_root/vww`` exists). One test per table (the
+baselines table with the EENets table, whose backbone it reuses), so that two workers share
+them; the two over a minute of CPU are ``slow`` (``make test-slow``), measured in the commit.
+"""
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 
-def test_smoke_tables(tmp_path, shared_data):
+SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "tables.py"
+
+
+def _smoke_table(name: str, out: Path, data: Path) -> dict:
+    """``SMOKE=1 experiments/tables.py <name>`` into ``out``; the table's JSON, its files checked."""
     env = {**os.environ, "WANDB_MODE": "disabled", "SMOKE": "1"}
-    script = Path(__file__).resolve().parent.parent / "experiments" / "tables.py"
-    proc = subprocess.run([sys.executable, str(script), "all", "--out", str(tmp_path),
-                           "--data", str(shared_data)], env=env, capture_output=True, text=True,
-                          timeout=1200)
+    proc = subprocess.run([sys.executable, str(SCRIPT), name, "--out", str(out), "--data", str(data)],
+                          env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for name in ("eenets", "baselines", "pteenet", "trecx"):
-        md = (tmp_path / f"{name}.md").read_text()
-        data = json.loads((tmp_path / f"{name}.json").read_text())
-        assert data["smoke"] is True and data["rows"], name
-        assert "SMOKE" in md and "Paper:" in md and "Deviations:" in md
-        for row in data["rows"]:  # every row knows the command that made it, its seed and epochs
-            assert row["command"].startswith("eenet-train -m "), row
-            assert row["seed"] == 0 and row["epochs"] == 1
+    md = (out / f"{name}.md").read_text()
+    table = json.loads((out / f"{name}.json").read_text())
+    assert table["smoke"] is True and table["rows"], name
+    assert "SMOKE" in md and "Paper:" in md and "Deviations:" in md
+    for row in table["rows"]:  # every row knows the command that made it, its seed and epochs
+        assert row["command"].startswith("eenet-train -m "), row
+        assert row["seed"] == 0 and row["epochs"] == 1
+    return table
+
+
+@pytest.mark.slow
+def test_smoke_tables_eenets_and_baselines(tmp_path, data_root):
+    eenets = _smoke_table("eenets", tmp_path, data_root.path)
+    base = _smoke_table("baselines", tmp_path, data_root.path)
     # the backbone without exits is trained once, by the first table, and reused by the next
     assert (tmp_path / "runs" / "shared" / "mnist_plain" / ".done").is_file()
-    base = json.loads((tmp_path / "baselines.json").read_text())
     assert [s.get("reused") for s in base["sweeps"] if s["key"] == "mnist_plain"] == [True]
     assert {r["job"] for r in base["rows"] if r["method"] == "resnet20 (no exits)"} == {
-        r["job"] for r in json.loads((tmp_path / "eenets.json").read_text())["rows"]
-        if r["model"] == "resnet20 (no exits)"}
-    pte = json.loads((tmp_path / "pteenet.json").read_text())
-    assert all(r["hash_unchanged"] for r in pte["rows"] if r["model"] == "PTEENet branches")
-    trecx = json.loads((tmp_path / "trecx.json").read_text())
+        r["job"] for r in eenets["rows"] if r["model"] == "resnet20 (no exits)"}
+
+
+def test_smoke_table_pteenet(tmp_path, data_root):
+    pte = _smoke_table("pteenet", tmp_path, data_root.path)
+    branches = [r for r in pte["rows"] if r["model"] == "PTEENet branches"]
+    assert branches and all(r["hash_unchanged"] for r in branches)  # post-training froze the backbone
+    assert {r["model"] for r in pte["rows"]} == {"backbone", "PTEENet branches"}
+
+
+@pytest.mark.slow
+def test_smoke_table_trecx(tmp_path, data_root):
+    trecx = _smoke_table("trecx", tmp_path, data_root.path)
     assert {r["model"] for r in trecx["rows"]} == {"no exits", "T-RecX", "T-RecX + mitigation"}
+    # one of each per setting, VWW included
+    assert collections.Counter(r["setting"] for r in trecx["rows"]) == {
+        "resnet8 / CIFAR-10 (JPEG)": 3, "DS-CNN / KWS subset": 3, "MobileNetV1 / VWW": 3}

@@ -164,18 +164,17 @@ def test_cli_multirun_sweep_makes_one_folder_per_job(tmp_path):
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (REPO / "conf" / "experiment").glob("*.yaml")))
-def test_every_experiment_config_runs(train_config, experiment, tmp_path):
-    """Smoke-run each experiment config with fast_dev_run, on tiny subsets where data is real."""
-    cfg = train_config([f"experiment={experiment}", "debug=fdr", "logger=none",
-                        "trainer.enable_progress_bar=false"])
+def test_every_experiment_config_runs(train_config, experiment, tmp_path, data_root):
+    """Smoke-run each experiment config with fast_dev_run on tiny subsets of its data set: the
+    real one where ../shared/data has it, else small files in its own layout (conftest's data_root)."""
+    base = [f"experiment={experiment}", "debug=fdr", "logger=none", f"data_root={data_root.path}",
+            "trainer.enable_progress_bar=false"]
+    cfg = train_config(base)
     if cfg.dataset.name != "digits":
         root = Path(cfg.dataset.datamodule.root)
-        if not root.exists():
-            pytest.skip(f"data for {experiment} not found at {root}")
-        with_subsets = [f"experiment={experiment}", "debug=fdr", "logger=none",
-                        "trainer.enable_progress_bar=false", "dataset.datamodule.train_subset=600",
-                        "dataset.datamodule.val_size=100", "dataset.datamodule.test_subset=100"]
-        cfg = train_config(with_subsets)
+        assert root.exists(), f"the data root has no {cfg.dataset.name} at {root}"
+        cfg = train_config([*base, "dataset.datamodule.train_subset=600",
+                            "dataset.datamodule.val_size=100", "dataset.datamodule.test_subset=100"])
     if cfg.get("mode") in ("posttrain", "mixed") and not cfg.backbone.get("checkpoint"):
         # post-training starts from a trained backbone: give it one (random weights suffice here)
         from omegaconf import open_dict
