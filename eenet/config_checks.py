@@ -34,6 +34,8 @@ from typing import Any, Callable, Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from eenet.data.registry import check_folder
+from eenet.calibration.guarantee import METHODS as GUARANTEE_METHODS
+from eenet.calibration.risk import RISKS
 from eenet.errors import EENetError
 from eenet.models.trecx import MITIGATIONS
 from eenet.policies import POLICIES
@@ -329,6 +331,11 @@ EVAL_RULES: list[tuple[str, Accepts]] = [
     ("optimism_folds", said(choice((0,)) | integer(2), "0 (no optimism correction) or a number of "
                                                        "folds >= 2")),
     ("optimism_repeats", integer(1)),
+    ("guarantee", said(choice(tuple(GUARANTEE_METHODS)) | NULL,
+                       f"one of {', '.join(GUARANTEE_METHODS)}, or null (no guarantee)")),
+    ("risk", choice(tuple(RISKS))),
+    ("alpha", said(number(0, 1) | NULL, "a fraction in (0, 1) (0.01 is one point), or null")),
+    ("delta", said(number(0, 1), "a probability in (0, 1)")),
     ("policy", choice(POLICIES)),
     ("batch_size", integer(1)),
     ("grid", said(integer(2), "an integer >= 2 (candidate thresholds per exit)")),
@@ -433,6 +440,16 @@ def _accelerator(cfg: DictConfig) -> None:
 
 def _one_target(cfg: DictConfig) -> None:
     given = [k for k in ("budget", "tolerance", "min_accuracy") if cfg.get(k) is not None]
+    if cfg.get("guarantee") is not None:
+        if cfg.get("alpha") is None or not 0 < cfg.alpha < 1:
+            raise EENetError(f"guarantee={cfg.guarantee} certifies a risk level: give alpha=A, a "
+                             f"fraction in (0, 1) (0.01 is one accuracy point)")
+        if given:
+            raise EENetError(f"guarantee={cfg.guarantee} chooses the thresholds for alpha; drop "
+                             f"{', '.join(given)}")
+        return
+    if cfg.get("alpha") is not None:
+        raise EENetError("alpha= is the level of a certified risk: give guarantee=ltt|ucb|crc too")
     if len(given) != 1:
         got = f" (got {', '.join(f'{k}={show(cfg.get(k))}' for k in given)})" if given else ""
         raise EENetError("give exactly one calibration target: budget=B (average cost fraction), "

@@ -46,6 +46,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eenet.calibration import Calibrator, cache_exit_outputs, paired_drop
+from eenet.calibration.guarantee import certify_with
+from eenet.calibration.risk import exit_losses
 from eenet.config_checks import check_eval_config
 from eenet.data.batching import make_loader
 from eenet.inference import DynamicEngine, exit_latency_table
@@ -122,10 +124,25 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
     # 1. calibrate on the validation split only
     val = cache_exit_outputs(net, make_loader(dm.val_dataset, bs, shuffle=False))
     cal = Calibrator(val, cfg.policy, cost, grid=int(cfg.grid))
-    res = cal.calibrate(budget=cfg.get("budget"), tolerance=cfg.get("tolerance"),
-                        min_accuracy=cfg.get("min_accuracy"),
-                        optimism_folds=int(cfg.get("optimism_folds") or 0),
-                        optimism_repeats=int(cfg.get("optimism_repeats") or 1))
+    guarantee = None
+    if cfg.get("guarantee"):
+        guarantee = certify_with(cal, exit_losses(val, cfg.risk), cfg.risk, cfg.guarantee,
+                                 float(cfg.alpha), float(cfg.delta),
+                                 optimism_folds=int(cfg.get("optimism_folds") or 0) or 5,
+                                 optimism_repeats=int(cfg.get("optimism_repeats") or 1))
+        # the uncorrected search for the same level draws the curve; the certified point is chosen
+        level = {"min_accuracy": 1 - float(cfg.alpha)} if cfg.risk == "error" \
+            else {"tolerance": 100 * float(cfg.alpha)}
+        res = cal.calibrate(**level)
+        res.target = {**res.target, "kind": "guarantee", "guarantee": cfg.guarantee,
+                      "risk": cfg.risk, "alpha": float(cfg.alpha), "delta": float(cfg.delta)}
+        res.chosen, res.reachable, res.message = (guarantee.chosen, guarantee.certified,
+                                                  guarantee.message)
+    else:
+        res = cal.calibrate(budget=cfg.get("budget"), tolerance=cfg.get("tolerance"),
+                            min_accuracy=cfg.get("min_accuracy"),
+                            optimism_folds=int(cfg.get("optimism_folds") or 0),
+                            optimism_repeats=int(cfg.get("optimism_repeats") or 1))
     policy = create_policy(cfg.policy, res.chosen.thresholds)
 
     # 2. test with the dynamic engine: real early exit
@@ -169,6 +186,8 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
                              avg_cost_fraction=float(test_cal.evaluate(never)[1][0]),
                              exit_rates=[0.0] * (n_exits - 1) + [1.0], n=len(test))
     calibration = res.to_dict()
+    if guarantee is not None:  # method, risk, alpha, delta, n, p-value or bound, the cost paid
+        calibration["guarantee"] = guarantee.to_dict()
     calibration["test_curve"] = [{"avg_cost": c, "accuracy": a} for c, a in on_test(res.curve)]
     calibration["final_exit_test"] = {"accuracy": final_test.accuracy,
                                       "avg_cost": final_test.avg_cost_fraction}
@@ -227,7 +246,10 @@ def report(results: dict) -> str:
     early exit saved, measured (the same line as in results.md)."""
     cal = results["calibration"]
     t = results["target"]
-    if t["kind"] == "budget":
+    if t["kind"] == "guarantee":
+        target = (f"a certified {t['risk']} risk <= {100 * t['alpha']:g} points with probability "
+                  f">= {1 - t['delta']:g} ({t['guarantee']})")
+    elif t["kind"] == "budget":
         target = f"budget {t['value']}"
     elif t["kind"] == "min_accuracy":
         target = f"val accuracy >= {100 * t['min_accuracy']:.2f}%"
@@ -237,6 +259,7 @@ def report(results: dict) -> str:
     lines = [results_markdown(results, timing=False), "",
              f"Calibrated on val for {target}: {cal['message']}.",
              f"Thresholds ({cal['policy']}): {ch['thresholds']}",
+             *_guarantee_lines(cal.get("guarantee")),
              f"Final exit only: val {100 * cal['reference_final_exit']['accuracy']:.2f}%, "
              f"test {100 * cal['final_exit_test']['accuracy']:.2f}%.",
              f"Dynamic engine on test: batch {results['engine']['batch_size']}, "
@@ -251,3 +274,17 @@ def report(results: dict) -> str:
     if results["engine"].get("speedup") is not None:
         lines += ["", engine_timing_line(results)]
     return "\n".join(lines)
+
+
+def _guarantee_lines(g: dict | None) -> list[str]:
+    """The certified point against the uncorrected search, for the printed report."""
+    if not g:
+        return []
+    stat = f"p-value {g['p_value']:.3g}, " if g.get("p_value") is not None else ""
+    lines = [f"Guarantee ({g['method']}, {g['guarantee']}): n = {g['n']} ({g['n_order']} order the path, "
+             f"{g['n_test']} test it); {stat}bound {g['bound']:.4f} at the chosen point."]
+    if g.get("empirical") and g.get("cost_of_guarantee") is not None:
+        lines.append(f"Uncorrected search for the same level: cost {g['empirical']['avg_cost']:.4f}; "
+                     f"the guarantee costs {g['cost_of_guarantee']:+.4f} of the average cost.")
+    return lines
+
