@@ -117,7 +117,8 @@ def build_early_exit_network(backbone: StagedBackbone | GraphBackbone, exit_bloc
                             stages=None if at else stages, tokens=backbone.tokens)
     input_size = tuple(input_size or backbone.default_input_size)
     if input_size[0] != backbone.in_chans:
-        raise ValueError(f"input has {input_size[0]} channels, backbone expects {backbone.in_chans}")
+        raise EENetError(f"the input has {input_size[0]} channel(s) but the backbone expects "
+                         f"{backbone.in_chans}; set dataset.in_chans (or backbone.in_chans) to match")
     if placement == "explicit":
         positions = place_exits("explicit", len(stages or []), [0] * backbone.num_stages, 1.0,
                                 stages=stages)

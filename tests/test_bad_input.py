@@ -30,6 +30,8 @@ QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=no
          f"data_root={SHARED}"]
 
 TRAIN_ROWS = [
+    ("backbone channels not the data's", ["dataset.in_chans=3"],
+     "the input has 1 channel(s) but the backbone expects 3"),
     ("unknown backbone name", ["backbone.name=resnet21"], "unknown backbone 'resnet21'; accepted:"),
     ("unknown dataset name", ["dataset.datamodule.name=mnist2"], "unknown dataset 'mnist2'; accepted:"),
     ("unknown exit pre-block", ["exit.preblock=maxpool"], "unknown exit preblock 'maxpool'; accepted:"),
