@@ -1,0 +1,187 @@
+"""Overhead of the walk over live values (issue 17): the split network against the unsplit one.
+
+The staged resnet20 of ``experiments/runs/mnist_budget/ee`` (2 early exits) is run
+through the mechanism every walker shares (``net.walk()``: steps over a tuple of live
+values) by the dynamic engine with every threshold ``inf``: every sample goes to
+the final exit, the idle exits' heads are skipped, so the split network computes what
+the backbone computes, plus the walk's and the engine's bookkeeping (input checks,
+the live tuple, the policy). The unsplit network is ``net.backbone`` called straight
+through (stem, stages, classifier). Both run on the first MNIST test samples at
+batch 256 and at batch 1, with 2 threads, timed alternately (plain, split, then split,
+plain, ...) ``--reps`` times in the same process; the figure is the median of each.
+A third line times the walk alone (every step's body, then the final head, without
+the engine) to separate the two costs. The predictions of the split network are checked equal to the
+backbone's before timing.
+
+Targets (issue 17): split within 3 % of unsplit at batch 256 and 10 % at batch 1. The
+machine is shared: the load average (``os.getloadavg``, as ``uptime`` prints it) is
+recorded before and after, together with the run-to-run spread of each variant; when
+the load exceeds the core count or the spread is wider than the target, the JSON says
+that the comparison cannot resolve the target, instead of a verdict.
+
+glibc's allocator returns freed memory to the system between batches unless told not
+to, which adds page faults that depend on the order of the runs; the script runs with
+``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000`` (it restarts
+itself with them when they are not set, since glibc reads them at start-up).
+
+    python experiments/bench/bench_graph_split.py
+    python experiments/bench/bench_graph_split.py --reps 5 --samples-256 2048 --samples-1 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
+if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+
+import torch  # noqa: E402
+
+from eenet.data.batching import make_loader  # noqa: E402
+from eenet.inference import DynamicEngine  # noqa: E402
+from eenet.policies import create_policy  # noqa: E402
+from eenet.reporting.experiment import save_report  # noqa: E402
+from eenet.reporting.markdown import markdown_table  # noqa: E402
+from eenet.runs import load_run  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RUN = HERE.parent / "runs" / "mnist_budget" / "ee"
+TARGETS = {256: 0.03, 1: 0.10}  # split / unsplit - 1, at most
+
+
+def timed(fn, batches) -> float:
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for x in batches:
+            fn(x)
+    return time.perf_counter() - t0
+
+
+def batches_of(dataset, batch_size: int, n: int) -> list[torch.Tensor]:
+    out, seen = [], 0
+    for x, _ in make_loader(dataset, batch_size, shuffle=False):
+        if seen >= n:
+            break
+        out.append(x[: n - seen].contiguous())
+        seen += out[-1].shape[0]
+    return out
+
+
+def net_policy_name(run: str) -> str:
+    """The run's own policy name (thresholds are all inf here, so only the name is used)."""
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(Path(run) / "config.yaml")
+    return str(cfg.policy.name)
+
+
+def static_walk_final(steps, x):
+    """Every step's body and only the final head: the walk without the engine's bookkeeping."""
+    live = (x,)
+    for step in steps:
+        live = step.body(live)
+    return steps[-1].head(live)[0]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--run", default=str(RUN))
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--samples-256", type=int, default=2048, help="test samples at batch 256")
+    p.add_argument("--samples-1", type=int, default=300, help="test samples at batch 1")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tag", default="", help="appended to the JSON's name")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
+
+    _, dm, net, cost = load_run(args.run)
+    n_early = net.num_exits - 1
+    policy = create_policy(net_policy_name(args.run), [math.inf] * n_early)
+    engine = DynamicEngine(net, policy, cost)  # every exit idle: heads skipped
+    plain = net.backbone.eval()
+    steps = net.walk()
+
+    def walk_only(x):
+        return static_walk_final(steps, x)
+
+    variants = {"unsplit": plain, "split (engine)": engine, "split (walk only)": walk_only}
+    rows, results = [], []
+    for bs, n in ((256, args.samples_256), (1, args.samples_1)):
+        batches = batches_of(dm.test_dataset, bs, n)
+        with torch.inference_mode():  # the split network computes what the backbone does
+            for x in batches[:8] if bs == 1 else batches:
+                out = engine(x)
+                assert bool((out.exit == n_early).all()), "every threshold inf: final exit only"
+                assert torch.equal(out.pred, plain(x).argmax(1)), "split and unsplit disagree"
+        for fn in variants.values():  # warm-up
+            timed(fn, batches[:3])
+        times: dict[str, list[float]] = {k: [] for k in variants}
+        names = list(variants)
+        for r in range(args.reps):  # interleaved, the order reversed every other repetition
+            for k in (names if r % 2 == 0 else names[::-1]):
+                times[k].append(timed(variants[k], batches))
+        med = {k: statistics.median(v) for k, v in times.items()}
+        spread = {k: (max(v) - min(v)) / statistics.median(v) for k, v in times.items()}
+        overhead = med["split (engine)"] / med["unsplit"] - 1
+        walk_overhead = med["split (walk only)"] / med["unsplit"] - 1
+        per_rep = statistics.median(s / u for s, u in zip(times["split (engine)"], times["unsplit"]))
+        target = TARGETS[bs]
+        samples = sum(x.shape[0] for x in batches)
+        results.append({"batch_size": bs, "samples": samples, "seconds": times, "median_s": med,
+                        "relative_spread": spread, "overhead": overhead,
+                        "overhead_per_rep_median": per_rep - 1, "walk_only_overhead": walk_overhead,
+                        "target": target, "within_target": overhead <= target})
+        rows.append([bs, samples, *(f"{1e3 * med[k] / samples:.3f}" for k in names),
+                     f"{100 * overhead:+.1f}", f"{100 * walk_overhead:+.1f}", f"<= {100 * target:.0f}",
+                     " / ".join(f"{100 * spread[k]:.0f}" for k in names)])
+        print(rows[-1], flush=True)
+    load_after = os.getloadavg()
+
+    cores = os.cpu_count() or 1
+    verdicts = []
+    for res in results:
+        noisy = max(res["relative_spread"].values()) > res["target"]
+        loaded = max(load_before[0], load_after[0]) > cores
+        if loaded or noisy:
+            why = []
+            if loaded:
+                why.append(f"load average {max(load_before[0], load_after[0]):.1f} on {cores} cores")
+            if noisy:
+                why.append(f"run-to-run spread up to {100 * max(res['relative_spread'].values()):.0f} % "
+                           f"against a {100 * res['target']:.0f} % target")
+            res["meaningful"] = False
+            res["verdict"] = ("not resolvable on this machine now (" + "; ".join(why) + "): the "
+                              "figure measures the other processes as much as the code")
+        else:
+            res["meaningful"] = True
+            res["verdict"] = "within target" if res["within_target"] else "outside target"
+        verdicts.append(f"batch {res['batch_size']}: {res['verdict']}")
+
+    table = markdown_table(["batch", "samples", "unsplit ms/sample", "split engine ms/sample",
+                            "walk only ms/sample", "overhead %", "walk only %", "target %",
+                            "spread % (u / e / w)"], rows)
+    load = (f"load average {' '.join(f'{v:.2f}' for v in load_before)} before, "
+            f"{' '.join(f'{v:.2f}' for v in load_after)} after ({cores} cores)")
+    print(f"\nstaged resnet20 ({args.run}), every threshold inf, vs net.backbone; "
+          f"{torch.get_num_threads()} threads, median of {args.reps}, interleaved; {load}\n")
+    print(table)
+    print("\n" + "\n".join(verdicts))
+    path = save_report(__file__, {"run": args.run, "settings": vars(args),
+                                  "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
+                                  "load_average_before": list(load_before),
+                                  "load_average_after": list(load_after),
+                                  "results": results, "table": table, "verdicts": verdicts},
+                       suffix=args.tag)
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
