@@ -36,6 +36,18 @@ from eenet.models.placement import check_explicit
 from eenet.models.staged import StagedBackbone
 
 
+
+def check_input_shape(x: torch.Tensor, input_size, fixed_size: bool) -> None:
+    """Raise an error naming the expected shape when ``x`` is not a batch of ``input_size``
+    (``(C, H, W)``; with ``fixed_size`` False only the channel count must match)."""
+    c, *rest = input_size
+    expected = (f"(batch, {c}, {', '.join(map(str, rest))})" if fixed_size
+                else f"(batch, {c}, {', '.join('HW'[:len(rest)]) if len(rest) <= 2 else '...'})")
+    if x.dim() != 1 + len(input_size) or x.shape[1] != c or (
+            fixed_size and tuple(x.shape[2:]) != tuple(rest)):
+        raise EENetError(f"input of shape {tuple(x.shape)} does not fit this network: "
+                         f"expected {expected}")
+
 class ExitOutputs(NamedTuple):
     """Outputs of every exit for a batch.
 
@@ -135,11 +147,7 @@ class EarlyExitNetwork(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise an error naming the expected shape when ``x`` does not fit."""
-        c, h, w = self.input_size
-        expected = f"(batch, {c}, {h}, {w})" if self.fixed_size else f"(batch, {c}, H, W)"
-        if x.dim() != 4 or x.shape[1] != c or (self.fixed_size and tuple(x.shape[2:]) != (h, w)):
-            raise EENetError(f"input of shape {tuple(x.shape)} does not fit this network: "
-                             f"expected {expected}")
+        check_input_shape(x, self.input_size, self.fixed_size)
 
     def final_exit(self, x: torch.Tensor, carried: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:

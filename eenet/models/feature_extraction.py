@@ -50,7 +50,7 @@ from torchvision.models.feature_extraction import (create_feature_extractor,
                                                    get_graph_node_names)
 
 from eenet.errors import EENetError
-from eenet.models.early_exit import ExitOutputs
+from eenet.models.early_exit import ExitOutputs, check_input_shape
 
 OUTPUT_KEY = "output"
 
@@ -256,13 +256,7 @@ class GraphExitNetwork(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise an error naming the expected shape when ``x`` does not fit."""
-        c, *hw = self.input_size
-        expected = (f"(batch, {c}, {', '.join(map(str, hw))})" if self.fixed_size
-                    else f"(batch, {c}, ...)")
-        if x.dim() != 1 + len(self.input_size) or x.shape[1] != c or (
-                self.fixed_size and tuple(x.shape[2:]) != tuple(hw)):
-            raise EENetError(f"input of shape {tuple(x.shape)} does not fit this network: "
-                             f"expected {expected}")
+        check_input_shape(x, self.input_size, self.fixed_size)
 
     def segments(self):
         """Not available: the dynamic path needs segments that can stop (see module doc)."""

@@ -52,7 +52,7 @@ import torch
 from torch import fx, nn
 
 from eenet.errors import EENetError
-from eenet.models.early_exit import ExitOutputs, Step, static_walk
+from eenet.models.early_exit import ExitOutputs, Step, check_input_shape, static_walk
 from eenet.models.exits import ExitBlock, ExitHeads
 
 TOKEN_POOLS = ("mean", "cls")
@@ -431,13 +431,7 @@ class GraphSplitNetwork(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise an error naming the expected shape when ``x`` does not fit."""
-        c, *hw = self.input_size
-        expected = (f"(batch, {c}, {', '.join(map(str, hw))})" if self.fixed_size
-                    else f"(batch, {c}, ...)")
-        if x.dim() != 1 + len(self.input_size) or x.shape[1] != c or (
-                self.fixed_size and tuple(x.shape[2:]) != tuple(hw)):
-            raise EENetError(f"input of shape {tuple(x.shape)} does not fit this network: "
-                             f"expected {expected}")
+        check_input_shape(x, self.input_size, self.fixed_size)
 
     def walk(self) -> list[Step]:
         """One :class:`Step` per exit: segment k's graph, then exit k's head (the final exit
