@@ -27,14 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = shared_data_dir()  # $EENET_SHARED_DATA, else ../shared/data beside the repository
 
 
-@pytest.fixture
-def shared_data() -> Path:
-    """../shared/data, or skip the test when it is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data beside the repo)")
-    return SHARED_DATA
-
-
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> DataRoot:
     """A data root with MNIST, CIFAR-10 (JPEG), the keyword-spotting subset and VWW: each linked
