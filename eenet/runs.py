@@ -44,8 +44,10 @@ RUN_FILES = ("config.yaml", "model.pt")
 RUN_BUILDS = {
     "dataset.datamodule": frozenset({"eenet.data.ClassificationDataModule",
                                      "eenet.data.datamodule.ClassificationDataModule"}),
-    "backbone": frozenset({"eenet.models.create_backbone",
-                           "eenet.models.registry.create_backbone"}),
+    "backbone": frozenset({"eenet.models.create_backbone", "eenet.models.registry.create_backbone",
+                           "eenet.models.graph_backbone.torchvision_backbone",
+                           "eenet.models.graph_backbone.timm_backbone",
+                           "eenet.models.graph_backbone.graph_backbone"}),
     "exit": frozenset({"eenet.models.ExitBlock", "eenet.models.exits.ExitBlock",
                        "eenet.models.trecx.TRecXExit"}),
 }
@@ -232,6 +234,8 @@ def load_run(run_dir: str | Path, data_root: str | None = None
     input_size = tuple(datamodule.input_size)
     net_cfg = copy.deepcopy(cfg)  # model.pt holds the whole network, backbone included:
     net_cfg.backbone.checkpoint = None  # the file a post-trained run started from is not read
+    if net_cfg.backbone.get("pretrained"):  # nor published weights fetched again: model.pt has them
+        net_cfg.backbone.pretrained = False
     net = build_network(net_cfg, input_size, trusted=False)
     weights = run_dir / "model.pt"
     state = safe_torch_load(weights, what="weights")

@@ -388,7 +388,7 @@ def test_old_results_with_entropy_thresholds_are_refused():
 
 
 def test_old_manifest_with_entropy_thresholds_is_refused(exported):
-    assert MANIFEST_VERSION == onnx_export.FORMAT_VERSION == 2
+    assert MANIFEST_VERSION == onnx_export.FORMAT_VERSION == 3
     old = manifest_with(exported, "old_entropy.json", format_version=1,
                         policy={"name": "entropy", "thresholds": [0.3, "inf"]})
     with pytest.raises(RunnerError) as err:
@@ -400,6 +400,6 @@ def test_old_manifest_with_entropy_thresholds_is_refused(exported):
     # a format-1 manifest of another policy is read as before
     OnnxEarlyExitRunner(manifest_with(exported, "old_max_prob.json", format_version=1), threads=1)
     with pytest.raises(RunnerError, match="written by a newer eenet"):
-        OnnxEarlyExitRunner(manifest_with(exported, "newer.json", format_version=3), threads=1)
+        OnnxEarlyExitRunner(manifest_with(exported, "newer.json", format_version=4), threads=1)
     with pytest.raises(RunnerError, match="is not an eenet-export manifest"):
         OnnxEarlyExitRunner(manifest_with(exported, "other.json", format="something"), threads=1)

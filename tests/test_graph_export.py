@@ -109,9 +109,6 @@ def test_every_target_of_a_torchvision_or_timm_run_is_allowed(source):
                                      output_dir="unused"), "config.yaml")
 
 
-@pytest.mark.xfail(strict=True, raises=EENetError, reason=(
-    "eenet/runs.py RUN_BUILDS['backbone'] does not list the graph builders yet (another "
-    "engineer's file): check_run_folder refuses 'eenet.models.graph_backbone.<source>_backbone'"))
 @pytest.mark.parametrize("source", ["torchvision", "timm"])
 def test_a_torchvision_or_timm_run_folder_is_accepted(source, tmp_path):
     cfg = compose_config([f"backbone={source}", "backbone.name=resnet18", "dataset=cifar10"],
