@@ -16,6 +16,7 @@ exit outputs (cached by ``run.py``), risk ``drop``, alpha 1 point, delta 0.1.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import statistics
 import time
 from pathlib import Path
@@ -27,7 +28,12 @@ from eenet.calibration.guarantee import empirical_search
 from eenet.calibration.risk import exit_losses
 from eenet.reporting.experiment import git_revision, save_report
 from eenet.reporting.markdown import markdown_table
-from run import RUNS, population  # experiments/guarantee/run.py, beside this script
+
+# experiments/guarantee/run.py, beside this script, loaded by its path (whatever the working folder)
+_spec = importlib.util.spec_from_file_location("guarantee_run", Path(__file__).resolve().with_name("run.py"))
+_run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_run)
+RUNS, population = _run.RUNS, _run.population
 
 HERE = Path(__file__).resolve().parent
 
