@@ -110,7 +110,7 @@ def main() -> None:
     out = ee_dir / f"eval_budget{ref}"
     (key, value), = target.items()
     results = evaluate(compose_config([f"run={ee_dir}", f"{key}={value}",
-                                       f"policy={best}", "latency=false"],
+                                       f"policy={best}", "latency=false", "overwrite=true"],
                                       output_dir=out, config_name="eval"))
     png = HERE / f"results{suffix}.png"
     shutil.copy(out / "curve.png", png)
