@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -443,6 +444,59 @@ def block_checks(log: Log) -> str:
         f"cost {num(onnx['onnx_avg_cost'])} / {num(onnx['torch_avg_cost'])} (ONNX / PyTorch)."])
 
 
+# ---- certified thresholds (issue 18) -------------------------------------------------------
+
+def block_guarantee(log: Log) -> str:
+    """experiments/guarantee/: violation frequencies per model, method and alpha, checked against the targets."""
+    found = [r for r in found_jsons(log.root) if r.startswith("guarantee/results_") and "estimate" not in r]
+    out = []
+    for rel in found:
+        doc = log.json(rel)
+        s = doc["settings"]
+        delta = s["delta"]
+        for name, m in doc["models"].items():
+            reps = m["repeats"]
+            se_delta = math.sqrt(delta * (1 - delta) / reps)
+            checks = []
+            for a, res in m["results"].items():
+                alpha = float(a)
+                meth = res["methods"]
+                for k in ("ltt", "ucb"):
+                    if k in meth:
+                        f = meth[k]["violation_freq"]
+                        checks.append(f"{k} at {100 * alpha:g} points: violation {f:.3f} "
+                                      f"{'<=' if f <= delta + 2 * se_delta else '>'} delta + 2 SE = "
+                                      f"{delta + 2 * se_delta:.3f}")
+                if "crc" in meth:
+                    r = meth["crc"]["mean_risk"]
+                    checks.append(f"crc at {100 * alpha:g} points: mean risk {100 * r:.3f} points "
+                                  f"{'<=' if r <= alpha else '>'} alpha")
+            ok = sum("<=" in c for c in checks)
+            one = m["results"].get("0.01", {}).get("methods", {})
+            ratio = "; ".join(f"{k} {one[k]['mean_cost'] / one['empirical']['mean_cost']:.3f}x"
+                              for k in ("ltt", "ucb", "crc") if k in one and "empirical" in one)
+            out += [f"{link(rel, rel)}: `{Path(m['run']).name}`, population N = {m['N']:,} "
+                    f"(val {m['n_val']:,} + test {m['n_test']:,}), calibration sets of n = {m['n']:,} drawn "
+                    f"with replacement, {reps:,} repeats (slow searches: {m['optimism_repeats']}), "
+                    f"policy {s['policy']}, risk {s['risk']}, delta {delta:g}; final exit on the population "
+                    f"{pct(m['final_exit_accuracy_population'])} %. Targets met: {ok} of {len(checks)}"
+                    + ("" if ok == len(checks) else
+                       " (not met: " + "; ".join(c for c in checks if "<=" not in c) + ")") + "."
+                    + (f" Mean cost of the certified point against the uncorrected search's at alpha = 1 "
+                       f"point: {ratio}." if ratio else ""), ""]
+        out += [doc["table"], ""]
+    for rel in [r for r in found_jsons(log.root) if r.startswith("guarantee/bench")]:
+        doc = log.json(rel)
+        s = doc["settings"]
+        rows = [[Path(r["run"]).name, r["method"], f"{r['samples']:,}", f"{r['median_s']:.3f}",
+                 num(r["avg_cost"], 4)] for r in doc["results"]]
+        out += [f"{link(rel, rel)}: one calibration on {s['samples']:,} samples, median of {s['reps']}, "
+                f"{s['threads']} torch thread(s), {doc['machine']['cpu']}, alpha {s['alpha']:g}, "
+                f"delta {s['delta']:g}, policy {s['policy']}.", "",
+                table(["run", "method", "samples", "median s", "avg cost"], rows), ""]
+    return "\n".join(out).rstrip() or "No guarantee results committed yet."
+
+
 def found_jsons(root: Path) -> list[str]:
     """Every result JSON under ``root``, run folders, smoke outputs and caches left out.
 
@@ -496,6 +550,7 @@ def block_provenance(log: Log, tabulated: list[str]) -> str:
 BLOCKS: dict[str, Callable[[Log], str]] = {
     "mnist_core": block_mnist_core, "mnist_budget": block_mnist_budget, "tables": block_tables,
     "pteenet": block_pteenet, "trecx": block_trecx, "bench": block_bench, "checks": block_checks,
+    "guarantee": block_guarantee,
 }
 
 
