@@ -38,7 +38,7 @@ from eenet.calibration.guarantee import METHODS as GUARANTEE_METHODS
 from eenet.calibration.risk import RISKS
 from eenet.errors import EENetError
 from eenet.models.trecx import MITIGATIONS
-from eenet.policies import POLICIES
+from eenet.policies import POLICIES, TEMPERATURE_POLICIES, no_temperature_message
 from eenet.training.metrics import LOG_KEYS, PER_EXIT_LOG_KEYS
 
 #: ``mode`` of eenet-train (see conf/train.yaml)
@@ -337,6 +337,7 @@ EVAL_RULES: list[tuple[str, Accepts]] = [
     ("alpha", said(number(0, 1) | NULL, "a fraction in (0, 1) (0.01 is one point), or null")),
     ("delta", said(number(0, 1), "a probability in (0, 1)")),
     ("policy", choice(POLICIES)),
+    ("temperature", boolean()),
     ("batch_size", integer(1)),
     ("grid", said(integer(2), "an integer >= 2 (candidate thresholds per exit)")),
     ("latency", boolean()),
@@ -457,6 +458,12 @@ def _one_target(cfg: DictConfig) -> None:
                          + got)
 
 
+def _temperature_policy(cfg: DictConfig) -> None:
+    """``temperature=true`` only with a policy that scores a softmax of the logits."""
+    if cfg.get("temperature") is True and cfg.get("policy") not in TEMPERATURE_POLICIES:
+        raise EENetError(f"temperature=true: {no_temperature_message(cfg.policy, 'temperature=false')}")
+
+
 def _optimism_needs_tolerance(cfg: DictConfig) -> None:
     if cfg.get("optimism_folds") and cfg.get("tolerance") is None:
         raise EENetError(f"optimism_folds={cfg.optimism_folds} corrects a tolerance target; "
@@ -484,6 +491,7 @@ def check_eval_config(cfg: DictConfig) -> None:
     _data_root(cfg)
     _one_target(cfg)
     _optimism_needs_tolerance(cfg)
+    _temperature_policy(cfg)
 
 
 def check_export_config(cfg: DictConfig) -> None:

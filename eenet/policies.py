@@ -25,9 +25,23 @@ threshold vectors at once.
   class (PABEE, Zhou et al., "BERT Loses Patience", NeurIPS 2020); t_i = k, a
   whole number >= 1 (or ``inf``).
 
-Policies can score one exit at a time (``exit_score`` with a carried state),
+Policies can score one exit at a time (``score_at`` with a carried state),
 which is what the dynamic inference engine does, or all exits of a static
 forward at once (``scores``); both give the same numbers.
+
+Temperatures. A ``max_prob`` or ``entropy`` policy may carry one temperature
+T_i > 0 per exit (the final exit included, as
+:func:`eenet.calibration.temperature.fit_temperatures` fits them on val; Guo et
+al., "On Calibration of Modern Neural Networks", ICML 2017): exit i's score is
+then computed from softmax(z_i / T_i) instead of softmax(z_i), everywhere the
+policy scores (``score_at``, ``scores``; so the calibration on cached outputs,
+the static path and the dynamic engine), and the ONNX manifest records them for
+its runner. Dividing by T > 0 keeps every argmax, so predictions do not change,
+only which samples a threshold releases. ``confidence`` (EENets' learned
+confidence head, a sigmoid of its own logit, not a softmax of the class logits)
+and ``patience`` (argmaxes only) have no logits temperature: they refuse one in
+one line (:data:`TEMPERATURE_POLICIES`). Without temperatures a policy computes
+exactly what it computed before they existed (no division at all).
 """
 
 from __future__ import annotations
@@ -49,6 +63,9 @@ class ExitPolicy:
             string ``"inf"``, as JSON files hold it) means "never leave here",
             ``-inf`` "always leave here" (patience: 1). ``None``: the policy's
             ``default_threshold``.
+        temperatures: ``None`` (no scaling), or one T_i > 0 per exit, the final exit
+            included (module docstring); only for the policies that score a softmax
+            (``uses_temperature``).
     """
 
     name = "policy"
@@ -61,8 +78,11 @@ class ExitPolicy:
     default_threshold: float = 0.5
     #: the threshold that releases every sample (user units), for calibration's searches
     always_leave: float = -math.inf
+    #: whether the score is a softmax of the exit's logits, which a temperature rescales
+    uses_temperature = False
 
-    def __init__(self, thresholds: float | Sequence[float] | None = None):
+    def __init__(self, thresholds: float | Sequence[float] | None = None,
+                 temperatures: Sequence[float] | None = None):
         if thresholds is None:
             thresholds = self.default_threshold
         try:
@@ -77,6 +97,11 @@ class ExitPolicy:
                              f"shared or one per early exit; got {thresholds!r}") from None
         for t in values:
             self.check_threshold(t)
+        self.temperatures: list[float] | None = None
+        if temperatures is not None:
+            if not self.uses_temperature:
+                raise EENetError(no_temperature_message(self.name))
+            self.temperatures = check_temperatures(temperatures)
 
     def check_threshold(self, t: float) -> None:
         """Raise (one line) unless ``t`` is a valid threshold in the user's units."""
@@ -109,16 +134,37 @@ class ExitPolicy:
 
     def exit_score(self, logits: torch.Tensor, conf_logit: torch.Tensor, state: tuple
                    ) -> tuple[torch.Tensor, tuple]:
-        """Score (B,) of one exit and the state carried to the next exit."""
+        """Score (B,) of one exit's outputs as given (no temperature) and the state carried
+        to the next exit."""
         raise NotImplementedError
+
+    def check_exits(self, num_exits: int) -> None:
+        """Raise (one line) unless the temperatures, if any, are one per exit of a network
+        with ``num_exits`` exits (the final exit included)."""
+        if self.temperatures is not None and len(self.temperatures) != num_exits:
+            raise EENetError(f"{len(self.temperatures)} temperatures given for {num_exits} exits "
+                             f"(one per exit, the final exit included)")
+
+    def score_at(self, i: int, logits: torch.Tensor, conf_logit: torch.Tensor, state: tuple
+                 ) -> tuple[torch.Tensor, tuple]:
+        """Score (B,) of early exit ``i`` and the carried state: :meth:`exit_score` of
+        z_i / T_i when the policy carries temperatures, of z_i otherwise.
+
+        The division is in float32 (the network's logits' dtype, T_i rounded to float32),
+        as the ONNX runner does it, so both make the same decisions.
+        """
+        if self.temperatures is not None:
+            logits = logits.float() / torch.tensor(self.temperatures[i], dtype=torch.float32)
+        return self.exit_score(logits, conf_logit, state)
 
     def scores(self, outputs) -> torch.Tensor:
         """Scores (B, N) of the N early exits of a static forward (final exit excluded)."""
         logits, conf = outputs.logits, outputs.conf_logits
+        self.check_exits(len(logits))
         state = self.initial_state(logits[0].shape[0], logits[0].device)
         out = []
         for i in range(len(logits) - 1):
-            s, state = self.exit_score(logits[i], conf[i], state)
+            s, state = self.score_at(i, logits[i], conf[i], state)
             out.append(s)
         if not out:
             return torch.empty(logits[0].shape[0], 0, device=logits[0].device)
@@ -137,7 +183,41 @@ class ExitPolicy:
         return [math.isinf(t) and t > 0 for t in self.threshold_vector(num_early_exits).tolist()]
 
     def describe(self) -> dict:
-        return {"name": self.name, "thresholds": self.thresholds}
+        """Name and thresholds, and the temperatures when the policy carries them."""
+        d = {"name": self.name, "thresholds": self.thresholds}
+        if self.temperatures is not None:
+            d["temperatures"] = list(self.temperatures)
+        return d
+
+
+def check_temperatures(temperatures: Sequence[float], num_exits: int | None = None) -> list[float]:
+    """One finite T > 0 per exit (the final exit included), or one error line; ``num_exits``
+    None: any number of them."""
+    if isinstance(temperatures, (str, bytes)) or not hasattr(temperatures, "__len__"):
+        raise EENetError(f"temperatures must be a list of numbers > 0, one per exit, got "
+                         f"{temperatures!r}")
+    try:
+        temps = [_number(t) for t in temperatures]
+    except (TypeError, ValueError):
+        raise EENetError(f"temperatures must be a list of numbers > 0, got {temperatures!r}") \
+            from None
+    if num_exits is not None and len(temps) != num_exits:
+        raise EENetError(f"{len(temps)} temperatures given for {num_exits} exits (one per exit, "
+                         f"the final exit included)")
+    for i, t in enumerate(temps):
+        if not (math.isfinite(t) and t > 0):
+            raise EENetError(f"temperature of exit {i} must be a finite number > 0, got {t}")
+    return temps
+
+
+def no_temperature_message(name: str, instead: str = "no temperature") -> str:
+    """Why policy ``name`` takes no temperature (one line), ending with what to do ``instead``."""
+    what = ("scores its own confidence head (sigmoid of a learned logit, EENets), not a softmax "
+            "of the class logits" if name == "confidence" else
+            "reads only the exits' argmaxes, which a temperature does not change")
+    return (f"temperatures rescale the class logits that the {' and '.join(TEMPERATURE_POLICIES)} "
+            f"policies score; the {name} policy {what}: use policy=max_prob or policy=entropy, "
+            f"or {instead}")
 
 
 def _number(t) -> float:
@@ -176,6 +256,7 @@ class MaxProbPolicy(ExitPolicy):
 
     name = "max_prob"
     valid_range = (0.0, 1.0)
+    uses_temperature = True
 
     def exit_score(self, logits, conf_logit, state):
         return F.softmax(logits.float(), dim=1).amax(dim=1), state
@@ -195,6 +276,7 @@ class EntropyPolicy(ExitPolicy):
     name = "entropy"
     valid_range = (-math.inf, 0.0)  # -H <= 0, so t >= 0 would release nobody: use inf
     default_threshold = -0.5  # H < 0.5 nats
+    uses_temperature = True
 
     def check_threshold(self, t):
         if t >= 0 and not math.isinf(t):
@@ -245,16 +327,20 @@ class PatiencePolicy(ExitPolicy):
 
 
 POLICIES = {p.name: p for p in (ConfidencePolicy, MaxProbPolicy, EntropyPolicy, PatiencePolicy)}
+#: The policies whose score is a softmax of the exit's logits: they take temperatures.
+TEMPERATURE_POLICIES = tuple(n for n, p in POLICIES.items() if p.uses_temperature)
 
 
-def create_policy(name: str, thresholds: float | Sequence[float] | None = None) -> ExitPolicy:
+def create_policy(name: str, thresholds: float | Sequence[float] | None = None,
+                  temperatures: Sequence[float] | None = None) -> ExitPolicy:
     """Build a policy by name: ``confidence``, ``max_prob``, ``entropy`` or ``patience``.
 
     Every policy is built here, so its thresholds are checked here, in one line each:
     ``confidence`` and ``max_prob`` in (0, 1), ``entropy`` in (-inf, 0) (-H units),
     ``patience`` a whole number >= 1; ``inf`` (never leave here) for all, ``-inf``
     (always leave here) for all but patience. ``None``: the policy's default.
+    ``temperatures``: one T_i > 0 per exit (final included), ``max_prob`` and ``entropy`` only.
     """
     if name not in POLICIES:
         raise unknown_name("exit policy", name, POLICIES)
-    return POLICIES[name](thresholds)
+    return POLICIES[name](thresholds, temperatures)
