@@ -3,12 +3,28 @@
 Ghanathe & Wilton, "T-RecX: Tiny-Resource Efficient Convolutional neural
 networks with early-eXit", ACM Computing Frontiers 2023.
 
-Early exit (:class:`TRecXExit`): a 1x1 convolution, a 3x3 depthwise
-convolution with stride 2 and ReLU, global average pooling and a dense
-classifier. It is cheap in MACs and parameters, as a milliwatt device needs;
-T-RecX exits when the largest softmax probability passes a threshold, so the
-confidence head defaults to eenet's ``stats`` head (which starts as exactly
-that probability, see ``eenet.models.exits``).
+Early exit (:class:`TRecXExit`), as the paper builds it on the three MLPerf Tiny
+models: an optional 1x1 convolution that sets the exit's width, a depthwise
+convolution with stride 2 and ReLU (no BatchNorm), average pooling and one
+dense classifier. Per model (the ``trecx_*`` experiment configs):
+
+- ResNet-8 (after the first residual stack, 16x32x32): 1x1 conv to 32 channels,
+  2x2 depthwise conv with stride 2, 4x4 average pooling (a 4x4 grid of 32
+  channels, flattened: 512 features), dense.
+- DS-CNN: no 1x1 conv; a 3x3 depthwise conv with stride 2 on the first 32 of
+  the 64 channels, 2x2 average pooling (a 6x1 grid: 192 features), dense.
+- MobileNetV1 0.25 (after the third depthwise-separable block, 32x24x24): 1x1
+  conv to 64 channels, 2x2 depthwise conv with stride 2, 4x4 average pooling
+  (3x3 grid, 576 features), dense.
+
+Padding is Keras' ``same`` (:class:`eenet.models.mlperf_tiny.SamePad2d`), and
+average pooling has its window as stride and drops a remainder, as Keras'
+``AveragePooling2D``. The earlier, heavier block of this module (1x1 conv to the
+final stage's width, 3x3 depthwise with PyTorch's symmetric padding, global
+average pooling) is the default of the arguments, and the ``trecx_*_wide``
+experiments. T-RecX exits when the largest softmax probability passes a
+threshold, so the confidence head defaults to eenet's ``stats`` head (which
+starts as exactly that probability, see ``eenet.models.exits``).
 
 Overthinking mitigation (:class:`MitigatedFinalHead`): the final classifier
 also sees what the early exit learned, so that samples the early exit gets
@@ -16,12 +32,17 @@ right are not lost at the end ("overthinking", Kaya et al., ICML 2019). Two
 forms, both adding a linear map to the backbone's own classifier, which is the
 same as one dense layer on the concatenated features:
 
-- ``trecx`` (the paper's form): the early exit's depthwise filters are applied,
-  with the same (tied) weights, to the final feature maps; the result, after
-  ReLU and pooling, is concatenated with the pooled final features before the
-  dense layer. Nothing from the early exit's run is carried to the end, so the
-  dynamic path and the exported model need no extra state. Requires the early
-  exit's width to equal the final stage's channels.
+- ``trecx`` (the paper's "early-view assistance"): the early exit's depthwise
+  filters are applied to the *first* ``C_e`` channels of the final feature maps
+  (``C_e``: the exit depthwise conv's channels, at most the final stage's), then
+  ReLU and global average pooling give ``C_e`` features for the dense layer.
+  The paper's code copies the filters into a second depthwise layer before
+  every batch for most of training and then lets them part; here they stay
+  tied (one set of weights). Its code also flattens a small grid of these maps
+  for ResNet-8 and MobileNetV1 (512 and 288 features); the global pooling
+  here keeps the added dense layer at ``C_e x K`` weights. Nothing from the
+  early exit's run is carried to the end, so the dynamic path and the
+  exported model need no extra state.
 - ``concat`` (a plain alternative): the early exit's pooled features are
   concatenated with the pooled final features before the dense layer; the
   early exit's features are carried along with the samples that go on.
@@ -30,38 +51,123 @@ same as one dense layer on the concatenated features:
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from eenet.errors import EENetError
 from eenet.models.exits import ExitHeads
+from eenet.models.mlperf_tiny import SamePad2d
 from eenet.models.staged import ClassifierHead
 
 MITIGATIONS = ("trecx", "concat")
+PADDINGS = ("torch", "same")
+
+
+class LeadingChannels(nn.Module):
+    """The first ``n`` channels of a ``(B, C, H, W)`` map (T-RecX's DS-CNN exit reads 32 of 64)."""
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.n = int(n)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :self.n]
+
+    def extra_repr(self) -> str:
+        return f"n={self.n}"
+
+
+def _out_len(n: int, k: int, s: int, padding: str) -> int:
+    """Output length of a convolution: ``ceil(n / s)`` for ``same``, else with padding ``k // 2``."""
+    if padding == "same":
+        return (n + s - 1) // s
+    return (n + 2 * (k // 2) - k) // s + 1
 
 
 class TRecXExit(ExitHeads):
-    """1x1 conv -> depthwise 3x3 stride 2 + ReLU -> global average pool -> dense.
+    """[1x1 conv] -> depthwise conv, stride 2, ReLU -> average pooling -> dense.
+
+    The defaults give the earlier, heavier form (see the module docstring); the
+    ``trecx_*`` experiment configs set the paper's form per model.
 
     Args:
         in_channels: channels of the stage output.
         num_classes: classifier outputs.
-        in_size: spatial size of the stage output (unused; kept for the exit-factory contract).
+        in_size: spatial size ``(H, W)`` of the stage output (sets the pooled grid).
         width: output channels of the 1x1 convolution (default: ``in_channels``);
-            for the ``trecx`` mitigation it must equal the final stage's channels.
+            0: no 1x1 convolution, the depthwise conv reads the first ``channels``
+            input channels (T-RecX on DS-CNN).
+        channels: with ``width=0``, how many leading input channels the exit reads
+            (default: all).
+        kernel_size: the depthwise convolution's kernel (3; the paper: 2 after a
+            1x1 conv, 3 on DS-CNN).
+        stride: the depthwise convolution's stride (2).
+        padding: ``torch`` (symmetric ``kernel_size // 2``) or ``same`` (Keras, the paper).
+        pool: average-pooling window (and stride, remainder dropped), the pooled grid
+            flattened; null: global average pooling.
         confidence_input: ``stats`` (default; starts as the max softmax probability)
             or ``features``.
     """
 
     def __init__(self, in_channels: int, num_classes: int, in_size: tuple[int, int] = (1, 1),
-                 width: int | None = None, confidence_input: str = "stats"):
+                 width: int | None = None, confidence_input: str = "stats",
+                 channels: int | None = None, kernel_size: int = 3, stride: int = 2,
+                 padding: str = "torch", pool: int | None = None):
         super().__init__()
-        width = width or in_channels
-        self.pointwise = nn.Conv2d(in_channels, width, 1)
-        self.depthwise = nn.Conv2d(width, width, 3, 2, 1, groups=width)
-        self.pre = nn.Sequential(self.pointwise, self.depthwise, nn.ReLU(inplace=True),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-        self._build_heads(width, num_classes, confidence_input)
-        self.preblock = "trecx"
+        if padding not in PADDINGS:
+            raise EENetError(f"unknown T-RecX exit padding '{padding}'; accepted: "
+                             f"{', '.join(PADDINGS)}")
+        if kernel_size < 1 or stride < 1 or (pool is not None and pool < 1):
+            raise EENetError(f"T-RecX exit kernel_size, stride and pool must be >= 1, got "
+                             f"{kernel_size}, {stride}, {pool}")
+        if width is None:
+            width = in_channels
+        layers: list[nn.Module] = []
+        if width == 0:
+            width = in_channels if channels is None else int(channels)
+            if not 0 < width <= in_channels:
+                raise EENetError(f"the T-RecX exit reads {width} of the stage's {in_channels} "
+                                 "channels: exit.channels must be in 1..in_channels")
+            if width < in_channels:
+                layers.append(LeadingChannels(width))
+            self.pointwise = None
+        else:
+            if channels is not None:
+                raise EENetError("exit.channels (leading channels read) needs exit.width=0 "
+                                 "(no 1x1 convolution)")
+            self.pointwise = nn.Conv2d(in_channels, width, 1)
+            layers.append(self.pointwise)
+        self.pad = (SamePad2d((kernel_size, kernel_size), (stride, stride)) if padding == "same"
+                    else nn.Identity())
+        self.depthwise = nn.Conv2d(width, width, kernel_size, stride,
+                                   0 if padding == "same" else kernel_size // 2, groups=width)
+        layers += [self.pad, self.depthwise, nn.ReLU(inplace=True)]
+        if pool is None:
+            layers.append(nn.AdaptiveAvgPool2d(1))
+            features = width
+        else:
+            h, w = (_out_len(int(n), kernel_size, stride, padding) for n in in_size)
+            grid = (h // pool, w // pool)
+            if min(grid) < 1:
+                raise EENetError(f"T-RecX exit pool={pool} is larger than the depthwise "
+                                 f"conv's {h}x{w} output; give a smaller exit.pool or null")
+            layers.append(nn.AvgPool2d(pool, pool))
+            features = width * grid[0] * grid[1]
+        self.pre = nn.Sequential(*layers, nn.Flatten(1))
+        self._build_heads(features, num_classes, confidence_input)
+        # a flattened grid fixes the input size, as every flattening exit ("plain")
+        self.preblock = "trecx" if pool is None else "plain"
+
+    def early_view(self, x: torch.Tensor) -> torch.Tensor:
+        """The exit's depthwise filters (same weights) on the first channels of ``x``, then ReLU.
+
+        T-RecX's mitigation (:class:`MitigatedFinalHead`); the depthwise weights
+        are used functionally, so they stay registered under the exit only.
+        """
+        dw = self.depthwise
+        z = self.pad(x[:, :dw.in_channels])
+        return F.relu(F.conv2d(z, dw.weight, dw.bias, dw.stride, dw.padding, dw.dilation,
+                               dw.groups))
 
 
 class MitigatedFinalHead(nn.Module):
@@ -80,16 +186,19 @@ class MitigatedFinalHead(nn.Module):
         self.mode = mode
         if mode == "trecx":
             dw = getattr(exit_block, "depthwise", None)
-            if dw is None:
+            if dw is None or not hasattr(exit_block, "early_view"):
                 raise EENetError("mitigation 'trecx' reuses the early exit's depthwise "
                                  "convolution: use the T-RecX exit (exit=trecx)")
-            if dw.in_channels != final_channels:
+            if dw.in_channels > final_channels:
                 raise EENetError(f"mitigation 'trecx' applies the early exit's depthwise filters "
-                                 f"({dw.in_channels} channels) to the final feature maps "
-                                 f"({final_channels} channels): set exit.width={final_channels}")
-            self.tied = [dw]  # a plain list: the weights stay registered under the exit only
-            self.pool = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
-            extra = final_channels
+                                 f"({dw.in_channels} channels) to the first channels of the final "
+                                 f"feature maps ({final_channels} channels): set exit.width <= "
+                                 f"{final_channels}")
+            # plain lists: the weights stay registered under the exit only
+            self.tied = [dw]
+            self.view = [exit_block]
+            self.pool = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1))
+            extra = dw.in_channels
         else:
             extra = exit_block.num_features
         self.fc = nn.Linear(extra, num_classes, bias=False)
@@ -101,10 +210,7 @@ class MitigatedFinalHead(nn.Module):
 
     def forward(self, x: torch.Tensor, carried: torch.Tensor | None = None) -> torch.Tensor:
         if self.mode == "trecx":
-            dw = self.tied[0]
-            z = nn.functional.conv2d(x, dw.weight, dw.bias, dw.stride, dw.padding, dw.dilation,
-                                     dw.groups)
-            return self.fc(self.pool(z))
+            return self.fc(self.pool(self.view[0].early_view(x)))
         if carried is None:
             raise EENetError("mitigation 'concat' needs the early exit's features")
         return self.fc(carried)
