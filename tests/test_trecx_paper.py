@@ -162,10 +162,17 @@ def test_a_flattened_grid_fixes_the_input_size():
 @pytest.mark.parametrize("kwargs,match", [
     ({"padding": "valid"}, "unknown T-RecX exit padding"),
     ({"pool": 64}, "larger than the depthwise"),
-    ({"width": 0, "channels": 99}, "exit.channels must be in"),
-    ({"channels": 8}, "needs exit.width=0"),
+    ({"width": 99, "pointwise": False}, "the stage has 16"),
+    ({"width": 0}, "width must be >= 1"),
     ({"kernel_size": 0}, "must be >= 1"),
 ])
 def test_bad_exit_settings_are_one_clear_error(kwargs, match):
     with pytest.raises(EENetError, match=match):
         TRecXExit(16, 10, (32, 32), **kwargs)
+
+
+@pytest.mark.parametrize("experiment", [e for e, _, _ in PAPER] + [f"{e}_wide" for e, _, _ in PAPER])
+def test_experiment_configs_pass_the_option_checks(experiment):
+    from eenet.config_checks import check_train_config
+
+    check_train_config(composed(experiment, "trecx"))

@@ -94,11 +94,10 @@ class TRecXExit(ExitHeads):
         in_channels: channels of the stage output.
         num_classes: classifier outputs.
         in_size: spatial size ``(H, W)`` of the stage output (sets the pooled grid).
-        width: output channels of the 1x1 convolution (default: ``in_channels``);
-            0: no 1x1 convolution, the depthwise conv reads the first ``channels``
-            input channels (T-RecX on DS-CNN).
-        channels: with ``width=0``, how many leading input channels the exit reads
-            (default: all).
+        width: channels of the exit's depthwise convolution (default: ``in_channels``).
+        pointwise: true: a 1x1 convolution from ``in_channels`` to ``width`` comes first;
+            false: the exit reads the first ``width`` channels of the stage output
+            (T-RecX on DS-CNN: 32 of 64).
         kernel_size: the depthwise convolution's kernel (3; the paper: 2 after a
             1x1 conv, 3 on DS-CNN).
         stride: the depthwise convolution's stride (2).
@@ -111,7 +110,7 @@ class TRecXExit(ExitHeads):
 
     def __init__(self, in_channels: int, num_classes: int, in_size: tuple[int, int] = (1, 1),
                  width: int | None = None, confidence_input: str = "stats",
-                 channels: int | None = None, kernel_size: int = 3, stride: int = 2,
+                 pointwise: bool = True, kernel_size: int = 3, stride: int = 2,
                  padding: str = "torch", pool: int | None = None):
         super().__init__()
         if padding not in PADDINGS:
@@ -120,23 +119,20 @@ class TRecXExit(ExitHeads):
         if kernel_size < 1 or stride < 1 or (pool is not None and pool < 1):
             raise EENetError(f"T-RecX exit kernel_size, stride and pool must be >= 1, got "
                              f"{kernel_size}, {stride}, {pool}")
-        if width is None:
-            width = in_channels
+        width = in_channels if width is None else int(width)
+        if width < 1:
+            raise EENetError(f"T-RecX exit width must be >= 1, got {width}")
         layers: list[nn.Module] = []
-        if width == 0:
-            width = in_channels if channels is None else int(channels)
-            if not 0 < width <= in_channels:
-                raise EENetError(f"the T-RecX exit reads {width} of the stage's {in_channels} "
-                                 "channels: exit.channels must be in 1..in_channels")
-            if width < in_channels:
-                layers.append(LeadingChannels(width))
-            self.pointwise = None
-        else:
-            if channels is not None:
-                raise EENetError("exit.channels (leading channels read) needs exit.width=0 "
-                                 "(no 1x1 convolution)")
+        if pointwise:
             self.pointwise = nn.Conv2d(in_channels, width, 1)
             layers.append(self.pointwise)
+        else:
+            if width > in_channels:
+                raise EENetError(f"without a 1x1 convolution the T-RecX exit reads the first "
+                                 f"exit.width={width} channels, but the stage has {in_channels}")
+            self.pointwise = None
+            if width < in_channels:
+                layers.append(LeadingChannels(width))
         self.pad = (SamePad2d((kernel_size, kernel_size), (stride, stride)) if padding == "same"
                     else nn.Identity())
         self.depthwise = nn.Conv2d(width, width, kernel_size, stride,
