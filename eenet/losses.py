@@ -168,13 +168,19 @@ class MultiExitCE(ExitLoss):
         ramp_epochs: when > 0, early-exit weights grow linearly from
             ``ramp_start`` at epoch 0 to their targets at epoch ``ramp_epochs``.
         ramp_start: the early-exit weight at epoch 0 of the ramp.
+        label_smoothing: epsilon of label smoothing (Szegedy et al., "Rethinking the
+            Inception Architecture", CVPR 2016, sec. 7): every exit's target is
+            ``(1 - eps) * onehot(y) + eps / K``; 0 is plain cross-entropy.
     """
 
     uses_confidence = False
 
     def __init__(self, weights: Sequence[float] | str | None = None, ramp_epochs: int = 0,
-                 ramp_start: float = 0.01):
+                 ramp_start: float = 0.01, label_smoothing: float = 0.0):
         super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise EENetError(f"multi_ce label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
         if isinstance(weights, str) and weights != "cost":
             raise EENetError(f"multi_ce weights must be a list, null or 'cost', got '{weights}'")
         if weights is not None and not isinstance(weights, str):
@@ -191,7 +197,7 @@ class MultiExitCE(ExitLoss):
     def for_validation(self) -> "MultiExitCE":
         if not self.ramp_epochs:
             return self
-        return MultiExitCE(self.weights, ramp_epochs=0)
+        return MultiExitCE(self.weights, ramp_epochs=0, label_smoothing=self.label_smoothing)
 
     def check(self, num_exits: int) -> None:
         if isinstance(self.weights, list) and len(self.weights) != num_exits:
@@ -213,7 +219,8 @@ class MultiExitCE(ExitLoss):
 
     def forward(self, outputs, target, cost_fractions):
         w = self.exit_weights(len(outputs.logits), cost_fractions)
-        ces = [F.cross_entropy(lg, target) for lg in outputs.logits]
+        ces = [F.cross_entropy(lg, target, label_smoothing=self.label_smoothing)
+               for lg in outputs.logits]
         loss = sum(wi * ce for wi, ce in zip(w, ces))
         return {"loss": loss, "nll": loss.detach()}
 

@@ -1,0 +1,120 @@
+"""The short CIFAR-10 recipe (conf/experiment/cifar10_recipe/): label smoothing, one-cycle, SGD.
+
+Checked against closed forms (Szegedy et al. 2016's smoothed target; Smith & Topin 2019's
+cycle as torch's OneCycleLR defines it), and each recipe experiment smoke-run end to end.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+
+from eenet.config import compose_config
+from eenet.config_checks import check_train_config
+from eenet.errors import EENetError
+from eenet.jobs.train import train
+from eenet.losses import MultiExitCE
+from eenet.models.early_exit import ExitOutputs
+
+RECIPES = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "eenet" / "conf" / "experiment"
+                                  / "cifar10_recipe").glob("[!_]*.yaml"))
+
+
+def outputs(logits):
+    return ExitOutputs(list(logits), [torch.zeros(logits[0].shape[0]) for _ in logits])
+
+
+def test_recipes_are_found():
+    assert {"resnet20", "resnet8", "resnet20_sdn", "trecx_resnet8"} <= set(RECIPES)
+
+
+def test_label_smoothing_is_szegedys_smoothed_target():
+    torch.manual_seed(0)
+    z = [torch.randn(6, 5), torch.randn(6, 5)]
+    y = torch.randint(0, 5, (6,))
+    eps, w = 0.1, [0.3, 1.0]
+    got = MultiExitCE(weights=w, label_smoothing=eps)(outputs(z), y, torch.tensor([0.4, 1.0]))
+    want = 0.0
+    for wi, zi in zip(w, z):
+        target = (1 - eps) * F.one_hot(y, 5).float() + eps / 5  # Szegedy et al. 2016, sec. 7
+        want = want + wi * float(-(target * zi.log_softmax(1)).sum(1).mean())
+    assert math.isclose(float(got["loss"]), want, rel_tol=1e-6)
+    plain = MultiExitCE(weights=w)(outputs(z), y, torch.tensor([0.4, 1.0]))["loss"]
+    assert float(plain) == pytest.approx(sum(wi * float(F.cross_entropy(zi, y))
+                                             for wi, zi in zip(w, z)), rel=1e-6)
+    assert float(got["loss"]) != pytest.approx(float(plain), rel=1e-3)
+
+
+def test_label_smoothing_survives_the_validation_copy_of_a_ramped_loss():
+    loss = MultiExitCE(weights="cost", ramp_epochs=5, label_smoothing=0.2)
+    assert loss.for_validation().label_smoothing == 0.2
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.0])
+def test_label_smoothing_out_of_range_is_one_clear_error(eps):
+    with pytest.raises(EENetError, match="label_smoothing must be in"):
+        MultiExitCE(label_smoothing=eps)
+
+
+def test_label_smoothing_is_off_outside_the_recipe():
+    for overrides in ([], ["loss=multi_ce"], ["loss=sdn"], ["experiment=trecx_resnet8"]):
+        cfg = compose_config(overrides, output_dir="unused")
+        loss = cfg.loss.first if "first" in cfg.loss else cfg.loss
+        assert loss.label_smoothing == 0.0, overrides
+
+
+@pytest.mark.parametrize("epochs", [8, 15, 30, 40])
+def test_one_cycle_per_epoch_follows_the_run_and_never_overruns(epochs):
+    cfg = compose_config(["experiment=cifar10_recipe/resnet20", f"trainer.max_epochs={epochs}"],
+                         output_dir="unused")
+    opt = instantiate(cfg.optimizer)(params=[torch.zeros(1, requires_grad=True)])
+    sched = instantiate(cfg.scheduler)(optimizer=opt)
+    s = cfg.scheduler
+    lrs = [opt.param_groups[0]["lr"]]
+    for _ in range(epochs):  # Lightning steps an epoch scheduler once per epoch: max_epochs times
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    # the linear one-cycle as epochs: up from max_lr / div_factor to max_lr until step
+    # pct_start * E - 1, then down to the start / final_div_factor at step E - 1
+    start, end = s.max_lr / s.div_factor, s.pct_start * epochs - 1
+    low = start / s.final_div_factor
+    want = [start + (s.max_lr - start) * t / end if t <= end
+            else s.max_lr + (low - s.max_lr) * (t - end) / (epochs - 1 - end)
+            for t in range(epochs)]
+    assert lrs[:epochs] == pytest.approx(want, rel=1e-9)
+    assert max(lrs) <= s.max_lr * (1 + 1e-12)
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_composes_with_the_cited_pieces(recipe):
+    cfg = compose_config([f"experiment=cifar10_recipe/{recipe}"], output_dir="unused")
+    check_train_config(cfg)
+    assert cfg.dataset.name == "cifar10_jpeg"
+    assert list(cfg.dataset.datamodule.augment) == ["crop", "hflip"]
+    assert cfg.dataset.datamodule.crop_padding == 4
+    assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.nesterov
+    assert cfg.optimizer.weight_decay == 5e-4
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.OneCycleLR"
+    assert cfg.scheduler.total_steps == cfg.trainer.max_epochs
+    assert cfg.loss.label_smoothing == 0.1
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_recipe_trains_end_to_end(train_config, recipe, data_root):
+    cfg = train_config([f"experiment=cifar10_recipe/{recipe}", "debug=fdr", "logger=none",
+                        f"data_root={data_root.path}", "trainer.enable_progress_bar=false",
+                        "dataset.datamodule.train_subset=600", "dataset.datamodule.val_size=100",
+                        "dataset.datamodule.test_subset=100", "anytime=false", "threads=1"])
+    results, objects = train(cfg)
+    assert results["test"]["n"] > 0
+    module, trainer = objects["module"], objects["trainer"]
+    assert module.loss_fn.label_smoothing == 0.1
+    opt = trainer.optimizers[0]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
+    assert isinstance(trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.OneCycleLR)
