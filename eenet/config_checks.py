@@ -22,6 +22,9 @@ module's sizes and names (:mod:`eenet.data`), policy names and threshold ranges 
 those constructors cannot see (a string where a number is needed, a bool given as a
 word) and the options that only Lightning or torch would read, after the run folder
 had been written to (the optimizer, the scheduler, the trainer, the checkpoint).
+One exception: the node names of a graph backbone's ``backbone.exits_at`` are checked
+here as well, on the bare model, so that a wrong name is reported before the data set
+is read (the cut checks them again for users of :func:`eenet.attach_exits`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from eenet.data.registry import check_folder
 from eenet.calibration.guarantee import METHODS as GUARANTEE_METHODS
 from eenet.calibration.risk import RISKS
 from eenet.errors import EENetError
+from eenet.models.graph_split import TOKEN_POOLS
 from eenet.models.trecx import MITIGATIONS
 from eenet.policies import POLICIES, TEMPERATURE_POLICIES, no_temperature_message
 from eenet.training.metrics import LOG_KEYS, PER_EXIT_LOG_KEYS
@@ -132,6 +136,12 @@ def path() -> Accepts:
 def mapping() -> Accepts:
     """A mapping of keyword options."""
     return Accepts(lambda v: isinstance(v, dict), "a mapping such as {project: eenet}")
+
+
+def name_list() -> Accepts:
+    """A list of non-empty strings (``[layer1, layer3]``; a bare ``layer1`` is a string)."""
+    return Accepts(lambda v: isinstance(v, list) and all(isinstance(x, str) and x for x in v),
+                   "a list of node names such as [layer1, layer3]")
 
 
 def int_list(lo: int | None = None) -> Accepts:
@@ -311,6 +321,11 @@ TRAIN_RULES: list[tuple[str, Accepts]] = [
     # the groups' own constructors check these ranges (before anything is written), not the types
     ("placement.num_exits", integer()),
     ("placement.stages", nullable(int_list(), "placed by placement.method")),
+    # graph backbones (torchvision, timm, graph): the names are checked on the traced model
+    # by _exit_nodes, below
+    ("backbone.exits_at", nullable(name_list(), "placed by placement.method among the block "
+                                                "outputs")),
+    ("backbone.tokens", choice(TOKEN_POOLS)),
     ("exit.convs", integer()),
     ("exit.width", nullable(integer(1), "the stage's channels")),
     ("exit.stride", integer()),
@@ -391,6 +406,48 @@ def _trained_backbone(cfg: DictConfig) -> None:
                                                or get(cfg, "backbone.weights")):
         raise EENetError(f"mode={mode} starts from a trained backbone: give backbone.checkpoint="
                          f"<run folder or state_dict> (or backbone.weights= for torchvision)")
+
+
+#: the builders of the backbones cut at graph nodes (``backbone.exits_at``)
+GRAPH_BACKBONES = tuple(f"eenet.models.graph_backbone.{f}_backbone"
+                        for f in ("torchvision", "timm", "graph"))
+
+
+def _exits_at_or_placement(cfg: DictConfig) -> None:
+    """``backbone.exits_at`` places the exits itself: ``placement.stages`` beside it would be
+    silently ignored (:func:`eenet.build.build_early_exit_network`)."""
+    at, stages = get(cfg, "backbone.exits_at"), get(cfg, "placement.stages")
+    if at is not None and stages is not None:
+        raise EENetError(f"backbone.exits_at={show(at)} places the exits, placement.stages="
+                         f"{show(stages)} would not be read; give one of them (placement.stages "
+                         f"indexes the model's block outputs when backbone.exits_at=null)")
+
+
+def _exit_nodes(cfg: DictConfig) -> None:
+    """Every name of ``backbone.exits_at`` is a node of the model's traced graph.
+
+    Checked here, before the data set is read (which may take minutes), on the bare
+    architecture: no checkpoint loaded, no published weights fetched (the names do not
+    depend on the weights). A name that is not there is reported with the nearest
+    names, as the cut itself reports it (:mod:`eenet.models.graph_split`); the order
+    of the names and what a node outputs are checked where the graph is cut.
+    """
+    at = get(cfg, "backbone.exits_at")
+    if not at or get(cfg, "backbone._target_") not in GRAPH_BACKBONES:
+        return
+    from eenet.config import instantiate
+    from eenet.models.graph_split import _resolve, trace
+
+    bare = OmegaConf.create({**_plain(cfg.backbone), "exits_at": None, "checkpoint": None,
+                             "pretrained": False})
+    model = instantiate(bare, "backbone").model
+    gm, names = trace(model, training=False)
+    order = list(gm.graph.nodes)
+    for name in at:
+        try:
+            _resolve(name, order, names, type(model).__name__)
+        except EENetError as exc:
+            raise EENetError(f"backbone.exits_at: {exc}") from None
 
 
 def _checkpoint_direction(cfg: DictConfig) -> None:
@@ -480,7 +537,7 @@ def check_train_config(cfg: DictConfig) -> None:
     rules = TRAIN_RULES + ([("trainer.precision", precision)] if precisions else [])
     check_options(cfg, rules)
     for check in (_data_root, _trained_backbone, _checkpoint_direction, _nesterov,
-                  _val_below_subset, _accelerator):
+                  _val_below_subset, _accelerator, _exits_at_or_placement, _exit_nodes):
         check(cfg)
 
 
