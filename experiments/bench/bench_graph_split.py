@@ -26,6 +26,7 @@ itself with them when they are not set, since glibc reads them at start-up).
 
     python experiments/bench/bench_graph_split.py
     python experiments/bench/bench_graph_split.py --reps 5 --samples-256 2048 --samples-1 300
+    python experiments/bench/bench_graph_split.py --quick   # does it run? (no JSON, no figure)
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.
 import torch  # noqa: E402
 
 from eenet.data.batching import make_loader  # noqa: E402
+from eenet.errors import EENetError  # noqa: E402
 from eenet.inference import DynamicEngine  # noqa: E402
 from eenet.policies import create_policy  # noqa: E402
 from eenet.reporting.experiment import save_report  # noqa: E402
@@ -92,13 +94,18 @@ def static_walk_final(steps, x):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", default=str(RUN))
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--run", default=str(RUN), help=f"an eenet-train run folder (default {RUN})")
+    p.add_argument("--reps", type=int, default=5, help="timed repetitions (median)")
     p.add_argument("--samples-256", type=int, default=2048, help="test samples at batch 256")
     p.add_argument("--samples-1", type=int, default=300, help="test samples at batch 1")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
     p.add_argument("--tag", default="", help="appended to the JSON's name")
+    p.add_argument("--quick", action="store_true",
+                   help="a check that the script runs: 2 repetitions of 256 and 8 samples, the "
+                        "table printed, no JSON written (not a measurement)")
     args = p.parse_args()
+    if args.quick:
+        args.reps, args.samples_256, args.samples_1 = 2, 256, 8
     torch.set_num_threads(args.threads)
     load_before = os.getloadavg()
 
@@ -174,6 +181,9 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, median of {args.reps}, interleaved; {load}\n")
     print(table)
     print("\n" + "\n".join(verdicts))
+    if args.quick:
+        print("--quick: no JSON written")
+        return
     path = save_report(__file__, {"run": args.run, "settings": vars(args),
                                   "malloc_env": {k: os.environ.get(k) for k in MALLOC_ENV},
                                   "load_average_before": list(load_before),
@@ -184,4 +194,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except EENetError as exc:  # e.g. a run folder that is not there: one line
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
