@@ -39,23 +39,29 @@ import sys
 import time
 from pathlib import Path
 
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
-if __name__ == "__main__" and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+import torch
 
-import torch  # noqa: E402
-
-from eenet.data.batching import make_loader  # noqa: E402
-from eenet.errors import EENetError  # noqa: E402
-from eenet.inference import DynamicEngine  # noqa: E402
-from eenet.policies import create_policy  # noqa: E402
-from eenet.reporting.experiment import save_report  # noqa: E402
-from eenet.reporting.markdown import markdown_table  # noqa: E402
-from eenet.runs import load_run  # noqa: E402
+from eenet.data.batching import make_loader
+from eenet.errors import EENetError
+from eenet.inference import DynamicEngine
+from eenet.policies import create_policy
+from eenet.reporting.experiment import save_report
+from eenet.reporting.markdown import markdown_table
+from eenet.runs import load_run
 
 HERE = Path(__file__).resolve().parent
 RUN = HERE.parent / "runs" / "mnist_budget" / "ee"
 TARGETS = {256: 0.03, 1: 0.10}  # split / unsplit - 1, at most
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
+
+
+def restart_with_malloc_env() -> None:
+    """Restart this process with :data:`MALLOC_ENV` unless it has it (glibc reads it at
+    start-up). Called after the command line is parsed, so ``--help`` never restarts
+    (``tests/test_experiments.py`` runs every script's ``--help`` inside pytest)."""
+    if any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
 
 
 def timed(fn, batches) -> float:
@@ -104,6 +110,7 @@ def main() -> None:
                    help="a check that the script runs: 2 repetitions of 256 and 8 samples, the "
                         "table printed, no JSON written (not a measurement)")
     args = p.parse_args()
+    restart_with_malloc_env()
     if args.quick:
         args.reps, args.samples_256, args.samples_1 = 2, 256, 8
     torch.set_num_threads(args.threads)
