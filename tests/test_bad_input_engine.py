@@ -28,7 +28,8 @@ from eenet.export.onnx_runner import MANIFEST_VERSION, OnnxEarlyExitRunner, Runn
 from eenet.inference import DynamicEngine
 from eenet.models import ExitBlock, create_backbone
 from eenet.policies import POLICIES, create_policy
-from eenet.reporting.results import FORMAT_VERSION, RunResults, read_policy
+from eenet.reporting.results import (ENTROPY_AS_NEGATIVE_FROM, FORMAT_VERSION, RunResults,
+                                     read_policy)
 
 INPUT = (1, 8, 8)
 MEAN, STD = (0.3053,), (0.3760,)  # digits' normalisation (eenet/data/vision.py)
@@ -362,7 +363,7 @@ def test_entropy_threshold_is_minus_the_entropy_a_sample_may_have():
 # ---- old files with entropy thresholds ----------------------------------------------------------
 
 def test_old_results_with_entropy_thresholds_are_refused():
-    assert FORMAT_VERSION == 2
+    assert ENTROPY_AS_NEGATIVE_FROM == 2 <= FORMAT_VERSION
     for version in ({}, {"format_version": 1}):
         old = {**version, "policy": {"name": "entropy", "thresholds": [0.3, "inf"]}}
         for read in (lambda d: read_policy(d, "old.json"),
@@ -380,15 +381,15 @@ def test_old_results_with_entropy_thresholds_are_refused():
             read_policy(calibrated, "old.json")
         # other policies' thresholds kept their meaning: read as before
         assert read_policy({**version, "policy": {"name": "max_prob", "thresholds": [0.5, "inf"]}},
-                           "old.json") == ("max_prob", [0.5, "inf"])
+                           "old.json") == ("max_prob", [0.5, "inf"], None)
     assert read_policy({"format_version": 2, "policy": {"name": "entropy", "thresholds": [-0.3]}},
-                       "new.json") == ("entropy", [-0.3])
+                       "new.json") == ("entropy", [-0.3], None)
     with pytest.raises(EENetError, match="no policy with name and thresholds"):
         read_policy({"format_version": 2}, "new.json")
 
 
 def test_old_manifest_with_entropy_thresholds_is_refused(exported):
-    assert MANIFEST_VERSION == onnx_export.FORMAT_VERSION == 3
+    assert MANIFEST_VERSION == onnx_export.FORMAT_VERSION == 4
     old = manifest_with(exported, "old_entropy.json", format_version=1,
                         policy={"name": "entropy", "thresholds": [0.3, "inf"]})
     with pytest.raises(RunnerError) as err:
@@ -400,6 +401,6 @@ def test_old_manifest_with_entropy_thresholds_is_refused(exported):
     # a format-1 manifest of another policy is read as before
     OnnxEarlyExitRunner(manifest_with(exported, "old_max_prob.json", format_version=1), threads=1)
     with pytest.raises(RunnerError, match="written by a newer eenet"):
-        OnnxEarlyExitRunner(manifest_with(exported, "newer.json", format_version=4), threads=1)
+        OnnxEarlyExitRunner(manifest_with(exported, "newer.json", format_version=5), threads=1)
     with pytest.raises(RunnerError, match="is not an eenet-export manifest"):
         OnnxEarlyExitRunner(manifest_with(exported, "other.json", format="something"), threads=1)

@@ -22,7 +22,7 @@ from eenet.inference import DynamicEngine
 from eenet.jobs.evaluate import evaluate, report
 from eenet.jobs.train import train
 from eenet.policies import create_policy
-from eenet.reporting.results import FORMAT_VERSION, RunResults
+from eenet.reporting.results import FORMAT_VERSION, PLAIN_FORMAT, RunResults
 from eenet.runs import load_run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def eval_config(run, out, *overrides):
 def test_eval_with_tolerance_writes_the_report(digits_run, tmp_path):
     out = tmp_path / "eval"
     res = evaluate(eval_config(digits_run, out, "tolerance=1.0", "batch_size=64"))
-    for name in ("results.json", "results.md", "curve.png", "exits.png"):
+    for name in ("results.json", "results.md", "curve.png", "exits.png", "reliability.png"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     assert saved["target"]["kind"] == "tolerance" and saved["target"]["value"] == 1.0
@@ -60,7 +60,7 @@ def test_eval_with_tolerance_writes_the_report(digits_run, tmp_path):
     assert len(cal["curve"]) > 2 and len(cal["pareto"]) >= 1 and len(cal["test_curve"]) == len(cal["curve"])
     assert res == saved and RunResults.from_dict(saved).to_dict() == saved
     assert set(saved) == PREVIOUS_EVAL_KEYS | {"format_version", "eenet_version"}
-    assert saved["format_version"] == FORMAT_VERSION
+    assert saved["format_version"] == PLAIN_FORMAT  # no temperatures: format 2's layout
     assert set(saved["test"]) == {"accuracy", "avg_cost_fraction", "exit_rates", "n", "oracle_acc"}
     # test figures come from the dynamic engine, which agrees with static path + policy
     assert saved["engine"]["agreement_with_static"] == 1.0

@@ -17,7 +17,7 @@ from eenet.errors import EENetError
 from eenet.models.early_exit import ExitOutputs
 from eenet.policies import ConfidencePolicy
 from eenet.reporting.markdown import results_markdown
-from eenet.reporting.results import (FORMAT_VERSION, EngineResult, EvaluationRecord, RunResults,
+from eenet.reporting.results import (FORMAT_VERSION, PLAIN_FORMAT, EngineResult, EvaluationRecord, RunResults,
                                      SplitResult, TrainingRecord, check_readable,
                                      check_results_file, write_results)
 from eenet.training.metrics import ExitMetrics, flat_log_dict
@@ -122,7 +122,8 @@ def test_files_of_the_previous_code_round_trip_unchanged(previous_make_results):
 
 def test_the_new_writer_writes_the_previous_layout_plus_the_version(previous_make_results):
     """Built from the same figures in the new vocabulary: the same file, two keys added."""
-    versions = {"format_version": FORMAT_VERSION, "eenet_version": eenet.__version__}
+    # a file without temperatures keeps format 2's layout and number (PLAIN_FORMAT)
+    versions = {"format_version": PLAIN_FORMAT, "eenet_version": eenet.__version__}
     train = RunResults.build(  # training: the mixture and oracle figures on both splits
         "digits", "resnet20", 10, COST,
         _new_split(dict(VAL, mixture_acc=0.97, expected_cost=0.2, oracle_acc=0.99), 0.31),
@@ -169,7 +170,7 @@ def _current() -> dict:
     ({"format_version": FORMAT_VERSION + 1},
      f"format {FORMAT_VERSION + 1}, this eenet reads up to {FORMAT_VERSION}); upgrade eenet"),
     ({"energy_joules": 1.5},
-     f"format {FORMAT_VERSION}, this eenet reads up to {FORMAT_VERSION}; keys it does not know: "
+     f"format {PLAIN_FORMAT}, this eenet reads up to {FORMAT_VERSION}; keys it does not know: "
      f"energy_joules); upgrade eenet"),
 ])
 def test_a_file_of_a_newer_eenet_is_refused(change, message):

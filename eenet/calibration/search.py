@@ -116,14 +116,19 @@ class Calibrator:
         grid: number of candidate thresholds per exit (quantiles of its scores).
         exhaustive_limit: search every combination of candidates when there are at
             most this many; coordinate descent from several starts otherwise.
+        temperatures: one T_i > 0 per exit (final included) for ``max_prob`` / ``entropy``:
+            the scores are those of z_i / T_i, as the policy with these temperatures gives
+            them to the engine (``eenet.policies``); ``None``: unscaled.
     """
 
     def __init__(self, cached: CachedExits, policy: str,
                  cost_fractions: CostTable | Sequence[float],
-                 grid: int = 64, exhaustive_limit: int = 20_000):
+                 grid: int = 64, exhaustive_limit: int = 20_000,
+                 temperatures: Sequence[float] | None = None):
         self.exhaustive_limit = exhaustive_limit
         self.grid = grid
-        self.policy: ExitPolicy = create_policy(policy)  # thresholds come from the search
+        # thresholds come from the search; the temperatures, if any, are the policy's
+        self.policy: ExitPolicy = create_policy(policy, temperatures=temperatures)
         self.scores = self.policy.scores(cached.outputs)  # (B, N), score units
         self.correct = cached.correct                     # (B, N+1)
         # a CostTable, or anything with its interface (a measured latency table)

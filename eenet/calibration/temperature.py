@@ -10,10 +10,13 @@ Dividing by T > 0 keeps every argmax, so predictions, per-exit accuracies and
 the paper's accuracy figures do not change; what changes is the confidence the
 ``max_prob`` and ``entropy`` policies score (max_k p[k] and -H(p) of
 p = softmax(z / T)), and so which samples a threshold releases. The
-``confidence`` policy scores its own head and ``patience`` the argmaxes: neither
-is affected. :func:`apply_temperatures` returns cached outputs with scaled logits,
-so :class:`eenet.calibration.Calibrator` searches thresholds on calibrated scores
-with no change of its own.
+policies carry the temperatures themselves (``eenet.policies``:
+``create_policy(name, thresholds, temperatures)``), so that the calibration on
+cached outputs (``Calibrator(..., temperatures=...)``), the static path, the
+dynamic engine and the ONNX runner all score z / T. The ``confidence`` policy
+scores its own head and ``patience`` the argmaxes: neither takes a temperature.
+:func:`apply_temperatures` returns cached outputs with scaled logits (for the
+calibration error after scaling and the reliability diagrams).
 
 Fitting. With beta = 1/T,
 
@@ -49,6 +52,7 @@ import torch.nn.functional as F
 
 from eenet.calibration.cache import CachedExits
 from eenet.errors import EENetError
+from eenet.policies import check_temperatures
 
 #: Bins of the expected calibration error (Guo et al. use 15).
 ECE_BINS = 15
@@ -88,21 +92,6 @@ def _check_labels(logits: torch.Tensor, targets: torch.Tensor | None, what: str)
         raise EENetError(f"{what} needs labelled samples with classes in 0..{k - 1}, got targets "
                          f"in {lo}..{hi} (negative targets mark unlabelled samples)")
     return targets.long()
-
-
-def check_temperatures(temperatures: Sequence[float], num_exits: int) -> list[float]:
-    """One finite T > 0 per exit (the final exit included), or one error line."""
-    try:
-        temps = [float(t) for t in temperatures]
-    except (TypeError, ValueError) as exc:
-        raise EENetError(f"temperatures must be a list of numbers > 0, got {temperatures!r}") from exc
-    if len(temps) != num_exits:
-        raise EENetError(f"{len(temps)} temperatures given for {num_exits} exits (one per exit, "
-                         f"the final exit included)")
-    for i, t in enumerate(temps):
-        if not (math.isfinite(t) and t > 0):
-            raise EENetError(f"temperature of exit {i} must be a finite number > 0, got {t}")
-    return temps
 
 
 def _check_bins(bins: int) -> int:
@@ -232,15 +221,24 @@ def exit_calibration_errors(cached: CachedExits, bins: int = ECE_BINS) -> list[f
     return [expected_calibration_error(lg, cached.targets, bins) for lg in cached.logits]
 
 
+#: How the temperatures were fitted, as the reports say it.
+METHOD = "temperature scaling (Guo et al., ICML 2017), fitted by NLL on val"
+
+
+def split_calibration_errors(temperatures: Sequence[float], cached: CachedExits,
+                             bins: int = ECE_BINS) -> dict:
+    """Per-exit ECE of a split's unscaled outputs ``cached`` before and after dividing exit
+    i's logits by T_i, and their sums over the exits (the final exit included)."""
+    before = exit_calibration_errors(cached, bins)
+    after = exit_calibration_errors(apply_temperatures(cached, temperatures), bins)
+    return {"samples": len(cached), "ece_before": before, "ece_after": after,
+            "ece_sum_before": sum(before), "ece_sum_after": sum(after)}
+
+
 def temperature_report(fit: TemperatureFit, cached: CachedExits, bins: int = ECE_BINS) -> dict:
     """What ``results.json`` records for a split: the fit, and per-exit ECE before and after.
 
     ``cached`` holds unscaled outputs of the split reported on (test, normally).
     """
-    scaled = apply_temperatures(cached, fit.temperatures)
-    before = exit_calibration_errors(cached, bins)
-    after = exit_calibration_errors(scaled, bins)
-    return {"method": "temperature scaling (Guo et al., ICML 2017), fitted by NLL on val",
-            "fit": fit.to_dict(), "ece_bins": bins, "samples": len(cached),
-            "ece_before": before, "ece_after": after,
-            "ece_sum_before": sum(before), "ece_sum_after": sum(after)}
+    return {"method": METHOD, "fit": fit.to_dict(), "ece_bins": bins,
+            **split_calibration_errors(fit.temperatures, cached, bins)}

@@ -38,7 +38,7 @@ onnxruntime after export. Every file is written atomically
 (:func:`eenet.io.atomic_write`): a symlink already at a file's place is replaced,
 never written through.
 
-``manifest.json`` (``format: eenet-onnx-segments``, ``format_version: 3``)::
+``manifest.json`` (``format: eenet-onnx-segments``, ``format_version``: 3, or 4 with temperatures)::
 
     eenet_version, opset, input_size [C, H, W] (float32, NCHW),
     input_range: [lo, hi] of the raw values the model was trained on, before
@@ -57,14 +57,20 @@ never written through.
                                                 piece reads what it adds)
     policy: {name, thresholds: one per early exit, in the user's units
              (eenet.policies: leave when score > t; "inf", never leave here, and
-             "-inf" as strings since JSON has no infinity), rule}
+             "-inf" as strings since JSON has no infinity), rule,
+             temperatures (format 4, max_prob and entropy only): one T_i > 0 per exit,
+             the final exit included; exit i is scored on logits_i / T_i}
     cost: the eenet.cost table {backbone_macs, input_size, convention, exits:
           [{name, stage, head_macs, macs, cost_fraction}], always_run}; MACs as counted
           by fvcore (one fused multiply-add = one flop), exit heads included
     preprocessing: {mean, std, rule} or null
     runner: "onnx_runner.py"
 
-Format 3 (this eenet) names the live values, so that a segment may take and
+Format 4 is format 3 plus the policy's per-exit temperatures (``eenet-eval
+temperature=true``); an export without temperatures is written as format 3, so
+that every runner that reads format 3 reads it, and a runner that would ignore
+the temperatures refuses a format-4 manifest instead of deciding differently.
+Format 3 names the live values, so that a segment may take and
 return several (format 2: one value from each segment to the next, which format 3
 reads exactly: the runner reads both). Format 2 oriented the entropy policy like
 the others: its score is -H and a sample leaves when -H > t (format 1: when
@@ -98,13 +104,21 @@ from eenet.policies import ExitPolicy
 
 MANIFEST = "manifest.json"
 FORMAT = "eenet-onnx-segments"
-FORMAT_VERSION = 3  # 2: entropy thresholds are -H units (leave when -H > t), input_range;
-#                     3: named live values, several per segment
+FORMAT_VERSION = 4  # 2: entropy thresholds are -H units (leave when -H > t), input_range;
+#                     3: named live values, several per segment; 4: policy temperatures
+#: The format of an export whose policy carries no temperatures (every format-3 runner reads it).
+FORMAT_WITHOUT_TEMPERATURES = 3
 RULES = {
     "confidence": "leave at exit i when sigmoid(conf_logit_i) > t_i",
     "max_prob": "leave at exit i when max_k softmax(logits_i)[k] > t_i",
     "entropy": "leave at exit i when -H(softmax(logits_i)) > t_i, i.e. its entropy H (nats) < -t_i",
     "patience": "leave at exit i when exits i-t_i+1..i all predict the same class",
+}
+#: The rule's text when the policy carries temperatures (max_prob and entropy).
+RULES_WITH_TEMPERATURES = {
+    "max_prob": "leave at exit i when max_k softmax(logits_i / T_i)[k] > t_i",
+    "entropy": "leave at exit i when -H(softmax(logits_i / T_i)) > t_i, i.e. its entropy H "
+               "(nats) < -t_i",
 }
 
 
@@ -190,7 +204,8 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
         net: the early-exit network (put in eval mode for the export, then restored).
         input_size: ``(C, H, W)`` of one input.
         out_dir: output folder, created if needed.
-        policy: exit policy and thresholds written into the manifest.
+        policy: exit policy and thresholds (and its temperatures, if any) written into the
+            manifest.
         cost_table: per-exit MACs (traced with fvcore when not given).
         opset: ONNX opset.
         mean, std: per-channel normalisation of the inputs, recorded when given.
@@ -205,6 +220,7 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
                          f"{type(net).__name__}")
     n_early = net.num_exits - 1
     policy.threshold_vector(n_early)  # checks the number of thresholds
+    policy.check_exits(net.num_exits)  # and of the temperatures, if any
     t = policy.thresholds
     thresholds = list(t) if isinstance(t, list) else [t] * n_early
     input_size = tuple(int(v) for v in input_size)
@@ -297,9 +313,10 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
     finally:
         net.train(was_training)
 
+    temps = policy.temperatures
     manifest = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if temps is not None else FORMAT_WITHOUT_TEMPERATURES,
         "eenet_version": eenet.__version__,
         "opset": opset,
         "input_size": list(input_size),
@@ -310,7 +327,8 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
         "input": "x",
         "pieces": pieces,
         "policy": {"name": policy.name, "thresholds": [json_float(float(v)) for v in thresholds],
-                   "rule": RULES.get(policy.name, "")},
+                   "rule": (RULES if temps is None else RULES_WITH_TEMPERATURES).get(policy.name, ""),
+                   **({} if temps is None else {"temperatures": [float(t) for t in temps]})},
         "cost": cost.to_dict(),
         "preprocessing": None if mean is None else {
             "mean": [float(v) for v in mean], "std": [float(v) for v in std],

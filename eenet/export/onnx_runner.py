@@ -50,6 +50,12 @@ format 1 held entropy thresholds as the entropy itself (leave when H < t, so
 ``inf`` meant "always leave"); such a manifest is refused in one line (re-run
 eenet-export), other format-1 manifests are read as before.
 
+Temperatures (manifest format 4, ``max_prob`` and ``entropy`` only): when the
+policy lists one T_i > 0 per exit, exit i is scored on ``logits_i / T_i`` (float32
+division, as ``eenet.policies.ExitPolicy.score_at``; Guo et al., ICML 2017); the
+predictions are the argmax of the logits, which the division does not change.
+A format-3 manifest has no temperatures.
+
 Scores are computed in float32 with the same operations as the PyTorch
 policies, so that ties with calibrated thresholds (which eenet-eval puts one
 float32 step below a validation score) resolve the same way.
@@ -69,8 +75,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-#: The newest manifest format this runner reads (``eenet.export.onnx.FORMAT_VERSION``).
-MANIFEST_VERSION = 3
+#: The newest manifest format this runner reads (``eenet.export.onnx.FORMAT_VERSION``;
+#: 4: the policy's temperatures).
+MANIFEST_VERSION = 4
+#: The policies that take temperatures (``eenet.policies.TEMPERATURE_POLICIES``).
+TEMPERATURE_POLICIES = ("max_prob", "entropy")
 
 #: Raw values may lie this far outside ``input_range``, as a share of its width. Data that
 #: went through float16 (half a unit in the last place is 2**-11, about 4.9e-4, relative) or
@@ -135,6 +144,22 @@ def _check_threshold(policy: str, t: float) -> None:
         ok, accepted = 0 < t < 1, "0 < t < 1, inf or -inf"
     if not ok:
         raise RunnerError(f"manifest {policy} threshold {t:g} is out of range: accepted {accepted}")
+
+
+def _temperatures(policy: dict, name: str, num_exits: int, where: object) -> np.ndarray | None:
+    """The manifest policy's temperatures as float32 (one per exit, finite, > 0), or None."""
+    temps = policy.get("temperatures")
+    if temps is None:
+        return None
+    if name not in TEMPERATURE_POLICIES:
+        raise RunnerError(f"{where}: the {name} policy takes no temperatures (only "
+                          f"{', '.join(TEMPERATURE_POLICIES)} score a softmax of the logits)")
+    if not isinstance(temps, list) or len(temps) != num_exits or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and np.isfinite(t) and t > 0
+            for t in temps):
+        raise RunnerError(f"{where}: policy temperatures must be {num_exits} finite numbers > 0 "
+                          f"(one per exit, the final exit included), got {temps!r}")
+    return np.array(temps, dtype=np.float32)
 
 
 def piece_path(folder: Path, name: object) -> Path:
@@ -318,6 +343,8 @@ class OnnxEarlyExitRunner:
         n = len(self.pieces)
         if len(self.thresholds) != n - 1:
             raise RunnerError(f"{len(self.thresholds)} thresholds for {n - 1} early exits")
+        #: exit i's temperature T_i (float32), or None: its logits are scored as they are
+        self.temperatures = _temperatures(m["policy"], self.policy, n, path)
         # an exit whose threshold is +inf (score units) releases no sample: its head is not
         # run and not charged (as in eenet's dynamic engine); patience needs every head
         # (not for a head whose features a later piece reads: not skippable)
@@ -398,7 +425,9 @@ class OnnxEarlyExitRunner:
             if j == last:  # the final exit releases every sample that reaches it
                 leave = np.ones(len(remaining), dtype=bool)
             else:
-                score, state = self._score(logits, outs[1], state)
+                scored = logits if self.temperatures is None else \
+                    logits.astype(np.float32) / self.temperatures[j]
+                score, state = self._score(scored, outs[1], state)
                 leave = score > self.thresholds[j]
             ids = remaining[leave]
             pred[ids] = logits[leave].argmax(axis=1)

@@ -87,7 +87,9 @@ class DynamicOutput:
         pred: predicted class (B,).
         exit: index of the exit each sample left at, 0..N (B,).
         cost: the cost fraction paid by each sample (B,), from the cost table.
-        logits: the logits of the exit each sample left at (B, K), when kept.
+        logits: the logits of the exit each sample left at (B, K), when kept; as the
+            network gives them, not divided by a policy's temperature (softmax(logits / T_i)
+            are the calibrated probabilities of exit i).
     """
 
     pred: torch.Tensor
@@ -101,7 +103,8 @@ class DynamicEngine:
 
     Args:
         net: the network (must be in eval mode when called).
-        policy: the exit policy with its thresholds.
+        policy: the exit policy with its thresholds (and temperatures, if any: exit j's
+            score is then that of its logits / T_j, as on the static path).
         cost_fractions: the cost table (``eenet.cost.exit_cost_table``), to report each
             sample's cost and to skip the heads of idle exits; or plain fractions
             c_0..c_N, which count every head, so that every head then runs.
@@ -116,6 +119,7 @@ class DynamicEngine:
         self.policy = policy
         n_early = net.num_exits - 1
         self.thresholds = policy.threshold_vector(n_early).tolist()
+        policy.check_exits(net.num_exits)  # its temperatures, if any: one per exit
         skip = [False] * n_early
         if cost_fractions is None or isinstance(cost_fractions, CostTable):
             skip = [idle and self._steps[j].skippable
@@ -158,7 +162,7 @@ class DynamicEngine:
             logits, z, live = step.head(live)
             if j == last:  # the final exit
                 break
-            score, state = self.policy.exit_score(logits, z, state)
+            score, state = self.policy.score_at(j, logits, z, state)
             if score.item() > self.thresholds[j]:
                 break
         return DynamicOutput(pred=logits.argmax(1),
@@ -184,7 +188,7 @@ class DynamicEngine:
             if j == last:  # the final exit takes everything that is left
                 leave = None
             else:
-                score, state = self.policy.exit_score(logits, z, state)
+                score, state = self.policy.score_at(j, logits, z, state)
                 leave = score > self.thresholds[j]
             if out_logits is None and self.keep_logits:
                 out_logits = torch.empty(b, logits.shape[1], dtype=logits.dtype, device=device)

@@ -6,6 +6,7 @@
     eenet-eval run=RUN_DIR tolerance=0.3       # cheapest point within 0.3 accuracy points
     eenet-eval run=RUN_DIR tolerance=1 policy=max_prob latency=true
     eenet-eval run=RUN_DIR min_accuracy=0.84   # e.g. a model without exits' val accuracy - 1 point
+    eenet-eval run=RUN_DIR tolerance=1 policy=max_prob temperature=true
 
 It loads a run written by ``eenet-train`` (``config.yaml`` and ``model.pt``,
 read with ``torch.load(..., weights_only=True)``), caches every exit's outputs
@@ -22,14 +23,29 @@ in ``timing_passes`` interleaved passes (:func:`time_against_final_exit`); the
 medians and their ratio are the ``engine`` section's ``dynamic_wall_s``,
 ``final_exit_wall_s`` and ``speedup``.
 
+``temperature=true`` (policies ``max_prob`` and ``entropy``, whose scores are a
+softmax of the exit's logits) fits one temperature per exit by NLL on the
+validation split only (:mod:`eenet.calibration.temperature`; Guo et al., ICML
+2017) and gives them to the policy, so that the thresholds are searched, and the
+dynamic engine run, on softmax(z_i / T_i); ``results.json`` records them in
+``policy.temperatures`` (and ``eenet-export eval=results.json`` in the manifest)
+and in ``calibration.temperature`` the fit and the per-exit expected calibration
+error (15 bins) on val and test before and after. ``confidence`` (EENets' learned
+confidence head) and ``patience`` (argmaxes) have no logits temperature: asking for
+one with them is refused in one line. ``temperature=false`` (the default) runs
+exactly what eenet-eval ran before the option existed.
+
 Writes into its own folder (``<run>/eval/<time>`` unless ``hydra.run.dir`` says
 otherwise): ``results.json`` (:class:`eenet.reporting.results.RunResults`: the
 training results' layout with test figures from the dynamic engine, plus
-``calibration`` and ``engine``), ``results.md``, ``curve.png``, ``exits.png``
-and, with ``latency=true``, ``latency.json``. The folder must be new or empty
-(``overwrite=true`` replaces an earlier evaluation's files); it is claimed through
-:mod:`eenet.run_folder` once the run folder was checked: an ``INCOMPLETE`` marker
-(and lock) first, ``results.json`` after every other file, the marker removed last.
+``calibration`` and ``engine``), ``results.md``, ``curve.png`` (with a guarantee:
+the certified point beside the uncorrected search's for the same level),
+``exits.png``, ``reliability.png`` (per exit, on test; before and after the
+temperatures with ``temperature=true``) and, with ``latency=true``,
+``latency.json``. The folder must be new or empty (``overwrite=true`` replaces an
+earlier evaluation's files); it is claimed through :mod:`eenet.run_folder` once
+the run folder was checked: an ``INCOMPLETE`` marker (and lock) first,
+``results.json`` after every other file, the marker removed last.
 An incomplete folder of an earlier eenet-eval (killed) is replaced by a rerun.
 """
 
@@ -46,15 +62,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from eenet.calibration import Calibrator, cache_exit_outputs, paired_drop
-from eenet.calibration.guarantee import certify_with
+from eenet.calibration.guarantee import GuaranteeResult, certify_with
 from eenet.calibration.risk import exit_losses
+from eenet.calibration.temperature import (ECE_BINS, METHOD, TemperatureFit, apply_temperatures,
+                                           exit_reliability, fit_temperatures,
+                                           split_calibration_errors)
 from eenet.config_checks import check_eval_config
 from eenet.data.batching import make_loader
 from eenet.inference import DynamicEngine, exit_latency_table
 from eenet.io import atomic_write_text
 from eenet.policies import create_policy
 from eenet.reporting.markdown import engine_timing_line, markdown_table, results_markdown
-from eenet.reporting.plots import plot_curve, plot_exit_distribution
+from eenet.reporting.plots import plot_curve, plot_exit_distribution, plot_reliability
 from eenet.reporting.results import (EngineResult, EvaluationRecord, RunResults, SplitResult,
                                      write_results)
 from eenet.reporting.wandb import log_evaluation_results
@@ -63,7 +82,8 @@ from eenet.runs import load_run
 from eenet.training.metrics import overthinking_counts
 
 #: What eenet-eval writes into its folder (removed first when the folder is replaced).
-OUTPUTS = ("results.json", "results.md", "curve.png", "exits.png", "latency.json")
+OUTPUTS = ("results.json", "results.md", "curve.png", "exits.png", "reliability.png",
+           "latency.json")
 
 
 def time_against_final_exit(engine: DynamicEngine, final: DynamicEngine,
@@ -123,7 +143,9 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
 
     # 1. calibrate on the validation split only
     val = cache_exit_outputs(net, make_loader(dm.val_dataset, bs, shuffle=False))
-    cal = Calibrator(val, cfg.policy, cost, grid=int(cfg.grid))
+    fit = _fit_temperatures(cfg, val)  # temperature=true: on val, never on test
+    temps = fit.temperatures if fit is not None else None
+    cal = Calibrator(val, cfg.policy, cost, grid=int(cfg.grid), temperatures=temps)
     guarantee = None
     if cfg.get("guarantee"):
         guarantee = certify_with(cal, exit_losses(val, cfg.risk), cfg.risk, cfg.guarantee,
@@ -143,7 +165,7 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
                             min_accuracy=cfg.get("min_accuracy"),
                             optimism_folds=int(cfg.get("optimism_folds") or 0),
                             optimism_repeats=int(cfg.get("optimism_repeats") or 1))
-    policy = create_policy(cfg.policy, res.chosen.thresholds)
+    policy = create_policy(cfg.policy, res.chosen.thresholds, temps)
 
     # 2. test with the dynamic engine: real early exit
     engine = DynamicEngine(net, policy, cost)
@@ -170,7 +192,7 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
     val_result = SplitResult(accuracy=chosen.accuracy, avg_cost_fraction=chosen.avg_cost,
                              exit_rates=chosen.exit_rates, n=len(val),
                              exit_accuracy=val.correct.double().mean(0).tolist())
-    test_cal = Calibrator(test, cfg.policy, cost, grid=2)
+    test_cal = Calibrator(test, cfg.policy, cost, grid=2, temperatures=temps)
 
     def on_test(points):
         vecs = torch.stack([cal.score_vector(p.thresholds) for p in points])
@@ -191,6 +213,8 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
     calibration["test_curve"] = [{"avg_cost": c, "accuracy": a} for c, a in on_test(res.curve)]
     calibration["final_exit_test"] = {"accuracy": final_test.accuracy,
                                       "avg_cost": final_test.avg_cost_fraction}
+    if fit is not None:  # the fit on val, per-exit ECE on val and test before and after
+        calibration["temperature"] = _temperature_section(fit, val, test)
 
     # 4. measured: the dynamic engine against the same network run to its final exit
     timing = EngineResult(batch_size=bs, wall_s=engine_s, agreement_with_static=agree)
@@ -207,7 +231,8 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
     results = RunResults.build(
         dataset=train_cfg.dataset.name, backbone=train_cfg.backbone.name,
         num_classes=net.num_classes, cost=cost, val=val_result, test=test_result,
-        policy={"name": cfg.policy, "thresholds": calibration["chosen"]["thresholds"]},
+        policy={"name": cfg.policy, "thresholds": calibration["chosen"]["thresholds"],
+                **({} if temps is None else {"temperatures": temps})},
         config=OmegaConf.to_container(train_cfg, resolve=True),
         evaluation=EvaluationRecord(run=str(Path(cfg.run).resolve()), target=res.target,
                                     calibration=calibration, engine=timing,
@@ -224,7 +249,8 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
     curves = {"val (shared threshold)": [(p.avg_cost, p.accuracy) for p in res.curve],
               "test (same thresholds)": on_test(res.curve),
               "val Pareto (per-exit thresholds)": [(p.avg_cost, p.accuracy) for p in res.pareto]}
-    points = {f"chosen on val ({res.target['kind']})": (chosen.avg_cost, chosen.accuracy),
+    points = {**(_guarantee_points(guarantee) if guarantee is not None else
+                 {f"chosen on val ({res.target['kind']})": (chosen.avg_cost, chosen.accuracy)}),
               "chosen, on test": (test_result.avg_cost_fraction, test_result.accuracy),
               "final exit only (val)": (res.reference.avg_cost, res.reference.accuracy),
               "final exit only (test)": (final_test.avg_cost_fraction, final_test.accuracy)}
@@ -233,12 +259,54 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
     plot_exit_distribution(out_dir / "exits.png", {"val": val_result.exit_rates,
                                                   "test": test_result.exit_rates},
                            net.exit_names(), title)
+    _plot_reliability(out_dir / "reliability.png", test, fit, net.exit_names(), title)
     if cfg.get("wandb"):
         log_evaluation_results({**OmegaConf.to_container(cfg.wandb),
                                 "config": {"eval": OmegaConf.to_container(cfg),
                                            "train": saved["config"]}}, saved, out_dir)
     write_results(out_dir, saved)
     return saved
+
+
+def _fit_temperatures(cfg: DictConfig, val) -> TemperatureFit | None:
+    """``temperature=true``: one temperature per exit (final included) fitted by NLL on the
+    validation outputs ``val`` (never on test); ``None`` otherwise. The policy was checked
+    to take temperatures (``check_eval_config``)."""
+    if not cfg.get("temperature"):
+        return None
+    return fit_temperatures(val)
+
+
+def _temperature_section(fit: TemperatureFit, val, test) -> dict:
+    """``calibration.temperature`` of results.json: the fit on val and the per-exit ECE of val
+    and test before and after (the sums are over every exit, the final one included)."""
+    return {"method": METHOD, "fitted_on": "val", "ece_bins": ECE_BINS, "fit": fit.to_dict(),
+            "val": split_calibration_errors(fit.temperatures, val),
+            "test": split_calibration_errors(fit.temperatures, test)}
+
+
+def _plot_reliability(path: Path, test, fit: TemperatureFit | None, exit_names, title: str) -> Path:
+    """reliability.png: per exit, accuracy against max-softmax confidence on test (15 bins),
+    before and after the temperatures when they were fitted."""
+    def diagram(cached):
+        return [exit_reliability(lg, cached.targets) for lg in cached.logits]
+
+    diagrams = {"raw": diagram(test)} if fit is None else {
+        "before": diagram(test), "after (T fitted on val)":
+            diagram(apply_temperatures(test, fit.temperatures))}
+    return plot_reliability(path, diagrams, exit_names, f"{title}: test split")
+
+
+def _guarantee_points(g: GuaranteeResult) -> dict[str, tuple[float, float]]:
+    """curve.png's markers of a certified calibration, both on val: the certified point and
+    the uncorrected search's for the same alpha (when it ran and reached it)."""
+    level = f"{g.risk} <= {g.alpha:g}"
+    points = {f"certified ({g.method}, {level}, delta {g.delta:g}), val":
+              (g.chosen.avg_cost, g.chosen.accuracy)}
+    e = g.empirical
+    if e is not None and e.get("reachable"):
+        points[f"uncorrected search ({level}), val"] = (e["avg_cost"], e["accuracy"])
+    return points
 
 
 def report(results: dict) -> str:

@@ -4,7 +4,8 @@
 runs; the ONNX format is described in :mod:`eenet.export.onnx`. The run folder
 is loaded as data (:func:`eenet.runs.load_run`: no code from it runs) and so is
 ``eval=RESULTS_JSON`` (JSON: only its policy name, thresholds and run path are
-read). The export goes to ``out=DIR``, or to ``RUN/onnx`` unless that is a
+read; its temperatures, with ``eenet-eval temperature=true``, go into the manifest).
+The export goes to ``out=DIR``, or to ``RUN/onnx`` unless that is a
 symlink placed in the run folder. The folder must be new or empty (``overwrite=true``
 replaces an earlier export's files); it is claimed through :mod:`eenet.run_folder`:
 an ``INCOMPLETE`` marker (and lock) first, ``manifest.json`` after every piece, the
@@ -45,7 +46,7 @@ def _policy_from(cfg: DictConfig) -> ExitPolicy:
         except ValueError:
             raise EENetError(f"{path} is not an eenet-eval results.json (not JSON)") from None
         # refuses a newer format, old entropy thresholds and a file without a policy
-        name, thresholds = read_policy(results, str(path))
+        name, thresholds, temperatures = read_policy(results, str(path))
         run = results.get("run")
         if run and Path(run).resolve() != Path(cfg.run).resolve():
             print(f"warning: {path} was calibrated for the run {run}, not {cfg.run}",
@@ -54,12 +55,12 @@ def _policy_from(cfg: DictConfig) -> ExitPolicy:
         raise EENetError("give the thresholds: eval=RESULTS_JSON (from eenet-eval) or "
                          "thresholds=T, or one per early exit: thresholds=[t0,t1]")
     else:
-        name = cfg.get("policy") or "confidence"
+        name, temperatures = cfg.get("policy") or "confidence", None
         thresholds = cfg.thresholds
         if OmegaConf.is_config(thresholds):
             thresholds = OmegaConf.to_container(thresholds)
     try:
-        return create_policy(name, thresholds)
+        return create_policy(name, thresholds, temperatures)
     except EENetError:
         raise
     except (TypeError, ValueError):

@@ -52,10 +52,26 @@ def results_markdown(results, timing: bool = True) -> str:
                 if "test_overthinking" in e]
         lines.append(f"Overthinking (right at the exit, wrong at the final exit): "
                      f"{', '.join(over) or '-'}; oracle accuracy {100 * t['oracle_acc']:.2f}%.")
+    temperature = (results.get("calibration") or {}).get("temperature")
+    if temperature:
+        lines.append(temperature_line(temperature))
     engine = results.get("engine") or {}
     if timing and engine.get("speedup") is not None:
         lines.append(engine_timing_line(results))
     return "\n".join(lines)
+
+
+def temperature_line(section: dict) -> str:
+    """The temperatures an evaluation fitted on val and the summed per-exit ECE before and
+    after, on val and test (``calibration.temperature`` of results.json)."""
+    temps = ", ".join(f"{t:.3f}" for t in section["fit"]["temperatures"])
+    ece = "; ".join(f"{split} {100 * section[split]['ece_sum_before']:.2f}% -> "
+                    f"{100 * section[split]['ece_sum_after']:.2f}%" for split in ("val", "test"))
+    clamped = [str(i) for i, b in enumerate(section["fit"]["at_bound"]) if b]
+    note = (f" (exit {', '.join(clamped)}: the NLL minimum lies outside the searched interval, "
+            f"T clamped to its end)") if clamped else ""
+    return (f"Temperatures per exit (fitted by NLL on {section['fitted_on']}, used by the policy): "
+            f"{temps}{note}; summed per-exit ECE ({section['ece_bins']} bins): {ece}.")
 
 
 def engine_timing_line(results: dict) -> str:

@@ -1,4 +1,5 @@
-"""Figures of an evaluation: accuracy versus average cost, and the exit distribution.
+"""Figures of an evaluation: accuracy versus average cost, the exit distribution, and the
+per-exit reliability diagrams (calibration of the exits' confidences).
 
 Matplotlib with the Agg backend (no screen needed); every function writes a PNG
 and returns its path.
@@ -19,7 +20,10 @@ def plot_curve(path: str | Path, curves: dict[str, Sequence[tuple[float, float]]
                points: dict[str, tuple[float, float]], title: str = "") -> Path:
     """Accuracy (%) against average cost fraction: lines for ``curves``, markers for ``points``.
 
-    Both take ``(avg_cost, accuracy)`` pairs with accuracy in [0, 1].
+    Both take ``(avg_cost, accuracy)`` pairs with accuracy in [0, 1]; the legend names each.
+    Markers are drawn over the curves, each over the points listed after it (eenet-eval
+    lists the chosen point first: with a guarantee, the certified point, then the
+    uncorrected search's for the same level).
     """
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for label, pts in curves.items():
@@ -27,8 +31,11 @@ def plot_curve(path: str | Path, curves: dict[str, Sequence[tuple[float, float]]
             xs, ys = zip(*sorted(pts))
             ax.plot(xs, [100 * y for y in ys], marker=".", markersize=3, linewidth=1.2, label=label)
     markers = iter(["*", "o", "s", "D", "^", "v"])
-    for label, (x, y) in points.items():
-        ax.plot([x], [100 * y], linestyle="none", marker=next(markers), markersize=9, label=label)
+    for k, (label, (x, y)) in enumerate(points.items()):
+        # the first points on top: a certified point that coincides with the uncorrected
+        # search's (or the chosen point with the final exit's) stays visible
+        ax.plot([x], [100 * y], linestyle="none", marker=next(markers), markersize=9, label=label,
+                zorder=3 + len(points) - k)
     ax.set_xlabel("average cost fraction (fvcore MACs / plain backbone)")
     ax.set_ylabel("accuracy (%)")
     ax.grid(True, alpha=0.3)

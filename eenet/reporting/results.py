@@ -15,7 +15,7 @@ entropy thresholds mean, see below)::
      "dataset", "backbone", "num_classes", "backbone_macs", "macs_convention", "input_size",
      "exits": [{"name", "stage", "macs", "head_macs", "cost_fraction",
                 "val_accuracy", "test_accuracy", "test_overthinking"?}, ...],
-     "policy": {"name", "thresholds"},
+     "policy": {"name", "thresholds", "temperatures"? (format 3)},
      "test": {"accuracy", "avg_cost_fraction", "exit_rates", "n",
               "mixture_acc"?, "expected_cost"?, "oracle_acc"?},
      "val": {"accuracy", "avg_cost_fraction", "exit_rates", "n"},
@@ -23,7 +23,8 @@ entropy thresholds mean, see below)::
          "val_loss", "test_loss", "resumed_from", "world_size", "mode", "targets",
          "backbone_hash_before", "backbone_hash_after", "train_epoch_seconds",
      eenet-eval (:class:`EvaluationRecord`): "run", "target", "calibration",
-         "engine" (:class:`EngineResult`), "drop_vs_final_exit",
+         "engine" (:class:`EngineResult`), "drop_vs_final_exit"
+         ("calibration" holds "temperature" with eenet-eval temperature=true),
      "config", "anytime"?, "objective"?, "latency"?, "wall_s"?}
 
 For a split, with n samples, count_i samples leaving at exit i and c_i exit
@@ -39,6 +40,14 @@ has a larger version, or top-level keys this eenet does not know, was written
 by a newer eenet and is refused (:func:`check_results_file`) rather than read
 with a meaning it may not have. Files are written atomically
 (:func:`eenet.io.atomic_write_text`).
+
+Format 3 adds the policy's per-exit temperatures (``policy.temperatures``, one
+T_i > 0 per exit, the final exit included: exit i's score is that of its logits
+/ T_i, :mod:`eenet.policies`) and ``calibration.temperature`` (the fit on val,
+the per-exit expected calibration error on val and test before and after). A
+file without temperatures is written as format 2 (:data:`PLAIN_FORMAT`), which
+eenet has read the same way since format 2; a file with them as format 3, so
+that an eenet that would ignore the temperatures refuses it instead.
 
 Thresholds (``policy.thresholds``, the calibration's points) are in the user's
 units of :mod:`eenet.policies`: a sample leaves exit i when its score > t_i, so
@@ -69,8 +78,13 @@ from eenet.errors import EENetError
 from eenet.io import atomic_write_text, first_line
 from eenet.reporting.markdown import results_markdown
 
-#: The layout this eenet writes and the newest it reads (2: entropy thresholds in -H units).
-FORMAT_VERSION = 2
+#: The newest layout this eenet reads and writes (2: entropy thresholds in -H units;
+#: 3: the policy's temperatures).
+FORMAT_VERSION = 3
+#: The layout written for a file without temperatures (the same keys and meanings as before 3).
+PLAIN_FORMAT = 2
+#: The first format whose policy may carry temperatures.
+TEMPERATURES_FROM = 3
 #: The first format whose entropy thresholds mean "leave when -H > t" (before: "H < t").
 ENTROPY_AS_NEGATIVE_FROM = 2
 
@@ -307,7 +321,9 @@ class RunResults:
     objective: dict | None = None
     latency: list[dict] | None = None
     wall_s: float | None = None
-    format_version: int | None = FORMAT_VERSION
+    #: the layout; :meth:`to_dict` writes at least :data:`TEMPERATURES_FROM` when the policy
+    #: carries temperatures
+    format_version: int | None = PLAIN_FORMAT
     eenet_version: str | None = __version__
 
     @classmethod
@@ -332,8 +348,11 @@ class RunResults:
 
     def to_dict(self) -> dict:
         """The layout of ``results.json`` (keys in :data:`TOP_LEVEL_KEYS` order)."""
+        version = self.format_version
+        if isinstance(self.policy, dict) and "temperatures" in self.policy:
+            version = max(version or 0, TEMPERATURES_FROM)  # older readers must refuse it
         d: dict[str, Any] = {
-            "format_version": self.format_version, "eenet_version": self.eenet_version,
+            "format_version": version, "eenet_version": self.eenet_version,
             "dataset": self.dataset, "backbone": self.backbone, "num_classes": self.num_classes,
             "backbone_macs": self.backbone_macs, "macs_convention": self.macs_convention,
             "input_size": list(self.input_size), "exits": [e.to_dict() for e in self.exits],
@@ -435,8 +454,10 @@ def check_thresholds_readable(results: dict, where: str) -> None:
                          f"this run")
 
 
-def read_policy(results: Any, where: str) -> tuple[str, list]:
-    """The ``(name, thresholds)`` of an eenet-eval results mapping, in this eenet's units.
+def read_policy(results: Any, where: str) -> tuple[str, list, list | None]:
+    """The ``(name, thresholds, temperatures)`` of an eenet-eval results mapping, in this
+    eenet's units: ``create_policy(*read_policy(results, where))`` is the policy the
+    evaluation ran (``temperatures`` is None when it had none).
 
     Refuses in one line a file of a newer eenet (:func:`check_readable`), old entropy
     thresholds (:func:`check_thresholds_readable`) and a file without a policy.
@@ -448,8 +469,9 @@ def read_policy(results: Any, where: str) -> tuple[str, list]:
             or "thresholds" not in policy:
         raise EENetError(f"{where} is not an eenet-eval results.json (no policy with name and "
                          f"thresholds)")
-    thresholds = policy["thresholds"]
-    return policy["name"], list(thresholds) if isinstance(thresholds, list) else thresholds
+    thresholds, temperatures = policy["thresholds"], policy.get("temperatures")
+    return (policy["name"], list(thresholds) if isinstance(thresholds, list) else thresholds,
+            list(temperatures) if isinstance(temperatures, list) else temperatures)
 
 
 def check_results_file(run_dir: str | Path) -> None:
