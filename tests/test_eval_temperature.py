@@ -206,6 +206,25 @@ def test_export_and_runner_reproduce_the_engine_with_temperatures(digits_run, te
     assert (torch.from_numpy(runner(xs.numpy())[1]) != exits).any()
 
 
+@pytest.mark.parametrize("policy,message", [
+    ("confidence", "the confidence policy takes no temperatures"),
+    ("max_prob", "policy temperatures must be {n} finite numbers"),
+])
+def test_the_runner_refuses_temperatures_it_cannot_apply(digits_run, tmp_path, policy, message):
+    cfg = compose_config([f"run={digits_run}", "policy=max_prob", "thresholds=0.5",
+                          f"out={tmp_path / 'onnx'}", "check=false"], config_name="export")
+    path = export_run(cfg)
+    m = json.loads(path.read_text())
+    assert m["format_version"] == 3 and "temperatures" not in m["policy"]  # none given
+    n = len(m["pieces"])  # one temperature per exit
+    temps = [1.0] * n if policy == "confidence" else [-2.0] + [1.0] * (n - 1)
+    m.update(format_version=4, policy={**m["policy"], "name": policy, "temperatures": temps})
+    path.write_text(json.dumps(m))
+    with pytest.raises(ValueError) as err:
+        OnnxEarlyExitRunner(path, threads=1)
+    assert message.format(n=n) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_policy_without_a_logits_temperature_refuses_one(cached):
     _, net, cost, val, _ = cached
     for name in ("confidence", "patience"):
