@@ -30,7 +30,8 @@ def outputs(logits):
 
 
 def test_recipes_are_found():
-    assert {"resnet20", "resnet8", "resnet20_sdn", "trecx_resnet8"} <= set(RECIPES)
+    assert {"resnet20", "resnet8", "resnet20_sdn", "resnet20_branchynet", "resnet20_eenets",
+            "trecx_resnet8"} <= set(RECIPES)
 
 
 def test_label_smoothing_is_szegedys_smoothed_target():
@@ -102,7 +103,8 @@ def test_recipe_composes_with_the_cited_pieces(recipe):
     assert cfg.optimizer.weight_decay == 5e-4
     assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.OneCycleLR"
     assert cfg.scheduler.total_steps == cfg.trainer.max_epochs
-    assert cfg.loss.label_smoothing == 0.1
+    # the cross-entropy terms are smoothed (EENets: its first, multi_ce stage)
+    assert (cfg.loss.first if "first" in cfg.loss else cfg.loss).label_smoothing == 0.1
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -114,7 +116,8 @@ def test_recipe_trains_end_to_end(train_config, recipe, data_root):
     results, objects = train(cfg)
     assert results["test"]["n"] > 0
     module, trainer = objects["module"], objects["trainer"]
-    assert module.loss_fn.label_smoothing == 0.1
+    loss = getattr(module.loss_fn, "first", module.loss_fn)  # EENets: the first stage
+    assert loss.label_smoothing == 0.1
     opt = trainer.optimizers[0]
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
     assert isinstance(trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.OneCycleLR)
