@@ -38,9 +38,10 @@ same as one dense layer on the concatenated features:
   ReLU and global average pooling give ``C_e`` features for the dense layer.
   The paper's code copies the filters into a second depthwise layer before
   every batch for most of training and then lets them part; here they stay
-  tied (one set of weights). Its code also flattens a small grid of these maps
-  for ResNet-8 and MobileNetV1 (512 and 288 features); the global pooling
-  here keeps the added dense layer at ``C_e x K`` weights. Nothing from the
+  tied (one set of weights), and run with the exit's stride and padding (its
+  code uses stride 1 on DS-CNN and MobileNetV1). Its code also flattens a small
+  grid of these maps for ResNet-8 and MobileNetV1 (512 and 288 features); the
+  global pooling here keeps the added dense layer at ``C_e x K`` weights. Nothing from the
   early exit's run is carried to the end, so the dynamic path and the
   exported model need no extra state.
 - ``concat`` (a plain alternative): the early exit's pooled features are
