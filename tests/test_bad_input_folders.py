@@ -39,7 +39,7 @@ RECIPE = ["trainer.max_epochs=1", "dataset.datamodule.train_subset=200", "logger
           "trainer.enable_progress_bar=false", "anytime=false", "threads=1",
           "trainer.accelerator=cpu"]
 EVAL = ["tolerance=1", "timing_passes=0", "threads=1"]
-EVAL_OUTPUTS = ("results.json", "results.md", "curve.png", "exits.png")
+EVAL_OUTPUTS = ("results.json", "results.md", "curve.png", "exits.png", "reliability.png")
 
 
 @pytest.fixture(scope="module")
@@ -389,7 +389,7 @@ main()
 
 def test_a_killed_eval_leaves_its_folder_marked_and_a_rerun_completes_it(digits_run, tmp_path):
     moments = {"folder": [MARKER], "computing": [MARKER],
-               "results": [MARKER, "curve.png", "exits.png", "latency.json"]}
+               "results": [MARKER, "curve.png", "exits.png", "reliability.png", "latency.json"]}
     procs = {m: subprocess.Popen([sys.executable, "-c", STOP_AT, m, f"run={digits_run}", *EVAL,
                                   "latency=true", f"hydra.run.dir={tmp_path / m}"],
                                  env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL,

@@ -27,7 +27,7 @@ def _main(cfg: DictConfig) -> None:
 
     results = run_job(evaluate, cfg)
     print(report(results))
-    written = ", ".join(["results.json", "results.md", "curve.png", "exits.png",
+    written = ", ".join(["results.json", "results.md", "curve.png", "exits.png", "reliability.png",
                          *(["latency.json"] if "latency" in results else [])])
     print(f"\nWritten to {cfg.output_dir}: {written}")
 
