@@ -102,6 +102,9 @@ class ExitPolicy:
             if not self.uses_temperature:
                 raise EENetError(no_temperature_message(self.name))
             self.temperatures = check_temperatures(temperatures)
+            # T_i rounded to float32 once (as Python floats: a float32 tensor divided by one
+            # divides by exactly that float32 value, with no tensor made per call)
+            self._divisors = torch.tensor(self.temperatures, dtype=torch.float32).tolist()
 
     def check_threshold(self, t: float) -> None:
         """Raise (one line) unless ``t`` is a valid threshold in the user's units."""
@@ -154,7 +157,7 @@ class ExitPolicy:
         as the ONNX runner does it, so both make the same decisions.
         """
         if self.temperatures is not None:
-            logits = logits.float() / torch.tensor(self.temperatures[i], dtype=torch.float32)
+            logits = logits.float() / self._divisors[i]
         return self.exit_score(logits, conf_logit, state)
 
     def scores(self, outputs) -> torch.Tensor:
