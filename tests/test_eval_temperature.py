@@ -11,6 +11,10 @@ plots hold, and that bad options are one line.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +40,8 @@ from eenet.jobs.train import train
 from eenet.policies import TEMPERATURE_POLICIES, create_policy
 from eenet.reporting.results import PLAIN_FORMAT, TEMPERATURES_FROM, RunResults, read_policy
 from eenet.runs import load_run
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +136,45 @@ def test_temperature_false_is_the_evaluation_without_temperatures(digits_run, ca
     for name, scores in expected.items():
         assert torch.equal(create_policy(name).scores(out), scores)
         assert torch.equal(Calibrator(val, name, cost).scores, scores)
+
+
+#: the last commit before temperatures existed
+BEFORE_TEMPERATURES = "f9e4cef"
+EVAL_SCRIPT = """
+import sys
+from eenet.config import compose_config
+from eenet.jobs.evaluate import evaluate
+evaluate(compose_config(sys.argv[2:], output_dir=sys.argv[1], config_name="eval"))
+"""
+
+
+def test_temperature_false_equals_the_code_before_temperatures(digits_run, tmp_path):
+    """The same evaluation by the code of the last commit before temperatures (its source
+    from git, run in its own process) and by this code with ``temperature=false``: the
+    same results.json (the wall-clock time of the test pass aside) and results.md."""
+    old = tmp_path / "old_source"
+    old.mkdir()
+    try:
+        archive = subprocess.run(["git", "archive", BEFORE_TEMPERATURES, "eenet"], cwd=REPO,
+                                 capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip(f"needs git history with commit {BEFORE_TEMPERATURES} (a shallow clone or an "
+                    f"archive has none)")
+    subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
+    options = [f"run={digits_run}", "timing_passes=0", "threads=1", "policy=max_prob",
+               "budget=0.5"]
+    folders = {}
+    for name, path, extra in (("before", str(old), []), ("now", str(REPO), ["temperature=false"])):
+        folders[name] = tmp_path / name
+        # from tmp_path: run from the repository, '' on sys.path would import this eenet
+        env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+        done = subprocess.run([sys.executable, "-c", EVAL_SCRIPT, str(folders[name]), *options,
+                               *extra], env=env, cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    before, now = (json.loads((folders[k] / "results.json").read_text()) for k in ("before", "now"))
+    assert without_wall_clock(now) == without_wall_clock(before)
+    assert (folders["now"] / "results.md").read_text() == (folders["before"] / "results.md").read_text()
+    assert not (folders["before"] / "reliability.png").exists()  # the old code: really run
 
 
 def test_temperatures_never_see_the_test_split(digits_run, tempered, tmp_path, monkeypatch):
