@@ -129,7 +129,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--epochs-reason", default=None,
                    help="why that many epochs (recorded in the JSON; default: EPOCHS_REASON "
                         "for the default count)")
-    p.add_argument("--post-epochs", type=int, default=3, help="post-training epochs (default 3)")
+    p.add_argument("--post-epochs", type=int, default=5, help="post-training epochs (default 5)")
     p.add_argument("--exits-at", default="layer1,layer2,layer3",
                    help="graph nodes the branches read, comma-separated")
     p.add_argument("--policies", default="confidence,max_prob,entropy",
@@ -140,8 +140,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="step 4 only, on the finished runs (their results JSON must exist)")
     p.add_argument("--threads", type=int, default=1, help="torch threads of the timing")
     p.add_argument("--reps", type=int, default=5, help="timing repetitions (median)")
-    p.add_argument("--samples-1", type=int, default=500, help="test samples timed at batch 1")
-    p.add_argument("--samples-256", type=int, default=5120,
+    p.add_argument("--samples-1", type=int, default=1000, help="test samples timed at batch 1")
+    p.add_argument("--samples-256", type=int, default=10000,
                    help="test samples timed at batch 256")
     p.add_argument("--name", default=None, help="results file name (default: graph_pteenet)")
     p.add_argument("--smoke", action="store_true",
