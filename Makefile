@@ -50,12 +50,13 @@ experiments-core: $(STAMP) ## Core acceptance: MNIST lambda sweep and training-t
 	$(PY) experiments/bench/bench_train.py --data $(DATA_ROOT)
 
 SMOKE ?=
+CIFAR10 ?=
 TABLE_ARGS ?=
-table-%: $(STAMP) ## paper tables: table-eenets, table-baselines, table-pteenet, table-trecx (SMOKE=1: tiny data)
-	SMOKE=$(SMOKE) $(PY) experiments/tables.py $* --data $(DATA_ROOT) $(TABLE_ARGS)
+table-%: $(STAMP) ## paper tables: table-eenets, table-baselines, table-pteenet, table-trecx (SMOKE=1: tiny data; CIFAR10=1: train the CIFAR-10 (JPEG) rows, CPU hours)
+	SMOKE=$(SMOKE) CIFAR10=$(CIFAR10) $(PY) experiments/tables.py $* --data $(DATA_ROOT) $(TABLE_ARGS)
 
 tables: $(STAMP) ## every paper table (SMOKE=1 runs each pipeline on tiny data in a few minutes)
-	SMOKE=$(SMOKE) $(PY) experiments/tables.py all --data $(DATA_ROOT) $(TABLE_ARGS)
+	SMOKE=$(SMOKE) CIFAR10=$(CIFAR10) $(PY) experiments/tables.py all --data $(DATA_ROOT) $(TABLE_ARGS)
 
 clean: ## remove outputs, multirun folders and caches (keeps .venv)
 	rm -rf outputs multirun .pytest_cache .hypothesis
