@@ -102,21 +102,37 @@ def tail_latency(engine, samples, warmup: int = 10) -> dict:
     "backend", "samples", "exit_ms"}``: percentiles interpolated between order statistics;
     ``exit_ms`` the mean time of the samples that left at each exit (None where none did).
     """
+    return tail_latencies({"engine": engine}, samples, warmup)["engine"]
+
+
+def tail_latencies(engines: dict, samples, warmup: int = 10) -> dict[str, dict]:
+    """:func:`tail_latency` of several engines on the same samples, interleaved: each sample
+    runs on every engine in turn, the order rotating from sample to sample, so that a slow
+    spell of a shared machine falls on all of them. Returns one dict per key of ``engines``."""
     if isinstance(samples, torch.Tensor):
         samples = [samples[i:i + 1] for i in range(samples.shape[0])]
     samples = list(samples)
     if not samples:
         raise EENetError("tail_latency needs at least one sample")
+    names = list(engines)
     for x in samples[:warmup]:
-        engine(x)
-    times, exits = [], []
-    for x in samples:
-        t0 = time.perf_counter()
-        out = engine(x)
-        times.append(1e3 * (time.perf_counter() - t0))
-        exits.append(int(out.exit[0]))
+        for name in names:
+            engines[name](x)
+    times = {name: [] for name in names}
+    exits = {name: [] for name in names}
+    for k, x in enumerate(samples):
+        shift = k % len(names)
+        for name in names[shift:] + names[:shift]:
+            t0 = time.perf_counter()
+            out = engines[name](x)
+            times[name].append(1e3 * (time.perf_counter() - t0))
+            exits[name].append(int(out.exit[0]))
+    return {name: _summary(engines[name], times[name], exits[name]) for name in names}
+
+
+def _summary(engine, times: list[float], exits: list[int]) -> dict:
     srt = sorted(times)
-    per_exit = {}
+    per_exit: dict[int, list[float]] = {}
     for e, t in zip(exits, times):
         per_exit.setdefault(e, []).append(t)
     n_exits = len(getattr(engine, "costs", [])) or (max(exits) + 1)
