@@ -339,7 +339,7 @@ EVAL_RULES: list[tuple[str, Accepts]] = [
     ("delta", said(number(0, 1), "a probability in (0, 1)")),
     ("policy", choice(POLICIES)),
     ("engine", choice(BACKENDS)),
-    ("cost", choice(("macs", "latency")) | NULL),
+    ("cost", nullable(choice(("macs", "latency")), "macs, or latency with budget_ms")),
     ("budget_ms", said(number(0, lo_open=True) | NULL,
                        "milliseconds > 0 (the expected time per sample at batch 1), or null")),
     ("engine_cache", nullable(path(), "RUN_DIR/engine_cache")),

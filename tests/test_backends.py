@@ -197,3 +197,76 @@ def test_budget_ms_against_brute_force():
         assert res.target["expected_ms"] == pytest.approx(-oracle[0][1] / b, abs=1e-9)
     with pytest.raises(EENetError, match="budget_ms needs measured latencies"):
         Calibrator(cached, "max_prob", [0.2, 0.5, 1.0], grid=5).calibrate(budget_ms=0.5)
+
+
+# ---- several live values (issue 19, item 3) ---------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet18", "unet", "trecx_concat", "trecx_trecx"])
+def test_backends_carry_several_live_values(name, tmp_path):
+    """A torchvision resnet18 cut inside a block (its shortcut crosses the cut), a U-Net skip
+    across two cuts, T-RecX ``concat`` (exit 0's features carried to the final exit) and
+    ``trecx``: each backend's steps give eager's exits and predictions."""
+    from test_graph_export import build  # tests/ is on sys.path
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net, size = build(name)
+        cost = exit_cost_table(net, size)
+        x = torch.randn(24, *size, generator=torch.Generator().manual_seed(1)) * 2
+        pol = create_policy("max_prob")
+        with torch.inference_mode():
+            scores = pol.scores(net(x))
+        built = {b: create_engine(net, create_policy("max_prob", [0.5] * (net.num_exits - 1)),
+                                  cost, backend=b, cache_dir=tmp_path / b)
+                 for b in ("compiled", "onnxruntime")}
+        for backend, eng in built.items():
+            with torch.inference_mode():  # every exit through the backend's steps
+                live, got = (x,), []
+                for step in eng.steps[:-1]:
+                    live = step.body(live)
+                    lg, _, live = step.head(live)
+                    got.append(torch.softmax(lg, 1).max(1).values)
+            margin = 4 * float((torch.stack(got, 1) - scores).abs().max()) + 1e-7
+            gen = torch.Generator().manual_seed(2)
+            used = set()
+            for trial in range(4):
+                policy = create_policy("max_prob", thresholds_in_gaps(scores, gen, margin))
+                ref = create_engine(net, policy, cost)
+                other = type(eng)(net, policy, cost, eng.steps, backend, 0.0)
+                for bs in (1, 5, 24):
+                    for start in range(0, 24, bs):
+                        a, b = ref(x[start:start + bs]), other(x[start:start + bs])
+                        assert torch.equal(a.exit, b.exit), (backend, trial, bs)
+                        assert torch.equal(a.pred, b.pred), (backend, trial, bs)
+                        used |= set(a.exit.tolist())
+            assert len(used) >= 2, "the thresholds must send samples to several exits"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tail_latencies_interleave_engines_on_the_same_samples(engines):
+    from eenet.inference.latency import tail_latencies
+
+    x = torch.randn(30, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    class Counting:
+        def __init__(self, name, engine):
+            self.name, self.engine, self.backend = name, engine, engine.backend
+            self.costs = engine.costs
+
+        def __call__(self, xb):
+            calls.append(self.name)
+            return self.engine(xb)
+
+    both = {b: Counting(b, engines[b]) for b in ("eager", "onnxruntime")}
+    out = tail_latencies(both, x, warmup=2)
+    assert set(out) == set(both)
+    for b, t in out.items():
+        assert t["backend"] == b and t["samples"] == 30
+        assert 0 < t["p50_ms"] <= t["p95_ms"] <= t["p99_ms"] <= t["max_ms"]
+    timed = calls[2 * 2:]  # after the warm-up
+    assert len(timed) == 60
+    # each sample runs on both, the order alternating from sample to sample
+    assert [timed[2 * k] for k in range(30)] == ["eager", "onnxruntime"] * 15
