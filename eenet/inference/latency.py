@@ -180,9 +180,17 @@ class LatencyCostTable:
     def skippable(self) -> list[bool]:
         return list(self.skippable_heads)
 
-    def expected_ms(self, exit_rates: Sequence[float]) -> float:
-        """E[time per sample] = sum_i rate_i x ms_i (every head run)."""
-        return sum(r * m for r, m in zip(exit_rates, self.ms))
+    def expected_ms(self, exit_rates: Sequence[float],
+                    idle: Sequence[bool] | None = None) -> float:
+        """E[time per sample] = sum_i rate_i x (ms_i - the head_ms of the idle early exits
+        before i, whose heads the engine leaves out); every head run when ``idle`` is None."""
+        idle = list(idle or [False] * len(self.head_ms))
+        total, saved = 0.0, 0.0
+        for i, (r, m) in enumerate(zip(exit_rates, self.ms)):
+            total += r * (m - saved)
+            if i < len(self.head_ms) and idle[i] and self.skippable_heads[i]:
+                saved += self.head_ms[i]
+        return total
 
     def expected_percentile_ms(self, exit_rates: Sequence[float], q: float) -> float:
         """The q-th percentile of the per-sample time if a sample leaving at exit i took ms_i:
