@@ -270,3 +270,27 @@ def test_tail_latencies_interleave_engines_on_the_same_samples(engines):
     assert len(timed) == 60
     # each sample runs on both, the order alternating from sample to sample
     assert [timed[2 * k] for k in range(30)] == ["eager", "onnxruntime"] * 15
+
+
+def test_a_damaged_or_foreign_onnx_cache_is_exported_again(tmp_path):
+    """The cache is checked against the network before use: a damaged file, or another
+    network's piece under a matching key, is replaced by a new export, never run."""
+    policy = create_policy("max_prob", 0.5)
+    cache = tmp_path / "ort"
+    first = create_engine(NET, policy, COST, backend="onnxruntime", cache_dir=cache)
+    x = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(5))
+    ref = first(x)
+    other = make_net(seed=1)
+    create_engine(other, policy, exit_cost_table(other), backend="onnxruntime",
+                  cache_dir=tmp_path / "other")
+    for damage in ("garbage", "foreign"):
+        target = cache / "segment_1.onnx"
+        if damage == "garbage":
+            target.write_bytes(b"not an onnx file")
+        else:
+            target.write_bytes((tmp_path / "other" / "segment_1.onnx").read_bytes())
+        before = target.read_bytes()
+        again = create_engine(NET, policy, COST, backend="onnxruntime", cache_dir=cache)
+        assert target.read_bytes() != before, damage  # exported again
+        out = again(x)
+        assert torch.equal(out.exit, ref.exit) and torch.equal(out.pred, ref.pred), damage
