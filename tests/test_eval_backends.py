@@ -218,3 +218,16 @@ def test_onnxruntime_missing_is_one_line(digits_run, tmp_path, capsys, monkeypat
                           "engine=onnxruntime needs the package(s) onnxruntime, not installed "
                           "here: pip install 'eenet[export]'")
     assert _tree(tmp_path) == before
+
+
+def test_an_engine_cache_that_cannot_be_written_is_one_line(digits_run, tmp_path, capsys,
+                                                            monkeypatch):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    (tmp_path / "a_file").write_text("not a folder\n")
+    before, run_before = _tree(tmp_path), _tree(digits_run)
+    _expect_one_line_exit(evaluate, eval_config(digits_run, tmp_path / "eval", "tolerance=1",
+                                                "engine=onnxruntime",
+                                                f"engine_cache={tmp_path / 'a_file' / 'c'}"),
+                          capsys, "engine=onnxruntime cannot keep its build in ")
+    assert _tree(tmp_path) == before
+    assert _tree(digits_run) == run_before

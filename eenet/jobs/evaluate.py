@@ -155,8 +155,13 @@ def _plain_engine(cfg: DictConfig, net, cost, input_size) -> BackendEngine:
     if backend != "eager":
         cache = Path(cfg.get("engine_cache") or Path(cfg.run) / "engine_cache") / backend
     threads = int(cfg.threads) if cfg.get("threads") else torch.get_num_threads()
-    return create_engine(net, create_policy("confidence", math.inf), cost, backend=backend,
-                         cache_dir=cache, input_size=input_size, threads=threads)
+    try:
+        return create_engine(net, create_policy("confidence", math.inf), cost, backend=backend,
+                             cache_dir=cache, input_size=input_size, threads=threads)
+    except OSError as exc:
+        raise EENetError(f"engine={backend} cannot keep its build in {cache}: "
+                         f"{exc.strerror or exc}; give engine_cache=<a folder you can write>") \
+            from None
 
 
 def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: DictConfig, dm,
