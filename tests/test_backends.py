@@ -195,6 +195,10 @@ def test_budget_ms_against_brute_force():
         assert res.target["expected_ms"] <= budget_ms + 1e-9
         assert res.chosen.accuracy == pytest.approx(oracle[0][0] / b, abs=1e-12)
         assert res.target["expected_ms"] == pytest.approx(-oracle[0][1] / b, abs=1e-9)
+        # the table's own expectation, given which exits are idle, is the calibrator's
+        idle = [math.isinf(t) and t > 0 for t in res.chosen.thresholds]
+        assert table.expected_ms(res.chosen.exit_rates, idle) == pytest.approx(
+            res.target["expected_ms"], abs=1e-9)
     with pytest.raises(EENetError, match="budget_ms needs measured latencies"):
         Calibrator(cached, "max_prob", [0.2, 0.5, 1.0], grid=5).calibrate(budget_ms=0.5)
 

@@ -180,27 +180,34 @@ class LatencyCostTable:
     def skippable(self) -> list[bool]:
         return list(self.skippable_heads)
 
-    def expected_ms(self, exit_rates: Sequence[float],
-                    idle: Sequence[bool] | None = None) -> float:
-        """E[time per sample] = sum_i rate_i x (ms_i - the head_ms of the idle early exits
-        before i, whose heads the engine leaves out); every head run when ``idle`` is None."""
+    def exit_ms(self, idle: Sequence[bool] | None = None) -> list[float]:
+        """Per exit i, ms_i less the head_ms of the idle (skippable) early exits before i,
+        whose heads the engine leaves out; ``ms`` itself when ``idle`` is None."""
         idle = list(idle or [False] * len(self.head_ms))
-        total, saved = 0.0, 0.0
-        for i, (r, m) in enumerate(zip(exit_rates, self.ms)):
-            total += r * (m - saved)
+        out, saved = [], 0.0
+        for i, m in enumerate(self.ms):
+            out.append(m - saved)
             if i < len(self.head_ms) and idle[i] and self.skippable_heads[i]:
                 saved += self.head_ms[i]
-        return total
+        return out
 
-    def expected_percentile_ms(self, exit_rates: Sequence[float], q: float) -> float:
-        """The q-th percentile of the per-sample time if a sample leaving at exit i took ms_i:
-        the smallest ms_i whose cumulative rate (exits sorted by time) reaches q/100."""
+    def expected_ms(self, exit_rates: Sequence[float],
+                    idle: Sequence[bool] | None = None) -> float:
+        """E[time per sample] = sum_i rate_i x :meth:`exit_ms` (idle)_i."""
+        return sum(r * m for r, m in zip(exit_rates, self.exit_ms(idle)))
+
+    def expected_percentile_ms(self, exit_rates: Sequence[float], q: float,
+                               idle: Sequence[bool] | None = None) -> float:
+        """The q-th percentile of the per-sample time if a sample leaving at exit i took
+        :meth:`exit_ms` (idle)_i: the smallest such time whose cumulative rate (exits sorted
+        by time) reaches q/100."""
+        times = self.exit_ms(idle)
         acc = 0.0
-        for m, r in sorted(zip(self.ms, exit_rates)):
+        for m, r in sorted(zip(times, exit_rates)):
             acc += r
             if acc >= q / 100 - 1e-12:
                 return m
-        return max(self.ms)
+        return max(times)
 
     def to_dict(self) -> dict:
         return {"ms": self.ms, "head_ms": self.head_ms, "skippable": self.skippable_heads,
@@ -226,7 +233,8 @@ def latency_cost_table(engine, input_size: Sequence[int], batch_size: int = 1,
                        seed: int = 0) -> LatencyCostTable:
     """Per-exit time per sample of ``engine`` (a DynamicEngine or a backend's engine) at
     ``batch_size``: the median time of the engine's own walk with every sample forced out at
-    exit i, divided by the batch size (module docstring)."""
+    exit i, divided by the batch size (module docstring); the exits are timed in turn,
+    ``repeats`` times each (more while under ``min_seconds`` per exit)."""
     from eenet.inference.engine import DynamicEngine
 
     steps = getattr(engine, "steps", None) or engine._steps
@@ -235,16 +243,32 @@ def latency_cost_table(engine, input_size: Sequence[int], batch_size: int = 1,
     name = engine.policy.name
     always = engine.policy.always_leave
     x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(seed))
-    ms, repeats_done = [], 0
+    forced = []
     for i in range(net.num_exits):
         thr = [math.inf] * n_early
         if i < n_early:
             thr[i] = always
-        forced = DynamicEngine(net, create_policy(name, thr), [0.0] * net.num_exits)
-        forced._steps = steps  # the backend's steps; plain fractions: every head runs
-        t, n = _median_ms(lambda: forced(x), repeats, warmup, min_seconds)
-        ms.append(t / batch_size)
-        repeats_done = max(repeats_done, n)
+        eng = DynamicEngine(net, create_policy(name, thr), [0.0] * net.num_exits)
+        eng._steps = steps  # the backend's steps; plain fractions: every head runs
+        forced.append(eng)
+    # the exits in turn within each repeat (the order rotating), so that a slow spell of a
+    # shared machine falls on every exit alike rather than on the exit timed during it
+    for eng in forced:
+        for _ in range(warmup):
+            eng(x)
+    samples: list[list[float]] = [[] for _ in forced]
+    spent, r = 0.0, 0
+    while r < repeats or spent < min_seconds * len(forced):
+        for k in range(len(forced)):
+            i = (k + r) % len(forced)
+            t0 = time.perf_counter()
+            forced[i](x)
+            dt = time.perf_counter() - t0
+            samples[i].append(dt)
+            spent += dt
+        r += 1
+    ms = [1e3 * statistics.median(v) / batch_size for v in samples]
+    repeats_done = r
     # what an idle head saves: the head and the policy's score on the head's own input
     head_ms, skippable = [], []
     with torch.inference_mode():
