@@ -261,19 +261,26 @@ def test_tail_latencies_interleave_engines_on_the_same_samples(engines):
             self.costs = engine.costs
 
         def __call__(self, xb):
-            calls.append(self.name)
+            calls.append((self.name, float(xb.sum())))
             return self.engine(xb)
 
     both = {b: Counting(b, engines[b]) for b in ("eager", "onnxruntime")}
-    out = tail_latencies(both, x, warmup=2)
+    out = tail_latencies(both, x, warmup=2, block=8)
     assert set(out) == set(both)
     for b, t in out.items():
         assert t["backend"] == b and t["samples"] == 30
         assert 0 < t["p50_ms"] <= t["p95_ms"] <= t["p99_ms"] <= t["max_ms"]
-    timed = calls[2 * 2:]  # after the warm-up
-    assert len(timed) == 60
-    # each sample runs on both, the order alternating from sample to sample
-    assert [timed[2 * k] for k in range(30)] == ["eager", "onnxruntime"] * 15
+    # blocks of 8 samples (the last of 6), each on both engines, the first engine alternating;
+    # a warm-up of 2 samples before each engine's first block
+    ids = [float(v.sum()) for v in x]
+    expected = []
+    for b, start in enumerate(range(0, 30, 8)):
+        order = ["eager", "onnxruntime"] if b % 2 == 0 else ["onnxruntime", "eager"]
+        for name in order:
+            if b == 0:
+                expected += [(name, i) for i in ids[:2]]
+            expected += [(name, i) for i in ids[start:start + 8]]
+    assert calls == expected
 
 
 def test_a_damaged_or_foreign_onnx_cache_is_exported_again(tmp_path):
