@@ -41,6 +41,7 @@ from eenet.calibration.guarantee import METHODS as GUARANTEE_METHODS
 from eenet.calibration.risk import RISKS
 from eenet.errors import EENetError
 from eenet.models.graph_split import TOKEN_POOLS
+from eenet.inference.backends import BACKENDS
 from eenet.models.trecx import MITIGATIONS
 from eenet.policies import POLICIES, TEMPERATURE_POLICIES, no_temperature_message
 from eenet.training.metrics import LOG_KEYS, PER_EXIT_LOG_KEYS
@@ -353,6 +354,13 @@ EVAL_RULES: list[tuple[str, Accepts]] = [
     ("delta", said(number(0, 1), "a probability in (0, 1)")),
     ("policy", choice(POLICIES)),
     ("temperature", boolean()),
+    ("engine", choice(BACKENDS)),
+    ("cost", nullable(choice(("macs", "latency")), "macs, or latency with budget_ms")),
+    ("budget_ms", said(number(0, lo_open=True) | NULL,
+                       "milliseconds > 0 (the expected time per sample at batch 1), or null")),
+    ("engine_cache", nullable(path(), "RUN_DIR/engine_cache")),
+    ("tail_latency", boolean()),
+    ("latency_samples", nullable(integer(1), "every test sample")),
     ("batch_size", integer(1)),
     ("grid", said(integer(2), "an integer >= 2 (candidate thresholds per exit)")),
     ("latency", boolean()),
@@ -521,6 +529,33 @@ def _temperature_policy(cfg: DictConfig) -> None:
         raise EENetError(f"temperature=true: {no_temperature_message(cfg.policy, 'temperature=false')}")
 
 
+def _budget_ms(cfg: DictConfig) -> None:
+    """``budget_ms`` is a target of its own, calibrated on measured latencies (not MACs)."""
+    if cfg.get("budget_ms") is None:
+        return
+    others = [k for k in ("budget", "tolerance", "min_accuracy", "guarantee")
+              if cfg.get(k) is not None]
+    if others:
+        raise EENetError(f"budget_ms={show(cfg.budget_ms)} is a calibration target of its own: "
+                         f"drop {', '.join(f'{k}={show(cfg.get(k))}' for k in others)}")
+    if cfg.get("cost") == "macs":
+        raise EENetError(f"budget_ms={show(cfg.budget_ms)} is in milliseconds: it needs measured "
+                         f"latencies as the cost (cost=latency, or leave cost out); with cost=macs "
+                         f"give budget=B (a fraction of the MACs)")
+
+
+def _engine_installed(cfg: DictConfig) -> None:
+    """``engine=onnxruntime`` needs the onnxruntime and onnx packages (eenet's ``export`` extra)."""
+    if cfg.get("engine") == "onnxruntime":
+        import importlib.util
+
+        missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+        if missing:
+            raise EENetError(f"engine=onnxruntime needs the package(s) {', '.join(missing)}, not "
+                             f"installed here: pip install 'eenet[export]', or give engine=eager "
+                             f"or engine=compiled")
+
+
 def _optimism_needs_tolerance(cfg: DictConfig) -> None:
     if cfg.get("optimism_folds") and cfg.get("tolerance") is None:
         raise EENetError(f"optimism_folds={cfg.optimism_folds} corrects a tolerance target; "
@@ -546,9 +581,12 @@ def check_eval_config(cfg: DictConfig) -> None:
     _needs_run(cfg, "evaluate")
     check_options(cfg, EVAL_RULES)
     _data_root(cfg)
-    _one_target(cfg)
+    if cfg.get("budget_ms") is None:
+        _one_target(cfg)
+    _budget_ms(cfg)
     _optimism_needs_tolerance(cfg)
     _temperature_policy(cfg)
+    _engine_installed(cfg)
 
 
 def check_export_config(cfg: DictConfig) -> None:

@@ -195,5 +195,113 @@ def test_budget_ms_against_brute_force():
         assert res.target["expected_ms"] <= budget_ms + 1e-9
         assert res.chosen.accuracy == pytest.approx(oracle[0][0] / b, abs=1e-12)
         assert res.target["expected_ms"] == pytest.approx(-oracle[0][1] / b, abs=1e-9)
+        # the table's own expectation, given which exits are idle, is the calibrator's
+        idle = [math.isinf(t) and t > 0 for t in res.chosen.thresholds]
+        assert table.expected_ms(res.chosen.exit_rates, idle) == pytest.approx(
+            res.target["expected_ms"], abs=1e-9)
     with pytest.raises(EENetError, match="budget_ms needs measured latencies"):
         Calibrator(cached, "max_prob", [0.2, 0.5, 1.0], grid=5).calibrate(budget_ms=0.5)
+
+
+# ---- several live values (issue 19, item 3) ---------------------------------------------------
+
+@pytest.mark.parametrize("name", ["resnet18", "unet", "trecx_concat", "trecx_trecx"])
+def test_backends_carry_several_live_values(name, tmp_path):
+    """A torchvision resnet18 cut inside a block (its shortcut crosses the cut), a U-Net skip
+    across two cuts, T-RecX ``concat`` (exit 0's features carried to the final exit) and
+    ``trecx``: each backend's steps give eager's exits and predictions."""
+    from test_graph_export import build  # tests/ is on sys.path
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        net, size = build(name)
+        cost = exit_cost_table(net, size)
+        x = torch.randn(24, *size, generator=torch.Generator().manual_seed(1)) * 2
+        pol = create_policy("max_prob")
+        with torch.inference_mode():
+            scores = pol.scores(net(x))
+        built = {b: create_engine(net, create_policy("max_prob", [0.5] * (net.num_exits - 1)),
+                                  cost, backend=b, cache_dir=tmp_path / b)
+                 for b in ("compiled", "onnxruntime")}
+        for backend, eng in built.items():
+            with torch.inference_mode():  # every exit through the backend's steps
+                live, got = (x,), []
+                for step in eng.steps[:-1]:
+                    live = step.body(live)
+                    lg, _, live = step.head(live)
+                    got.append(torch.softmax(lg, 1).max(1).values)
+            margin = 4 * float((torch.stack(got, 1) - scores).abs().max()) + 1e-7
+            gen = torch.Generator().manual_seed(2)
+            used = set()
+            for trial in range(4):
+                policy = create_policy("max_prob", thresholds_in_gaps(scores, gen, margin))
+                ref = create_engine(net, policy, cost)
+                other = type(eng)(net, policy, cost, eng.steps, backend, 0.0)
+                for bs in (1, 5, 24):
+                    for start in range(0, 24, bs):
+                        a, b = ref(x[start:start + bs]), other(x[start:start + bs])
+                        assert torch.equal(a.exit, b.exit), (backend, trial, bs)
+                        assert torch.equal(a.pred, b.pred), (backend, trial, bs)
+                        used |= set(a.exit.tolist())
+            assert len(used) >= 2, "the thresholds must send samples to several exits"
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tail_latencies_interleave_engines_on_the_same_samples(engines):
+    from eenet.inference.latency import tail_latencies
+
+    x = torch.randn(30, 1, 12, 12, generator=torch.Generator().manual_seed(4))
+    calls = []
+
+    class Counting:
+        def __init__(self, name, engine):
+            self.name, self.engine, self.backend = name, engine, engine.backend
+            self.costs = engine.costs
+
+        def __call__(self, xb):
+            calls.append((self.name, float(xb.sum())))
+            return self.engine(xb)
+
+    both = {b: Counting(b, engines[b]) for b in ("eager", "onnxruntime")}
+    out = tail_latencies(both, x, warmup=2, block=8)
+    assert set(out) == set(both)
+    for b, t in out.items():
+        assert t["backend"] == b and t["samples"] == 30
+        assert 0 < t["p50_ms"] <= t["p95_ms"] <= t["p99_ms"] <= t["max_ms"]
+    # blocks of 8 samples (the last of 6), each on both engines, the first engine alternating;
+    # a warm-up of 2 samples before each engine's first block
+    ids = [float(v.sum()) for v in x]
+    expected = []
+    for b, start in enumerate(range(0, 30, 8)):
+        order = ["eager", "onnxruntime"] if b % 2 == 0 else ["onnxruntime", "eager"]
+        for name in order:
+            if b == 0:
+                expected += [(name, i) for i in ids[:2]]
+            expected += [(name, i) for i in ids[start:start + 8]]
+    assert calls == expected
+
+
+def test_a_damaged_or_foreign_onnx_cache_is_exported_again(tmp_path):
+    """The cache is checked against the network before use: a damaged file, or another
+    network's piece under a matching key, is replaced by a new export, never run."""
+    policy = create_policy("max_prob", 0.5)
+    cache = tmp_path / "ort"
+    first = create_engine(NET, policy, COST, backend="onnxruntime", cache_dir=cache)
+    x = torch.randn(16, 1, 12, 12, generator=torch.Generator().manual_seed(5))
+    ref = first(x)
+    other = make_net(seed=1)
+    create_engine(other, policy, exit_cost_table(other), backend="onnxruntime",
+                  cache_dir=tmp_path / "other")
+    for damage in ("garbage", "foreign"):
+        target = cache / "segment_1.onnx"
+        if damage == "garbage":
+            target.write_bytes(b"not an onnx file")
+        else:
+            target.write_bytes((tmp_path / "other" / "segment_1.onnx").read_bytes())
+        before = target.read_bytes()
+        again = create_engine(NET, policy, COST, backend="onnxruntime", cache_dir=cache)
+        assert target.read_bytes() != before, damage  # exported again
+        out = again(x)
+        assert torch.equal(out.exit, ref.exit) and torch.equal(out.pred, ref.pred), damage

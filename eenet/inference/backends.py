@@ -8,11 +8,15 @@ engine's own, so the backends can differ only in the logits their steps compute:
 
 - ``eager``: ``net.walk()`` as it is (today's engine).
 - ``compiled``: every body and head traced with ``torch.jit.trace`` on the live values and frozen
-  (``torch.jit.freeze``, which also folds each BatchNorm into the convolution before it). Chosen
-  by measurement on this 2-core CPU (``experiments/bench/bench_backends.py`` holds the figures):
-  at batch 1 the per-operation dispatch of eager PyTorch dominates and a frozen TorchScript graph
-  removes most of it; ``torch.compile(dynamic=True)`` compiles with a C++ toolchain for tens of
-  seconds per run and was not faster at batch 1 here. Frozen graphs round differently from eager
+  (``torch.jit.freeze``, which also folds each BatchNorm into the convolution before it). At
+  batch 1 the per-operation dispatch of eager PyTorch dominates and a frozen TorchScript graph
+  removes much of it. ``torch.compile(dynamic=True)`` was measured against it once on this
+  2-core AMD EPYC, a busy one (load average 8; the plain mnist_budget resnet20, 1 thread, 300
+  MNIST test images one by one, median of 5 interleaved passes): its first calls took 32.6 s
+  (a C++ toolchain compiles the kernels; tracing and freezing 0.3 s), and it ran 11.3 ms per
+  image against 9.3 for trace + freeze (eager 14.2), so trace + freeze was kept;
+  ``experiments/bench/bench_backends.py`` measures the backends on an idle machine. Frozen
+  graphs round differently from eager
   (folded BatchNorm), so exits equal eager's except for a score within that rounding of its
   threshold (tests place thresholds away from the scores). Traced modules are cached in memory
   per ``cache_dir`` and weights, not on disk: loading TorchScript runs code from the file, and
@@ -21,7 +25,11 @@ engine's own, so the backends can differ only in the logits their steps compute:
   ``cache_dir`` (re-exported only when the weights changed: a digest of the state dict is kept
   beside the manifest), the pieces opened by :class:`eenet.export.onnx_runner.OnnxEarlyExitRunner`
   (which checks the manifest), each piece wrapped as a step (numpy views of the torch tensors,
-  no copy). Staged networks without carried features only, as the export.
+  no copy). An ONNX file is data to onnxruntime (no Python runs from it), and a cached export
+  is checked against the network on a random batch before use and exported again when it
+  differs. Several live values are carried by the names the manifest (format 3) gives them:
+  a T-RecX ``concat`` exit's features, the skip connections of a graph backbone that cross a
+  cut (:func:`_ort_plan`).
 
 ``create_engine(net, policy, cost, backend=..., cache_dir=...)`` builds one; its
 ``build_seconds`` (trace/export) and ``first_call_seconds`` (the first batch, which warms every
@@ -33,6 +41,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -41,6 +50,7 @@ import torch
 
 from eenet.cost import CostTable
 from eenet.errors import EENetError
+from eenet.io import atomic_write_text
 from eenet.inference.engine import DynamicEngine, DynamicOutput
 from eenet.models.early_exit import EarlyExitNetwork, Step
 from eenet.policies import ExitPolicy
@@ -85,7 +95,12 @@ def compiled_steps(net: EarlyExitNetwork, input_size: Sequence[int]) -> list[Ste
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     live: tuple = (x,)
     out: list[Step] = []
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit's deprecation notes, and the tracer's notes on Python numbers read from
+        # shapes (the number of classes, fixed per network); the tests compare every backend
+        # with eager on other batch sizes and inputs than the trace's
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         for step in steps:
             body = torch.jit.freeze(torch.jit.trace(_Traced(step.body, net).eval(), live,
                                                     check_trace=False))
@@ -115,9 +130,10 @@ def _head_of(traced) -> callable:
 def onnx_steps(net: EarlyExitNetwork, input_size: Sequence[int], cache_dir: str | Path,
                policy: ExitPolicy, threads: int | None = None) -> list[Step]:
     """The network exported to ONNX in ``cache_dir`` (once per weights) and run by onnxruntime,
-    one step per exported segment and head."""
+    one step per exported segment and head, carrying the live values by their manifest names
+    (:func:`_ort_plan`). A cached export is checked against the network before it is used
+    (:func:`_matches`) and exported again when it does not match (edited, or a stale key)."""
     from eenet.export.onnx import export_segments
-    from eenet.export.onnx_runner import OnnxEarlyExitRunner
 
     folder = Path(cache_dir)
     key = {"weights_sha256": weights_digest(net), "input_size": [int(v) for v in input_size]}
@@ -126,39 +142,107 @@ def onnx_steps(net: EarlyExitNetwork, input_size: Sequence[int], cache_dir: str 
         fresh = json.loads(key_path.read_text()) == key and (folder / "manifest.json").is_file()
     except (OSError, ValueError):
         fresh = False
-    if not fresh:
-        export_segments(net, input_size, folder, policy, cost_table=None, check=False)
-        key_path.write_text(json.dumps(key) + "\n")
-    runner = OnnxEarlyExitRunner(folder, threads=threads)
-    steps = net.walk()
-    if len(runner.pieces) != len(steps):
-        raise EENetError(f"{folder}: {len(runner.pieces)} exported pieces for {len(steps)} steps")
-    out = []
-    for (segment, head), step in zip(runner.pieces, steps):
-        out.append(Step(_ort_body(segment), _ort_head(head), step.skippable))
+    if fresh:
+        steps = _open_export(net, folder, threads, quiet=True)
+        if steps is not None and _matches(net, steps, input_size):
+            return steps
+    export_segments(net, input_size, folder, policy, cost_table=None, check=False)
+    atomic_write_text(key_path, json.dumps(key) + "\n")
+    steps = _open_export(net, folder, threads, quiet=False)
+    if not _matches(net, steps, input_size):
+        raise EENetError(f"{folder}: the onnxruntime pieces just exported differ from PyTorch "
+                         f"beyond the exporter's own check (rtol {RTOL}, atol {ATOL})")
+    return steps
+
+
+#: the exporter's tolerance for a piece against PyTorch (eenet.export.onnx._check)
+RTOL, ATOL = 1e-3, 1e-4
+
+
+def _matches(net: EarlyExitNetwork, steps: list[Step], input_size: Sequence[int]) -> bool:
+    """Every exit's logits of ``steps`` on a fixed random batch of 3 against ``net.walk()``'s."""
+    x = torch.randn(3, *input_size, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        live_a, live_b = (x,), (x,)
+        for a, b in zip(net.walk(), steps):
+            live_a, live_b = a.body(live_a), b.body(live_b)
+            (la, _, live_a), (lb, _, live_b) = a.head(live_a), b.head(live_b)
+            if la.shape != lb.shape or not torch.allclose(lb, la, rtol=RTOL, atol=ATOL):
+                return False
+    return True
+
+
+def _open_export(net: EarlyExitNetwork, folder: Path, threads: int | None,
+                 quiet: bool) -> list[Step] | None:
+    """The steps of the export in ``folder``; None (``quiet``) or one line when it cannot be
+    read as this network's export."""
+    from eenet.export.onnx_runner import OnnxEarlyExitRunner, RunnerError
+
+    try:
+        runner = OnnxEarlyExitRunner(folder, threads=threads)
+        m = runner.manifest
+        problem = None
+        if len(runner.pieces) != net.num_exits:
+            problem = f"{len(runner.pieces)} exported pieces for {net.num_exits} exits"
+        elif m.get("format_version", 0) < 3:
+            problem = (f"an export of manifest format {m.get('format_version')}, which names "
+                       f"no live values")
+    except (RunnerError, OSError, ValueError, KeyError) as exc:
+        problem = str(exc)
+    except Exception as exc:  # onnxruntime's own errors on a damaged file (InvalidProtobuf, ...)
+        problem = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if problem is not None:
+        if quiet:
+            return None
+        raise EENetError(f"the onnxruntime backend's export in {folder} cannot be used: "
+                         f"{problem}; remove the folder to export again")
+    out, order = [], [m.get("input", "x")]
+    for piece, (segment, head), step in zip(m["pieces"], runner.pieces, net.walk()):
+        body, head_fn, order = _ort_plan(piece, segment, head, order)
+        out.append(Step(body, head_fn, step.skippable))
     return out
 
 
-def _ort_body(session) -> callable:
-    name = session.get_inputs()[0].name
+def _ort_plan(piece: dict, segment, head, order: list[str]) -> tuple[callable, callable, list]:
+    """One exported piece as a step over a tuple of live values whose names are ``order``.
+
+    The tuple's order is this backend's own (the engine only indexes the samples of each
+    value): the segment returns ``order`` with the values it computes appended, pruned to
+    what its head or a later piece reads (the manifest's ``head_inputs`` and ``live``); the
+    head returns the tuple it was given plus the values it adds (``head_live_outputs``), so
+    that the next segment receives the same names whether an idle (skippable, adding nothing)
+    head ran or not. Returns ``(body, head, the names after the head)``.
+    """
+    seg_in, seg_out = list(piece["segment_inputs"]), list(piece["segment_outputs"])
+    needed = set(piece["head_inputs"]) | set(piece["live"])
+    after_body = [n for n in dict.fromkeys([*order, *seg_out]) if n in needed]
+    head_in, outputs = list(piece["head_inputs"]), list(piece["outputs"])
+    added = list(piece["head_live_outputs"])
+    after_head = after_body + [n for n in added if n not in after_body]
+    final = len(outputs) == 1
+    pos_in = {n: i for i, n in enumerate(order)}
 
     def body(live: tuple) -> tuple:
-        x = live[0].contiguous().numpy()
-        return (torch.from_numpy(session.run(None, {name: x})[0]),)
-    return body
+        values = dict(zip(order, live))
+        got = segment.run(seg_out, {n: _np(live[pos_in[n]]) for n in seg_in})
+        values.update((n, torch.from_numpy(v)) for n, v in zip(seg_out, got))
+        return tuple(values[n] for n in after_body)
 
+    pos_body = {n: i for i, n in enumerate(after_body)}
 
-def _ort_head(session) -> callable:
-    name = session.get_inputs()[0].name
-    final = len(session.get_outputs()) == 1
-
-    def head(live: tuple) -> tuple:
-        outs = session.run(None, {name: live[0].contiguous().numpy()})
+    def head_fn(live: tuple) -> tuple:
+        outs = head.run([*outputs, *added], {n: _np(live[pos_body[n]]) for n in head_in})
         logits = torch.from_numpy(outs[0])
         z = (torch.full(logits.shape[:1], float("inf")) if final
              else torch.from_numpy(np.asarray(outs[1]).reshape(-1)))
-        return logits, z, live
-    return head
+        extra = dict(zip(added, outs[len(outputs):]))
+        return logits, z, live + tuple(torch.from_numpy(extra[n]) for n in after_head[len(live):])
+    return body, head_fn, after_head
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """A float tensor as the C-contiguous numpy array onnxruntime reads (a view when it can)."""
+    return t.contiguous().numpy()
 
 
 class BackendEngine(DynamicEngine):

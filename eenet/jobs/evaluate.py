@@ -7,6 +7,7 @@
     eenet-eval run=RUN_DIR tolerance=1 policy=max_prob latency=true
     eenet-eval run=RUN_DIR min_accuracy=0.84   # e.g. a model without exits' val accuracy - 1 point
     eenet-eval run=RUN_DIR tolerance=1 policy=max_prob temperature=true
+    eenet-eval run=RUN_DIR budget_ms=0.2 engine=onnxruntime   # milliseconds per sample
 
 It loads a run written by ``eenet-train`` (``config.yaml`` and ``model.pt``,
 read with ``torch.load(..., weights_only=True)``), caches every exit's outputs
@@ -35,14 +36,30 @@ confidence head) and ``patience`` (argmaxes) have no logits temperature: asking 
 one with them is refused in one line. ``temperature=false`` (the default) runs
 exactly what eenet-eval ran before the option existed.
 
+Backends and latency (issue 19). ``engine=eager|compiled|onnxruntime``
+(:mod:`eenet.inference.backends`, built once per run and weights, cached in
+``RUN_DIR/engine_cache``) runs the test pass, the timings and the latency
+measurements; the static pass for the per-exit figures stays eager. ``cost=latency``
+calibrates on the per-exit latency table measured on that backend at batch 1
+(:func:`eenet.inference.latency.latency_cost_table`; the table at ``batch_size`` is
+recorded too) instead of MACs, and ``budget_ms=M`` chooses the most accurate thresholds
+whose expected time per sample at batch 1, sum_i rate_i(t) x ms_i over val's exit rates,
+is <= M ms (a budget below every sample at its earliest exit is refused). Then, and with
+``tail_latency=true``, results.json's ``latency`` section holds the per-sample latency at
+batch 1 on test (``p50_ms``, ``p95_ms``, ``p99_ms``, ``max_ms``, ``mean_ms``, ``backend``)
+of the calibrated engine and, timed interleaved with it, of the plain run on the same
+backend (``plain``), their ratio (``speedup``), the tables and the calibrated
+expectation next to the measured time (``expected``, ``budget``). The val and test
+sections' costs stay MAC fractions; the calibration's curve is in the units it searched.
+
 Writes into its own folder (``<run>/eval/<time>`` unless ``hydra.run.dir`` says
 otherwise): ``results.json`` (:class:`eenet.reporting.results.RunResults`: the
 training results' layout with test figures from the dynamic engine, plus
 ``calibration`` and ``engine``), ``results.md``, ``curve.png`` (with a guarantee:
 the certified point beside the uncorrected search's for the same level),
 ``exits.png``, ``reliability.png`` (per exit, on test; before and after the
-temperatures with ``temperature=true``) and, with ``latency=true``,
-``latency.json``. The folder must be new or empty (``overwrite=true`` replaces an
+temperatures with ``temperature=true``) and, with the ``latency`` key of
+results.json, ``latency.json`` (the same). The folder must be new or empty (``overwrite=true`` replaces an
 earlier evaluation's files); it is claimed through :mod:`eenet.run_folder` once
 the run folder was checked: an ``INCOMPLETE`` marker (and lock) first,
 ``results.json`` after every other file, the marker removed last.
@@ -69,7 +86,10 @@ from eenet.calibration.temperature import (ECE_BINS, METHOD, TemperatureFit, app
                                            split_calibration_errors)
 from eenet.config_checks import check_eval_config
 from eenet.data.batching import make_loader
-from eenet.inference import DynamicEngine, exit_latency_table
+from eenet.errors import EENetError
+from eenet.inference import DynamicEngine, create_engine, exit_latency_table, latency_cost_table
+from eenet.inference.backends import BackendEngine
+from eenet.inference.latency import TAIL_KEYS, tail_latencies
 from eenet.io import atomic_write_text
 from eenet.policies import create_policy
 from eenet.reporting.markdown import engine_timing_line, markdown_table, results_markdown
@@ -132,20 +152,66 @@ def evaluate(cfg: DictConfig) -> dict:
         return _calibrate_test_and_write(cfg, folder, train_cfg, dm, net, cost, passes)
 
 
+def wants_tail(cfg: DictConfig) -> bool:
+    """Whether the evaluation measures per-sample latency (the ``latency`` section): asked
+    for (``tail_latency=true``), or implied by a backend other than eager, latency as the
+    cost, or ``budget_ms``."""
+    return bool(cfg.get("tail_latency")) or (cfg.get("engine") or "eager") != "eager" \
+        or latency_is_cost(cfg)
+
+
+def latency_is_cost(cfg: DictConfig) -> bool:
+    """``cost=latency``, or ``budget_ms`` given (which needs it; ``cost=macs`` with it is
+    refused by :func:`eenet.config_checks.check_eval_config`)."""
+    return cfg.get("cost") == "latency" or cfg.get("budget_ms") is not None
+
+
+def _plain_engine(cfg: DictConfig, net, cost, input_size) -> BackendEngine:
+    """The network run by ``cfg.engine`` with every early exit off (the plain run); its
+    steps (traced / exported once, cached under ``engine_cache``) serve every engine of
+    this evaluation."""
+    backend = cfg.get("engine") or "eager"
+    cache = None
+    if backend != "eager":
+        cache = Path(cfg.get("engine_cache") or Path(cfg.run) / "engine_cache") / backend
+    threads = int(cfg.threads) if cfg.get("threads") else torch.get_num_threads()
+    try:
+        return create_engine(net, create_policy("confidence", math.inf), cost, backend=backend,
+                             cache_dir=cache, input_size=input_size, threads=threads)
+    except OSError as exc:
+        raise EENetError(f"engine={backend} cannot keep its build in {cache}: "
+                         f"{exc.strerror or exc}; give engine_cache=<a folder you can write>") \
+            from None
+
+
 def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: DictConfig, dm,
                               net, cost, passes: int) -> dict:
     out_dir = folder.path
     n_exits = net.num_exits
     bs = int(cfg.batch_size)
+    size = tuple(dm.input_size)
 
     def test_batches():
         return make_loader(dm.test_dataset, bs, shuffle=False)
+
+    # 0. the backend: the plain run (every early exit off) on it, and, for latency as the
+    # cost, its measured per-exit latency table at batch 1 (the calibration's cost: time per
+    # sample, what budget_ms bounds) and at the evaluation's batch size (recorded)
+    plain = _plain_engine(cfg, net, cost, size)
+    backend = plain.backend
+    tables = {}
+    if latency_is_cost(cfg):
+        probe = BackendEngine(net, create_policy(cfg.policy, [math.inf] * (n_exits - 1)), cost,
+                              plain.steps, backend, 0.0)
+        for b in dict.fromkeys((1, bs)):
+            tables[b] = latency_cost_table(probe, size, batch_size=b, repeats=50 if b == 1 else 20)
+    cal_cost = tables[1] if tables else cost
 
     # 1. calibrate on the validation split only
     val = cache_exit_outputs(net, make_loader(dm.val_dataset, bs, shuffle=False))
     fit = _fit_temperatures(cfg, val)  # temperature=true: on val, never on test
     temps = fit.temperatures if fit is not None else None
-    cal = Calibrator(val, cfg.policy, cost, grid=int(cfg.grid), temperatures=temps)
+    cal = Calibrator(val, cfg.policy, cal_cost, grid=int(cfg.grid), temperatures=temps)
     guarantee = None
     if cfg.get("guarantee"):
         guarantee = certify_with(cal, exit_losses(val, cfg.risk), cfg.risk, cfg.guarantee,
@@ -160,15 +226,23 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
                       "risk": cfg.risk, "alpha": float(cfg.alpha), "delta": float(cfg.delta)}
         res.chosen, res.reachable, res.message = (guarantee.chosen, guarantee.certified,
                                                   guarantee.message)
+        if cal.ms_per_unit is not None:  # the certified point's expected time, not the search's
+            res.target["expected_ms"] = res.chosen.avg_cost * float(cal.ms_per_unit)
     else:
         res = cal.calibrate(budget=cfg.get("budget"), tolerance=cfg.get("tolerance"),
                             min_accuracy=cfg.get("min_accuracy"),
                             optimism_folds=int(cfg.get("optimism_folds") or 0),
-                            optimism_repeats=int(cfg.get("optimism_repeats") or 1))
+                            optimism_repeats=int(cfg.get("optimism_repeats") or 1),
+                            budget_ms=cfg.get("budget_ms"))
+        if cfg.get("budget_ms") is not None and not res.reachable:
+            raise EENetError(f"budget_ms={cfg.budget_ms} is below the cheapest possible on "
+                             f"engine={backend}: {res.target['expected_ms']:.4f} ms per sample "
+                             f"at batch 1 with every sample leaving as early as it can "
+                             f"(measured here); give budget_ms >= that")
     policy = create_policy(cfg.policy, res.chosen.thresholds, temps)
 
-    # 2. test with the dynamic engine: real early exit
-    engine = DynamicEngine(net, policy, cost)
+    # 2. test with the dynamic engine on the backend: real early exit
+    engine = BackendEngine(net, policy, cost, plain.steps, backend, plain.build_seconds)
     preds, exits, ys = [], [], []
     t0 = time.perf_counter()
     for x, y in test_batches():
@@ -189,10 +263,16 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
         torch.bincount(exit_idx, minlength=n_exits), (pred == y).sum(), engine.costs,
         exit_correct=test.correct.sum(0), overthink=over, oracle_correct=oracle)
     chosen = res.chosen
-    val_result = SplitResult(accuracy=chosen.accuracy, avg_cost_fraction=chosen.avg_cost,
+    # the val section's cost is in MACs (results.json's vocabulary) also when the calibration
+    # searched measured latencies
+    val_macs = chosen.avg_cost if not tables else Calibrator(
+        val, cfg.policy, cost, grid=2, temperatures=temps).point(
+        cal.score_vector(chosen.thresholds)).avg_cost
+    val_result = SplitResult(accuracy=chosen.accuracy, avg_cost_fraction=val_macs,
                              exit_rates=chosen.exit_rates, n=len(val),
                              exit_accuracy=val.correct.double().mean(0).tolist())
-    test_cal = Calibrator(test, cfg.policy, cost, grid=2, temperatures=temps)
+    # in the calibration's cost units
+    test_cal = Calibrator(test, cfg.policy, cal_cost, grid=2, temperatures=temps)
 
     def on_test(points):
         vecs = torch.stack([cal.score_vector(p.thresholds) for p in points])
@@ -219,9 +299,8 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
     # 4. measured: the dynamic engine against the same network run to its final exit
     timing = EngineResult(batch_size=bs, wall_s=engine_s, agreement_with_static=agree)
     if passes:
-        # every early exit off: only the stages and the final head run
-        final = DynamicEngine(net, create_policy("confidence", math.inf), cost)
-        dyn, fin = time_against_final_exit(engine, final, test_batches(), passes)
+        # every early exit off, on the same backend: only the stages and the final head run
+        dyn, fin = time_against_final_exit(engine, plain, test_batches(), passes)
         timing.dynamic_wall_s = statistics.median(dyn)
         timing.final_exit_wall_s = statistics.median(fin)
         timing.speedup = timing.final_exit_wall_s / timing.dynamic_wall_s
@@ -240,8 +319,13 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
 
     # 5. write: results.json last, after every other file (the folder is complete once
     # it is there and the INCOMPLETE marker is gone)
-    if cfg.get("latency"):
-        results.latency = exit_latency_table(net, tuple(dm.input_size), batch_sizes=(1, bs))
+    if wants_tail(cfg):
+        results.latency = _latency_section(cfg, engine, plain, test_batches(), tables, res,
+                                           test_cal, test_result)
+        if cfg.get("latency"):
+            results.latency["exit_table"] = exit_latency_table(net, size, batch_sizes=(1, bs))
+    elif cfg.get("latency"):  # the eager per-exit table alone: the list written before
+        results.latency = exit_latency_table(net, size, batch_sizes=(1, bs))
     folder.clear(OUTPUTS)
     if results.latency is not None:
         atomic_write_text(out_dir / "latency.json", json.dumps(results.latency, indent=2) + "\n")
@@ -309,6 +393,54 @@ def _guarantee_points(g: GuaranteeResult) -> dict[str, tuple[float, float]]:
     return points
 
 
+def _latency_section(cfg: DictConfig, engine: BackendEngine, plain: BackendEngine, batches,
+                     tables: dict, res, test_cal: Calibrator, test_result: SplitResult) -> dict:
+    """The ``latency`` section: per-sample latency at batch 1 on test of the calibrated engine
+    (top-level keys ``p50_ms`` .. ``mean_ms``, ``backend``) and of the plain run on the same
+    backend (``plain``), timed interleaved (:func:`eenet.inference.latency.tail_latencies`);
+    the speed-ups of the mean and the p95; with latency as the cost, the tables and the
+    calibrated expectation next to the measured times (``expected``), and ``budget`` for
+    ``budget_ms``."""
+    limit = cfg.get("latency_samples")
+    singles: list = []
+    for x, _ in batches:
+        singles.extend(x.split(1))
+        if limit is not None and len(singles) >= limit:
+            break
+    singles = singles[:limit] if limit is not None else singles
+    tails = tail_latencies({"dynamic": engine, "plain": plain}, singles)
+    dyn, fin = tails["dynamic"], tails["plain"]
+    section = {k: dyn[k] for k in TAIL_KEYS}
+    section.update(batch_size=1, samples=dyn["samples"], threads=torch.get_num_threads(),
+                   exit_ms=dyn["exit_ms"],
+                   plain={k: fin[k] for k in (*TAIL_KEYS, "samples")},
+                   speedup=fin["mean_ms"] / dyn["mean_ms"],
+                   speedup_p95=fin["p95_ms"] / dyn["p95_ms"],
+                   build_seconds=engine.build_seconds,
+                   first_call_seconds=engine.first_call_seconds)
+    if tables:
+        table = tables[1]
+        vec = test_cal.score_vector(res.chosen.thresholds)
+        on_test = float(test_cal.evaluate(vec.view(1, -1))[1][0]) * table.final_ms
+        section["cost_tables"] = {str(b): t.to_dict() for b, t in tables.items()}
+        section["expected"] = {
+            "mean_ms_val": res.target["expected_ms"],  # the calibrated point, val exit rates
+            "p95_ms_val": table.expected_percentile_ms(res.chosen.exit_rates, 95,
+                                                       engine.skipped),
+            "mean_ms_test_rates": on_test,  # the same table, test's exit rates
+            "p95_ms_test_rates": table.expected_percentile_ms(test_result.exit_rates, 95,
+                                                              engine.skipped),
+            "measured_mean_ms": dyn["mean_ms"], "measured_p95_ms": dyn["p95_ms"],
+            "measured_over_expected": dyn["mean_ms"] / res.target["expected_ms"]}
+    if cfg.get("budget_ms") is not None:
+        section["budget"] = {"budget_ms": float(cfg.budget_ms),
+                             "expected_mean_ms": res.target["expected_ms"],
+                             "measured_mean_ms": dyn["mean_ms"], "measured_p95_ms": dyn["p95_ms"],
+                             "measured_within_budget": dyn["mean_ms"] <= float(cfg.budget_ms),
+                             "test_accuracy": test_result.accuracy}
+    return section
+
+
 def report(results: dict) -> str:
     """The printed report: per-exit table, calibration and engine lines, and last what
     early exit saved, measured (the same line as in results.md)."""
@@ -319,6 +451,8 @@ def report(results: dict) -> str:
                   f">= {1 - t['delta']:g} ({t['guarantee']})")
     elif t["kind"] == "budget":
         target = f"budget {t['value']}"
+    elif t["kind"] == "budget_ms":
+        target = f"budget_ms {t['value']:g} (expected time per sample at batch 1)"
     elif t["kind"] == "min_accuracy":
         target = f"val accuracy >= {100 * t['min_accuracy']:.2f}%"
     else:
@@ -333,15 +467,46 @@ def report(results: dict) -> str:
              f"Dynamic engine on test: batch {results['engine']['batch_size']}, "
              f"{results['engine']['wall_s']:.2f} s, decisions equal to static path + policy "
              f"for {100 * results['engine']['agreement_with_static']:.2f}% of samples."]
-    if "latency" in results:
+    lat = results.get("latency")
+    rows_table = (lat.get("exit_table") if isinstance(lat, dict) else lat) or []
+    if rows_table:  # a list: the layout of results.json before the per-sample latency section
         rows = [[r["exit"], r["batch_size"], f"{r['ms_per_batch']:.3f}", f"{r['us_per_sample']:.1f}",
-                 f"{r['fraction_of_final']:.3f}"] for r in results["latency"]]
-        lines += ["", "Measured latency to reach and evaluate each exit:", "",
+                 f"{r['fraction_of_final']:.3f}"] for r in rows_table]
+        lines += ["", "Measured latency to reach and evaluate each exit (eager):", "",
                   markdown_table(["exit", "batch", "ms / batch", "us / sample",
                                   "fraction of final"], rows)]
-    if results["engine"].get("speedup") is not None:
+    if isinstance(lat, dict):
+        lines += ["", *latency_lines(lat)]
+    if results["engine"].get("speedup") is not None:  # last, as in results.md
         lines += ["", engine_timing_line(results)]
     return "\n".join(lines)
+
+
+def latency_lines(lat: dict) -> list[str]:
+    """The printed lines of the ``latency`` section: backend, mean and p95 per sample, the
+    measured speed-up over the plain run, and the calibrated expectation against the measured
+    time."""
+    plain = lat["plain"]
+    lines = [f"Per-sample latency on test, batch 1, engine={lat['backend']} ({lat['samples']} "
+             f"samples, {lat['threads']} thread(s), interleaved with the plain run): mean "
+             f"{lat['mean_ms']:.4f} ms, p50 {lat['p50_ms']:.4f}, p95 {lat['p95_ms']:.4f}, p99 "
+             f"{lat['p99_ms']:.4f}, max {lat['max_ms']:.4f} ms.",
+             f"The plain run (every early exit off, engine={plain['backend']}): mean "
+             f"{plain['mean_ms']:.4f} ms, p95 {plain['p95_ms']:.4f} ms: measured speed-up "
+             f"{lat['speedup']:.2f}x (mean), {lat['speedup_p95']:.2f}x (p95)."]
+    exp = lat.get("expected")
+    if exp:
+        lines.append(f"Calibrated on val with measured latencies as the cost: expected mean "
+                     f"{exp['mean_ms_val']:.4f} ms (p95 {exp['p95_ms_val']:.4f}), measured "
+                     f"{exp['measured_mean_ms']:.4f} ms (p95 {exp['measured_p95_ms']:.4f}): "
+                     f"{exp['measured_over_expected']:.3f}x the expectation.")
+    b = lat.get("budget")
+    if b:
+        lines.append(f"budget_ms={b['budget_ms']:g}: expected {b['expected_mean_ms']:.4f} ms on "
+                     f"val, measured mean {b['measured_mean_ms']:.4f} ms on test ("
+                     f"{'within' if b['measured_within_budget'] else 'over'} the budget), p95 "
+                     f"{b['measured_p95_ms']:.4f} ms, test accuracy {100 * b['test_accuracy']:.2f}%.")
+    return lines
 
 
 def _guarantee_lines(g: dict | None) -> list[str]:
