@@ -107,6 +107,13 @@ class Table:
         epochs = [] if self.cifar10_epochs is None else [f"trainer.max_epochs={self.cifar10_epochs}"]
         return [*overrides, *epochs]
 
+    def ckey(self, key: str) -> str:
+        """A CIFAR-10 recipe sweep's folder name, with its epochs: runs of other budgets
+        (``--cifar10-epochs``) go to folders of their own, never into a finished one."""
+        epochs = self.cifar10_epochs if self.cifar10_epochs is not None else int(compose_config(
+            [f"experiment={CIFAR_PLAIN[1]}"], output_dir="unused").trainer.max_epochs)
+        return f"{key}_{epochs}ep"
+
     def cifar_epochs(self, experiment: str) -> int:
         """The epochs a CIFAR-10 recipe row trains for (its config's, or ``--cifar10-epochs``)."""
         if self.smoke:
@@ -239,12 +246,13 @@ def cifar_lambdas(t: Table) -> str:
 
 def cifar_plain(t: Table) -> list[Path]:
     key, exp = CIFAR_PLAIN
-    return t.sweep(key, t.cifar_overrides([f"experiment={exp}"]), shared=True, run=t.cifar10)
+    return t.sweep(t.ckey(key), t.cifar_overrides([f"experiment={exp}"]), shared=True,
+                   run=t.cifar10)
 
 
 def cifar_eenets(t: Table) -> list[Path]:
     key, exp = CIFAR_EENETS
-    return t.sweep(key, t.cifar_overrides([f"experiment={exp}",
+    return t.sweep(t.ckey(key), t.cifar_overrides([f"experiment={exp}",
                                            f"loss.second.lambda_coef={cifar_lambdas(t)}"]),
                    shared=True, run=t.cifar10)
 
@@ -287,7 +295,7 @@ def table_eenets(t: Table, datasets: list[str]) -> tuple[str, list[dict], list[s
                      "accuracy": r["test"]["accuracy"], "cost": 1.0, "rates": [1.0], "auc": None,
                      "job": str(job), "paper": "-", **row_facts(r, job)})
     if not plain:
-        rows.append(not_run_row(t, CIFAR_PLAIN[0], epochs, dataset=ds, paper="-",
+        rows.append(not_run_row(t, t.ckey(CIFAR_PLAIN[0]), epochs, dataset=ds, paper="-",
                                 model="resnet20 (no exits)", **{"lambda": "-"}))
     for job in ee:
         r = results(job)
@@ -297,7 +305,7 @@ def table_eenets(t: Table, datasets: list[str]) -> tuple[str, list[dict], list[s
                      "rates": r["test"]["exit_rates"], "paper": EENETS_PAPER,
                      "auc": r.get("anytime", {}).get("auc"), **row_facts(r, job)})
     if not ee:
-        rows += [not_run_row(t, CIFAR_EENETS[0], epochs, dataset=ds, paper=EENETS_PAPER,
+        rows += [not_run_row(t, t.ckey(CIFAR_EENETS[0]), epochs, dataset=ds, paper=EENETS_PAPER,
                              model="resnet20 + 6 EENets exits", **{"lambda": lam})
                  for lam in cifar_lambdas(t).split(",")]
     deviations += [*CIFAR_DEVIATIONS,
@@ -368,19 +376,19 @@ def table_baselines(t: Table) -> tuple[str, list[dict], list[str]]:
                      "accuracy": r["test"]["accuracy"], "cost": 1.0, "auc": None, "rates": [1.0],
                      "job": str(job), "paper": "-", **row_facts(r, job)})
     if not cifar_ref:
-        rows.append(not_run_row(t, CIFAR_PLAIN[0], epochs, dataset=ds, method="resnet20 (no exits)",
+        rows.append(not_run_row(t, t.ckey(CIFAR_PLAIN[0]), epochs, dataset=ds, method="resnet20 (no exits)",
                                 paper="-", **{"lambda": "-"}))
     cifar_methods = [
         ("BranchyNet (multi_ce + entropy)", "entropy", "-",
-         lambda: t.sweep("cifar10_jpeg_recipe_branchynet", t.cifar_overrides(
+         lambda: t.sweep(t.ckey("cifar10_jpeg_recipe_branchynet"), t.cifar_overrides(
              ["experiment=cifar10_recipe/resnet20_branchynet"]), run=t.cifar10),
-         "cifar10_jpeg_recipe_branchynet", ["-"]),
+         t.ckey("cifar10_jpeg_recipe_branchynet"), ["-"]),
         ("SDN (ramped weights + max_prob)", "max_prob", SDN_PAPER,
-         lambda: t.sweep("cifar10_jpeg_recipe_sdn", t.cifar_overrides(
+         lambda: t.sweep(t.ckey("cifar10_jpeg_recipe_sdn"), t.cifar_overrides(
              ["experiment=cifar10_recipe/resnet20_sdn"]), run=t.cifar10),
-         "cifar10_jpeg_recipe_sdn", ["-"]),
+         t.ckey("cifar10_jpeg_recipe_sdn"), ["-"]),
         ("EENets (eenet_v2 + confidence, stats head)", "confidence", EENETS_PAPER,
-         lambda: cifar_eenets(t), CIFAR_EENETS[0], cifar_lambdas(t).split(","))]
+         lambda: cifar_eenets(t), t.ckey(CIFAR_EENETS[0]), cifar_lambdas(t).split(","))]
     cifar_rows = []
     for label, policy, paper, run_sweep, key, lambdas in cifar_methods:
         jobs = run_sweep()
@@ -490,7 +498,7 @@ def table_trecx(t: Table) -> tuple[str, list[dict], list[str]]:
     # (label, plain sweep overrides, T-RecX sweep overrides, runs now?, shared plain key, paper)
     settings = [("resnet8 / CIFAR-10 (JPEG)", ["experiment=cifar10_recipe/resnet8"],
                  ["experiment=cifar10_recipe/trecx_resnet8"], t.cifar10,
-                 "cifar10_jpeg_recipe_resnet8", TRECX_PAPER),
+                 t.ckey("cifar10_jpeg_recipe_resnet8"), TRECX_PAPER),
                 ("DS-CNN / KWS subset", ["experiment=trecx_dscnn_kws", "placement.stages=[]",
                                          "loss=multi_ce", "loss.weights=null"],
                  ["experiment=trecx_dscnn_kws"], True, None, "-")]

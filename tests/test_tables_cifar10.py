@@ -56,7 +56,7 @@ def test_eenets_cifar_rows_not_run_say_so_with_their_commands(tmp_path):
     assert all(r["epochs"] is None and r["seed"] is None and r["wall_s"] is None for r in rows)
     plain = next(r["command"] for r in rows if r["model"] == "resnet20 (no exits)")
     assert plain.startswith("eenet-train -m ") and "experiment=cifar10_recipe/resnet20 " in plain
-    assert "seed=0,1" in plain
+    assert "seed=0,1" in plain and plain.endswith("cifar10_jpeg_recipe_resnet20_30ep")
     for row in _cifar_md_rows(md):  # data set, model, lambda, then every other cell
         assert "not run" in row and _numbers_free(row[3:-1]), row
     assert any("JPEG" in d for d in deviations)
@@ -67,6 +67,8 @@ def test_cifar10_epochs_reach_the_commands_and_the_rows(tmp_path):
                      cifar10=False, cifar10_epochs=15)
     _, rows, _ = tables.table_eenets(t, datasets=[])
     assert all(r["planned_epochs"] == 15 and "trainer.max_epochs=15" in r["command"] for r in rows)
+    # a budget of its own gets folders of its own (a finished run folder is never written into)
+    assert all(re.search(r"hydra.sweep.dir=\S+_15ep$", r["command"]) for r in rows)
 
 
 def test_not_run_rows_pass_through_the_table_files(tmp_path):
