@@ -135,6 +135,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--policies", default="confidence,max_prob,entropy",
                    help="exit policies calibrated on val; the lowest val cost is reported")
     p.add_argument("--tolerance", type=float, default=1.0, help="accuracy points (default 1)")
+    p.add_argument("--optimism-folds", type=int, default=0,
+                   help="K >= 2: tighten the tolerance by the K-fold estimate of the threshold "
+                        "search's optimism on val (default 0: no correction)")
+    p.add_argument("--optimism-repeats", type=int, default=4,
+                   help="shuffles of that estimate (with --optimism-folds; default 4)")
     p.add_argument("--backbone-only", action="store_true", help="step 1 only")
     p.add_argument("--bench-only", action="store_true",
                    help="step 4 only, on the finished runs (their results JSON must exist)")
@@ -159,20 +164,24 @@ def backbone_overrides(args: argparse.Namespace) -> list[str]:
                                SMOKE if args.smoke else [], shared)
 
 
-def calibrate(run_dir: Path, policy: str, tolerance: float, threads: int | None) -> dict:
+def calibrate(run_dir: Path, policy: str, tolerance: float, threads: int | None,
+              folds: int = 0, repeats: int = 1) -> dict:
     """``eenet-eval``: thresholds of ``policy`` on val for ``tolerance`` points, the dynamic
-    engine on test, into ``run_dir/eval-<policy>-tol<tolerance>`` (reused when finished).
-    Its own timing is off (``timing_passes=0``): step 4 times the engine."""
+    engine on test, into ``run_dir/eval-<policy>-tol<tolerance>[-cv<folds>x<repeats>]``
+    (reused when finished). ``folds`` >= 2 tightens the tolerance by the repeated K-fold
+    estimate of the search's optimism, on val (``eenet/calibration/search.py``). Its own
+    timing is off (``timing_passes=0``): step 4 times the engine."""
     from eenet.config import compose_config
     from eenet.jobs.evaluate import evaluate
 
-    out = run_dir / f"eval-{policy}-tol{tolerance:g}"
+    cv = [f"optimism_folds={folds}", f"optimism_repeats={repeats}"] if folds else []
+    out = run_dir / (f"eval-{policy}-tol{tolerance:g}" + (f"-cv{folds}x{repeats}" if folds else ""))
     if (out / "results.json").is_file():
         print(f"reusing {out}", flush=True)
         return json.loads((out / "results.json").read_text())
     print(f"calibrating {policy} on val: {out}", flush=True)
     return evaluate(compose_config([f"run={run_dir}", f"tolerance={tolerance}", f"policy={policy}",
-                                    "timing_passes=0", "overwrite=true",
+                                    "timing_passes=0", "overwrite=true", *cv,
                                     *([f"threads={threads}"] if threads else [])],
                                    output_dir=out, config_name="eval"))
 
@@ -326,7 +335,8 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     # 3. thresholds on val for the tolerance, the dynamic engine on test
     policies = [p.strip() for p in args.policies.split(",")]
-    evs = {p: calibrate(run_dir, p, args.tolerance, threads) for p in policies}
+    evs = {p: calibrate(run_dir, p, args.tolerance, threads, args.optimism_folds,
+                        args.optimism_repeats) for p in policies}
     val_cost = {p: ev["calibration"]["chosen"]["avg_cost"] for p, ev in evs.items()}
     reachable = [p for p in policies if evs[p]["calibration"]["reachable"]]
     policy = min(reachable or policies, key=lambda p: val_cost[p])
@@ -354,7 +364,9 @@ def main(argv: list[str] | None = None) -> Path | None:
           f"epochs, test accuracy {100 * backbone_acc:.2f}%. PTEENet branches at "
           f"{args.exits_at}, post-trained {cfg_epochs(r)} epochs on the frozen backbone "
           f"(hash {'unchanged' if unchanged else 'CHANGED'}); thresholds on val for a "
-          f"{args.tolerance:g}-point tolerance.\n")
+          f"{args.tolerance:g}-point tolerance"
+          + (f", tightened by its {args.optimism_folds}-fold x {args.optimism_repeats} estimate "
+             f"of the search's optimism" if args.optimism_folds else "") + ".\n")
     print(table)
     print(f"\nchosen on val: {policy}: test {100 * t['accuracy']:.2f}% (drop {drop:+.2f} "
           f"points against the backbone) at average cost fraction {t['avg_cost_fraction']:.3f}")
@@ -376,7 +388,10 @@ def main(argv: list[str] | None = None) -> Path | None:
                      "backbone_hash_before": r["backbone_hash_before"],
                      "backbone_hash_after": r["backbone_hash_after"],
                      "hash_unchanged": unchanged},
-        "tolerance_points": args.tolerance, "by_policy": by_policy,
+        "tolerance_points": args.tolerance,
+        "optimism_correction": ({"folds": args.optimism_folds, "repeats": args.optimism_repeats}
+                                if args.optimism_folds else None),
+        "by_policy": by_policy,
         "chosen": {"policy": policy, "run_dir": str(run_dir), "policy_config": ev["policy"],
                    "test_accuracy": t["accuracy"], "test_avg_cost_fraction":
                    t["avg_cost_fraction"], "test_exit_rates": t["exit_rates"],
