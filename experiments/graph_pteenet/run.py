@@ -57,7 +57,6 @@ from omegaconf import open_dict
 
 from eenet.config import check_command_line
 from eenet.errors import EENetError
-from eenet.io import first_line
 from eenet.reporting.experiment import git_revision, save_report
 from eenet.reporting.markdown import markdown_table
 
@@ -417,16 +416,4 @@ def cfg_epochs(results: dict) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except EENetError as exc:
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
-    except Exception as exc:  # a Hydra override or composition error: one line
-        if os.environ.get("HYDRA_FULL_ERROR") == "1" or not type(exc).__module__.startswith(
-                ("hydra", "omegaconf")):
-            raise
-        print(f"error: {first_line(exc)}", file=sys.stderr)
-        sys.exit(2)
+    pte.run_script(main)

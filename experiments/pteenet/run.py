@@ -366,7 +366,10 @@ def main(argv: list[str] | None = None) -> Path:
     return path
 
 
-if __name__ == "__main__":
+def run_script(main) -> None:
+    """Run a study script's ``main``: a user's mistake (an EENetError, a Hydra override or
+    composition error) is one line on stderr and exit status 2; the traceback only with
+    HYDRA_FULL_ERROR=1. experiments/graph_pteenet/run.py uses it too."""
     try:
         main()
     except EENetError as exc:
@@ -380,3 +383,7 @@ if __name__ == "__main__":
             raise
         print(f"error: {first_line(exc)}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":
+    run_script(main)
