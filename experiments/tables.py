@@ -257,6 +257,24 @@ def cifar_eenets(t: Table) -> list[Path]:
                    shared=True, run=t.cifar10)
 
 
+def plain_row(ds: str, job: Path) -> dict:
+    """The EENets table's row of a resnet20 trained without exits."""
+    r = results(job)
+    return {"dataset": ds, "model": "resnet20 (no exits)", "lambda": "-",
+            "accuracy": r["test"]["accuracy"], "cost": 1.0, "rates": [1.0], "auc": None,
+            "job": str(job), "paper": "-", **row_facts(r, job)}
+
+
+def eenets_row(ds: str, job: Path, model: str) -> dict:
+    """The EENets table's row of a jointly trained resnet20 with EENets exits."""
+    r = results(job)
+    return {"dataset": ds, "model": model, "job": str(job),
+            "lambda": r["config"]["loss"]["second"]["lambda_coef"],
+            "accuracy": r["test"]["accuracy"], "cost": r["test"]["avg_cost_fraction"],
+            "rates": r["test"]["exit_rates"], "paper": EENETS_PAPER,
+            "auc": r.get("anytime", {}).get("auc"), **row_facts(r, job)}
+
+
 def table_eenets(t: Table, datasets: list[str]) -> tuple[str, list[dict], list[str]]:
     rows, deviations = [], [
         "MNIST rows: CPU budget of 5 epochs (EENets train far longer); one warm-up epoch of "
@@ -273,37 +291,17 @@ def table_eenets(t: Table, datasets: list[str]) -> tuple[str, list[dict], list[s
         lam = "0.5,1" if t.smoke else "0.25,0.5,1,2"
         ee = t.sweep(f"{ds}_eenets", ["experiment=eenets_mnist", f"dataset={ds}",
                                       f"loss.second.lambda_coef={lam}"])
-        for job in plain:
-            r = results(job)
-            rows.append({"dataset": ds, "model": "resnet20 (no exits)", "lambda": "-",
-                         "accuracy": r["test"]["accuracy"], "cost": 1.0, "rates": [1.0],
-                         "auc": None, "job": str(job), "paper": "-", **row_facts(r, job)})
-        for job in ee:
-            r = results(job)
-            rows.append({"dataset": ds, "model": "resnet20 + 2 EENets exits", "job": str(job),
-                         "lambda": r["config"]["loss"]["second"]["lambda_coef"],
-                         "accuracy": r["test"]["accuracy"], "cost": r["test"]["avg_cost_fraction"],
-                         "rates": r["test"]["exit_rates"], "paper": EENETS_PAPER,
-                         "auc": r.get("anytime", {}).get("auc"), **row_facts(r, job)})
+        rows += [plain_row(ds, job) for job in plain]
+        rows += [eenets_row(ds, job, "resnet20 + 2 EENets exits") for job in ee]
     # CIFAR-10 (JPEG) by the short recipe (issue 20): run with --cifar10, else read back or "not run"
     ds = f"{CIFAR} (recipe)"
     epochs = t.cifar_epochs(CIFAR_PLAIN[1])
     plain, ee = cifar_plain(t), cifar_eenets(t)
-    for job in plain:
-        r = results(job)
-        rows.append({"dataset": ds, "model": "resnet20 (no exits)", "lambda": "-",
-                     "accuracy": r["test"]["accuracy"], "cost": 1.0, "rates": [1.0], "auc": None,
-                     "job": str(job), "paper": "-", **row_facts(r, job)})
+    rows += [plain_row(ds, job) for job in plain]
     if not plain:
         rows.append(not_run_row(t, t.ckey(CIFAR_PLAIN[0]), epochs, dataset=ds, paper="-",
                                 model="resnet20 (no exits)", **{"lambda": "-"}))
-    for job in ee:
-        r = results(job)
-        rows.append({"dataset": ds, "model": "resnet20 + 6 EENets exits", "job": str(job),
-                     "lambda": r["config"]["loss"]["second"]["lambda_coef"],
-                     "accuracy": r["test"]["accuracy"], "cost": r["test"]["avg_cost_fraction"],
-                     "rates": r["test"]["exit_rates"], "paper": EENETS_PAPER,
-                     "auc": r.get("anytime", {}).get("auc"), **row_facts(r, job)})
+    rows += [eenets_row(ds, job, "resnet20 + 6 EENets exits") for job in ee]
     if not ee:
         rows += [not_run_row(t, t.ckey(CIFAR_EENETS[0]), epochs, dataset=ds, paper=EENETS_PAPER,
                              model="resnet20 + 6 EENets exits", **{"lambda": lam})
