@@ -50,6 +50,7 @@ ALLOWED_TARGETS = frozenset({
     "eenet.losses.SumLoss",
     "eenet.losses.TwoStageLoss",
     "eenet.reporting.wandb.wandb_logger",
+    "eenet.reporting.csv_log.RunCSVLogger",
     "torch.optim.Adam",
     "torch.optim.AdamW",
     "torch.optim.SGD",
@@ -58,7 +59,7 @@ ALLOWED_TARGETS = frozenset({
     "torch.optim.lr_scheduler.MultiStepLR",
     "torch.optim.lr_scheduler.OneCycleLR",
     "lightning.Trainer",
-    "lightning.pytorch.loggers.CSVLogger",
+    "lightning.pytorch.loggers.CSVLogger",  # the csv logger of run folders made before RunCSVLogger
     "lightning.pytorch.strategies.DDPStrategy",
 })
 
