@@ -24,6 +24,9 @@ T-RecX ``concat`` final exit reads), then the exit after it. For N early exits
     manifest.json    what to run in which order, the live values, the policy, costs,
                      preprocessing
     onnx_runner.py   a copy of :mod:`eenet.export.onnx_runner` (numpy + onnxruntime only)
+    fused_j.onnx     (``fused=True`` only) segment_j and its head as one graph, for the
+                     onnxruntime engine backend; the piece lists it as ``fused`` with
+                     ``fused_inputs`` and ``fused_outputs``
 
 Every piece is "segment, then head", and the only special case is that the final
 head releases every sample (h_N = 1, so it has no confidence output). A live value
@@ -194,10 +197,38 @@ def _name_of(v: torch.Tensor, live: Sequence[torch.Tensor], names: Sequence[str]
     return next(n for u, n in zip(live, names) if u is v)
 
 
+def _export_fused(net: EarlyExitNetwork, step, j: int, final: bool, live: tuple,
+                  names: list[str], computed: list[int], added: list[int],
+                  output_names: list[str], out: Path, opset: int, check: bool) -> dict:
+    """Step ``j``'s segment and head as one graph (``export_segments(fused=True)``): the
+    head's outputs, the values it adds and the values the segment computes; the final
+    piece's logits only. Returns the piece's ``fused`` entries."""
+    def fused_fn(lv):
+        body_out = tuple(step.body(lv))
+        logits, z, after = step.head(body_out)
+        after = tuple(after)
+        return (logits, z, *after, *body_out)
+
+    with torch.no_grad():
+        ref = fused_fn(live)
+        n_after = len(tuple(step.head(tuple(step.body(live)))[2]))
+    if final:
+        pick, output_names = [0], output_names[:1]
+    else:
+        pick = [0, 1, *(2 + k for k in added), *(2 + n_after + k for k in computed)]
+    file = f"fused_{j}.onnx"
+    inputs = _export(_Piece(net, fused_fn, pick).eval(), live, out / file, names, output_names,
+                     opset)
+    if check:
+        _check(out / file, dict(zip(names, live)), [ref[k] for k in pick])
+    return {"fused": file, "fused_inputs": inputs, "fused_outputs": output_names}
+
+
 def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: str | Path,
                     policy: ExitPolicy, cost_table: CostTable | None = None, opset: int = 17,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-                    check: bool = True, input_range: Sequence[float] | None = None) -> Path:
+                    check: bool = True, input_range: Sequence[float] | None = None,
+                    fused: bool = False) -> Path:
     """Write the ONNX pieces of ``net`` and ``manifest.json`` into ``out_dir``; return the manifest.
 
     Args:
@@ -213,6 +244,11 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
         input_range: ``(lo, hi)``, the range of the data set's raw values before
             normalisation (``(0, 1)`` for images scaled from 0..255); recorded so that
             the runner refuses inputs of another scale. ``None``: not recorded.
+        fused: also write each piece's segment and head as one graph, ``fused_<j>.onnx``
+            (the piece's ``fused``, ``fused_inputs`` and ``fused_outputs``: its ``outputs``,
+            then ``head_live_outputs``, then ``segment_outputs``; the final piece's
+            ``outputs`` only), which the onnxruntime engine backend runs when the head is
+            not left out: one call instead of two (:mod:`eenet.inference.backends`).
     """
     if not callable(getattr(net, "walk", None)):
         raise EENetError(f"ONNX segment export takes an early-exit network with a walk() (an "
@@ -304,6 +340,10 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
                     feeds = dict(zip(names, live))
                     _check(out / piece["segment"], feeds, [body_out[k] for k in computed])
                     _check(out / piece["head"], dict(zip(body_names, body_out)), head_out)
+                if fused:
+                    piece.update(_export_fused(net, step, j, final, live, names, computed,
+                                               added, [*piece["outputs"], *added_names, *seg_out],
+                                               out, opset, check))
                 piece.update(segment_inputs=seg_in, segment_outputs=seg_out, head_inputs=head_in,
                              head_live_outputs=added_names,
                              live=[] if final else after_names,

@@ -292,10 +292,13 @@ class OnnxEarlyExitRunner:
         manifest_path: ``manifest.json`` written by ``eenet-export`` (or its folder).
         providers: onnxruntime execution providers, in order of preference.
         threads: onnxruntime's intra-op threads (its default: one per core).
+        spinning: whether idle intra-op threads spin waiting for work (onnxruntime's
+            default) rather than sleep; spinning threads take cores from other work in the
+            same process between runs (PyTorch's threads in the engine backend).
     """
 
     def __init__(self, manifest_path: str | Path, providers=("CPUExecutionProvider",),
-                 threads: int | None = None):
+                 threads: int | None = None, spinning: bool = True):
         path = Path(manifest_path)
         if path.is_dir():
             path = path / "manifest.json"
@@ -307,13 +310,15 @@ class OnnxEarlyExitRunner:
         options.log_severity_level = 3  # errors only
         if threads:
             options.intra_op_num_threads = threads
+        if not spinning:  # idle worker threads sleep at once instead of spinning for work
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
         files = [(piece_path(path.parent, p["segment"]), piece_path(path.parent, p["head"]))
                  for p in m["pieces"]]  # every name checked before any file is opened
 
-        def session(file):
-            return ort.InferenceSession(str(file), options, providers=list(providers))
-
+        self._options, self._providers = options, list(providers)
+        self._folder = path.parent
+        session = self.open_session
         self.pieces = [(session(segment), session(head)) for segment, head in files]
         #: the name of the network's input among the live values
         self.input_name = "v"  # format 2: one unnamed value
@@ -363,6 +368,14 @@ class OnnxEarlyExitRunner:
         #: the raw values' range the model was trained on (before normalisation), or None
         self.input_range = None if m.get("input_range") is None else \
             tuple(float(v) for v in m["input_range"])
+
+
+    def open_session(self, file: str | Path):
+        """An onnxruntime session on ``file`` (a name in the export folder, checked like the
+        pieces', or a path) with this runner's options and providers."""
+        if isinstance(file, str):
+            file = piece_path(self._folder, file)
+        return ort.InferenceSession(str(file), self._options, providers=self._providers)
 
     def preprocess(self, images: np.ndarray) -> np.ndarray:
         """Raw values (B, C, H, W) in ``input_range`` -> normalised float32 (module docstring).

@@ -25,7 +25,11 @@ engine's own, so the backends can differ only in the logits their steps compute:
   ``cache_dir`` (re-exported only when the weights changed: a digest of the state dict is kept
   beside the manifest), the pieces opened by :class:`eenet.export.onnx_runner.OnnxEarlyExitRunner`
   (which checks the manifest), each piece wrapped as a step (numpy views of the torch tensors,
-  no copy). An ONNX file is data to onnxruntime (no Python runs from it), and a cached export
+  no copy). The export also holds each piece's segment and head as one graph
+  (``export_segments(fused=True)``), which the engine runs when the head runs: one call
+  instead of two. Every graph is opened twice, with the engine's threads for batches and
+  with one thread for a single sample (:class:`_Pair`), and idle threads do not spin
+  (:data:`ORT_SPINNING`). An ONNX file is data to onnxruntime (no Python runs from it), and a cached export
   is checked against the network on a random batch before use and exported again when it
   differs. Several live values are carried by the names the manifest (format 3) gives them:
   a T-RecX ``concat`` exit's features, the skip connections of a graph backbone that cross a
@@ -43,7 +47,7 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -56,6 +60,12 @@ from eenet.models.early_exit import EarlyExitNetwork, Step
 from eenet.policies import ExitPolicy
 
 BACKENDS = ("eager", "compiled", "onnxruntime")
+#: whether onnxruntime's idle threads spin between runs (its default) in the engine backend.
+#: Off: between onnxruntime's runs the engine's PyTorch threads index the remaining samples,
+#: and spinning threads (one pool per session) took the cores from them. Measured on the
+#: 2-core AMD EPYC, mnist_budget resnet20 with 2 exits, 2,560 MNIST test images at batch 256,
+#: 2 threads, median of 5 passes in one process: 0.249 ms per image spinning, 0.106 not.
+ORT_SPINNING = False
 DIGEST_FILE = "eenet_backend_key.json"
 
 _COMPILED: dict[tuple, list[Step]] = {}  # (cache_dir, weights digest, input size) -> steps
@@ -89,8 +99,9 @@ def _flat_head(out: tuple) -> tuple:
 
 
 def compiled_steps(net: EarlyExitNetwork, input_size: Sequence[int]) -> list[Step]:
-    """``net.walk()`` with every body and head traced (batch 2, any batch size afterwards) and
-    frozen; the network must be in eval mode."""
+    """``net.walk()`` with every body, head, and body followed by head (``Step.fused``: one
+    graph, one call) traced (batch 2, any batch size afterwards) and frozen; the network must
+    be in eval mode."""
     steps = net.walk()
     x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
     live: tuple = (x,)
@@ -102,14 +113,18 @@ def compiled_steps(net: EarlyExitNetwork, input_size: Sequence[int]) -> list[Ste
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         for step in steps:
+            before = live
             body = torch.jit.freeze(torch.jit.trace(_Traced(step.body, net).eval(), live,
                                                     check_trace=False))
             live = step.body(live)
             head_fn = (lambda h: (lambda v: _flat_head(h(v))))(step.head)
             head = torch.jit.freeze(torch.jit.trace(_Traced(head_fn, net).eval(), live,
                                                     check_trace=False))
+            fused_fn = (lambda s: (lambda v: _flat_head(s.head(s.body(v)))))(step)
+            fused = torch.jit.freeze(torch.jit.trace(_Traced(fused_fn, net).eval(), before,
+                                                     check_trace=False))
             _, _, live = step.head(live)
-            out.append(Step(_body_of(body), _head_of(head), step.skippable))
+            out.append(Step(_body_of(body), _head_of(head), step.skippable, _head_of(fused)))
     return out
 
 
@@ -136,7 +151,8 @@ def onnx_steps(net: EarlyExitNetwork, input_size: Sequence[int], cache_dir: str 
     from eenet.export.onnx import export_segments
 
     folder = Path(cache_dir)
-    key = {"weights_sha256": weights_digest(net), "input_size": [int(v) for v in input_size]}
+    key = {"weights_sha256": weights_digest(net), "input_size": [int(v) for v in input_size],
+           "fused": True}
     key_path = folder / DIGEST_FILE
     try:
         fresh = json.loads(key_path.read_text()) == key and (folder / "manifest.json").is_file()
@@ -146,7 +162,7 @@ def onnx_steps(net: EarlyExitNetwork, input_size: Sequence[int], cache_dir: str 
         steps = _open_export(net, folder, threads, quiet=True)
         if steps is not None and _matches(net, steps, input_size):
             return steps
-    export_segments(net, input_size, folder, policy, cost_table=None, check=False)
+    export_segments(net, input_size, folder, policy, cost_table=None, check=False, fused=True)
     atomic_write_text(key_path, json.dumps(key) + "\n")
     steps = _open_export(net, folder, threads, quiet=False)
     if not _matches(net, steps, input_size):
@@ -179,7 +195,8 @@ def _open_export(net: EarlyExitNetwork, folder: Path, threads: int | None,
     from eenet.export.onnx_runner import OnnxEarlyExitRunner, RunnerError
 
     try:
-        runner = OnnxEarlyExitRunner(folder, threads=threads)
+        runner = OnnxEarlyExitRunner(folder, threads=threads, spinning=ORT_SPINNING)
+        single = runner if threads == 1 else OnnxEarlyExitRunner(folder, threads=1)
         m = runner.manifest
         problem = None
         if len(runner.pieces) != net.num_exits:
@@ -196,14 +213,40 @@ def _open_export(net: EarlyExitNetwork, folder: Path, threads: int | None,
             return None
         raise EENetError(f"the onnxruntime backend's export in {folder} cannot be used: "
                          f"{problem}; remove the folder to export again")
+    try:
+        fused = [_Pair(runner.open_session(piece["fused"]), single.open_session(piece["fused"]))
+                 for piece in m["pieces"]]
+    except Exception as exc:  # no entry (an export without fused pieces), a missing or damaged
+        # file (RunnerError, onnxruntime's own errors)
+        if quiet:
+            return None
+        raise EENetError(f"the onnxruntime backend's export in {folder} has no usable fused "
+                         f"pieces ({type(exc).__name__}: {exc}); remove the folder to export "
+                         f"again") from None
     out, order = [], [m.get("input", "x")]
-    for piece, (segment, head), step in zip(m["pieces"], runner.pieces, net.walk()):
-        body, head_fn, order = _ort_plan(piece, segment, head, order)
-        out.append(Step(body, head_fn, step.skippable))
+    for piece, (segment, head), (segment1, head1), both, step in zip(
+            m["pieces"], runner.pieces, single.pieces, fused, net.walk()):
+        body, head_fn, fused_fn, order = _ort_plan(piece, _Pair(segment, segment1),
+                                                   _Pair(head, head1), both, order)
+        out.append(Step(body, head_fn, step.skippable, fused_fn))
     return out
 
 
-def _ort_plan(piece: dict, segment, head, order: list[str]) -> tuple[callable, callable, list]:
+class _Pair(NamedTuple):
+    """One ONNX graph opened twice: with the engine's threads, and with one thread for a
+    batch of one sample, where waking and joining worker threads costs more than the
+    arithmetic they share (the per-call overhead that dominates at batch size 1)."""
+
+    many: object  # onnxruntime.InferenceSession
+    one: object
+
+    def run(self, names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        single = next(iter(feeds.values())).shape[0] == 1
+        return (self.one if single else self.many).run(names, feeds)
+
+
+def _ort_plan(piece: dict, segment, head, both, order: list[str]
+              ) -> tuple[callable, callable, callable, list]:
     """One exported piece as a step over a tuple of live values whose names are ``order``.
 
     The tuple's order is this backend's own (the engine only indexes the samples of each
@@ -211,7 +254,9 @@ def _ort_plan(piece: dict, segment, head, order: list[str]) -> tuple[callable, c
     what its head or a later piece reads (the manifest's ``head_inputs`` and ``live``); the
     head returns the tuple it was given plus the values it adds (``head_live_outputs``), so
     that the next segment receives the same names whether an idle (skippable, adding nothing)
-    head ran or not. Returns ``(body, head, the names after the head)``.
+    head ran or not. ``both`` is the piece's fused graph (segment and head, ``fused_<j>.onnx``),
+    whose step gives what the head would give after the body, in one onnxruntime call.
+    Returns ``(body, head, fused, the names after the head)``.
     """
     seg_in, seg_out = list(piece["segment_inputs"]), list(piece["segment_outputs"])
     needed = set(piece["head_inputs"]) | set(piece["live"])
@@ -237,7 +282,20 @@ def _ort_plan(piece: dict, segment, head, order: list[str]) -> tuple[callable, c
              else torch.from_numpy(np.asarray(outs[1]).reshape(-1)))
         extra = dict(zip(added, outs[len(outputs):]))
         return logits, z, live + tuple(torch.from_numpy(extra[n]) for n in after_head[len(live):])
-    return body, head_fn, after_head
+
+    fused_in, fused_out = list(piece["fused_inputs"]), list(piece["fused_outputs"])
+    given = fused_out[len(outputs):]  # the values the head adds, then the segment's
+
+    def fused_fn(live: tuple) -> tuple:
+        outs = both.run(fused_out, {n: _np(live[pos_in[n]]) for n in fused_in})
+        logits = torch.from_numpy(outs[0])
+        if final:  # the walk ends here: nothing is carried on
+            return logits, torch.full(logits.shape[:1], float("inf")), ()
+        z = torch.from_numpy(np.asarray(outs[1]).reshape(-1))
+        values = dict(zip(order, live))
+        values.update((n, torch.from_numpy(v)) for n, v in zip(given, outs[len(outputs):]))
+        return logits, z, tuple(values[n] for n in after_head)
+    return body, head_fn, fused_fn, after_head
 
 
 def _np(t: torch.Tensor) -> np.ndarray:

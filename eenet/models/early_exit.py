@@ -76,11 +76,16 @@ class Step(NamedTuple):
             a live value that a later exit reads.
         skippable: whether the head may be left out when its exit releases no sample
             (false when a later exit reads what it adds, and for the final exit).
+        fused: optional ``live -> (logits, confidence logits, live)``, the body followed by
+            the head in one call (what ``head(body(live))`` gives), which a backend may
+            provide because one call costs less than two at small batch sizes
+            (:mod:`eenet.inference.backends`); the engine uses it when the head runs.
     """
 
     body: Callable[[tuple], tuple]
     head: Callable[[tuple], tuple]
     skippable: bool
+    fused: Callable[[tuple], tuple] | None = None
 
 
 def static_walk(steps: Sequence[Step], x: torch.Tensor) -> ExitOutputs:
