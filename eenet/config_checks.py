@@ -355,9 +355,13 @@ EVAL_RULES: list[tuple[str, Accepts]] = [
     ("policy", choice(POLICIES)),
     ("temperature", boolean()),
     ("engine", choice(BACKENDS)),
-    ("cost", nullable(choice(("macs", "latency")), "macs, or latency with budget_ms")),
+    ("cost", nullable(choice(("macs", "latency")),
+                      "macs, or latency with budget_ms or budget_p95_ms")),
     ("budget_ms", said(number(0, lo_open=True) | NULL,
                        "milliseconds > 0 (the expected time per sample at batch 1), or null")),
+    ("budget_p95_ms", said(number(0, lo_open=True) | NULL,
+                           "milliseconds > 0 (the expected p95 of the time per sample at batch "
+                           "1), or null")),
     ("engine_cache", nullable(path(), "RUN_DIR/engine_cache")),
     ("tail_latency", boolean()),
     ("latency_samples", nullable(integer(1), "every test sample")),
@@ -529,19 +533,28 @@ def _temperature_policy(cfg: DictConfig) -> None:
         raise EENetError(f"temperature=true: {no_temperature_message(cfg.policy, 'temperature=false')}")
 
 
+#: the budgets in milliseconds: a target of their own, alone or together (both then hold)
+MS_BUDGETS = ("budget_ms", "budget_p95_ms")
+
+
 def _budget_ms(cfg: DictConfig) -> None:
-    """``budget_ms`` is a target of its own, calibrated on measured latencies (not MACs)."""
-    if cfg.get("budget_ms") is None:
+    """``budget_ms`` and ``budget_p95_ms`` are a target of their own (one, or both: every
+    budget holds), calibrated on measured latencies (not MACs)."""
+    given = [k for k in MS_BUDGETS if cfg.get(k) is not None]
+    if not given:
         return
+    asked = " and ".join(f"{k}={show(cfg.get(k))}" for k in given)
     others = [k for k in ("budget", "tolerance", "min_accuracy", "guarantee")
               if cfg.get(k) is not None]
     if others:
-        raise EENetError(f"budget_ms={show(cfg.budget_ms)} is a calibration target of its own: "
-                         f"drop {', '.join(f'{k}={show(cfg.get(k))}' for k in others)}")
+        raise EENetError(f"{asked} {'is' if len(given) == 1 else 'are'} a calibration target "
+                         f"of {'its' if len(given) == 1 else 'their'} own: drop "
+                         f"{', '.join(f'{k}={show(cfg.get(k))}' for k in others)}")
     if cfg.get("cost") == "macs":
-        raise EENetError(f"budget_ms={show(cfg.budget_ms)} is in milliseconds: it needs measured "
-                         f"latencies as the cost (cost=latency, or leave cost out); with cost=macs "
-                         f"give budget=B (a fraction of the MACs)")
+        raise EENetError(f"{asked} {'is' if len(given) == 1 else 'are'} in milliseconds: "
+                         f"{'it needs' if len(given) == 1 else 'they need'} measured latencies as "
+                         f"the cost (cost=latency, or leave cost out); with cost=macs give "
+                         f"budget=B (a fraction of the MACs)")
 
 
 def _engine_installed(cfg: DictConfig) -> None:
@@ -581,7 +594,7 @@ def check_eval_config(cfg: DictConfig) -> None:
     _needs_run(cfg, "evaluate")
     check_options(cfg, EVAL_RULES)
     _data_root(cfg)
-    if cfg.get("budget_ms") is None:
+    if all(cfg.get(k) is None for k in MS_BUDGETS):
         _one_target(cfg)
     _budget_ms(cfg)
     _optimism_needs_tolerance(cfg)

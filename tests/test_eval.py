@@ -93,7 +93,9 @@ def test_eval_with_budget_and_latency(digits_run, tmp_path):
     assert set(res) == PREVIOUS_EVAL_KEYS | {"format_version", "eenet_version", "latency"}
     assert set(res["engine"]) == {"batch_size", "wall_s", "agreement_with_static"}  # no timing
     assert res["calibration"]["chosen"]["avg_cost"] <= 0.3
-    assert {r["batch_size"] for r in res["latency"]} == {1, 256}
+    assert set(res["latency"]) == {"exit_table"}  # a mapping, the eager table alone
+    assert {r["batch_size"] for r in res["latency"]["exit_table"]} == {1, 256}
+    assert "Measured latency to reach and evaluate each exit (eager):" in report(res)
     assert (tmp_path / "b" / "latency.json").is_file()
 
 

@@ -130,10 +130,16 @@ def test_latency_section_fields_and_order(evaluations):
         assert f"measured speed-up {lat['speedup']:.2f}x" in text
 
 
-def test_budget_ms_is_kept_in_expectation_on_val(digits_run, tmp_path):
-    # the per-exit times on this machine: a first evaluation with latency as the cost
-    first = evaluate(eval_config(digits_run, tmp_path / "a", "tolerance=1", "cost=latency",
-                                 "policy=max_prob", "latency_samples=20", "timing_passes=0"))
+@pytest.fixture(scope="module")
+def latency_costs(digits_run, tmp_path_factory):
+    """The per-exit times on this machine: an evaluation with latency as the cost."""
+    return evaluate(eval_config(digits_run, tmp_path_factory.mktemp("latency_costs"),
+                                "tolerance=1", "cost=latency", "policy=max_prob",
+                                "latency_samples=20", "timing_passes=0"))
+
+
+def test_budget_ms_is_kept_in_expectation_on_val(digits_run, latency_costs, tmp_path):
+    first = latency_costs
     ms = first["latency"]["cost_tables"]["1"]["ms"]
     assert first["target"]["final_exit_ms"] == ms[-1]
     budget = (ms[0] + ms[-1]) / 2  # between every sample at exit 0 and every one at the end
@@ -173,6 +179,51 @@ def test_budget_ms_is_kept_in_expectation_on_val(digits_run, tmp_path):
         sum(r * m for r, m in zip(rates, macs)) / res["backbone_macs"], rel=1e-9)
 
 
+def test_budget_p95_ms_with_budget_ms(digits_run, latency_costs, tmp_path):
+    """Both budgets: the expected mean and p95 on val are within them, and each stands next to
+    what the dynamic run measured on test, in results.json, results.md and the report."""
+    ms = latency_costs["latency"]["cost_tables"]["1"]["ms"]
+    # between every sample at exit 0 and every one at the end: the p95 has room below the
+    # final exit only if at most 5 % of val's samples go there; the mean a little more
+    p95_budget, mean_budget = (ms[0] + ms[-1]) / 2, (ms[0] + 2 * ms[-1]) / 3
+    out = tmp_path / "b"
+    res = evaluate(eval_config(digits_run, out, f"budget_ms={mean_budget}",
+                               f"budget_p95_ms={p95_budget}", "policy=max_prob",
+                               "latency_samples=20", "timing_passes=0"))
+    target, lat = res["target"], res["latency"]
+    assert target["kind"] == "budget_ms" and target["value"] == mean_budget
+    assert target["budget_p95_ms"] == p95_budget and res["calibration"]["reachable"] is True
+    assert target["expected_ms"] <= mean_budget and target["expected_p95_ms"] <= p95_budget
+    # the section's p95 from the recorded table (LatencyCostTable.expected_percentile_ms,
+    # given the engine's idle exits) is the calibrator's own figure
+    exp = lat["expected"]
+    assert exp["p95_ms_val"] == pytest.approx(target["expected_p95_ms"], rel=1e-12)
+    assert exp["measured_p95_ms"] == lat["p95_ms"]
+    assert exp["measured_p95_over_expected"] == lat["p95_ms"] / exp["p95_ms_val"]
+    # and under test's exit rates: the smallest exit time (idle heads before it left out)
+    # whose exits at or below it take >= 95 % of the test samples
+    table = lat["cost_tables"]["1"]
+    thr = [float(t) for t in res["policy"]["thresholds"]]
+    idle = [math.isinf(t) and t > 0 and s for t, s in zip(thr, table["skippable"])]
+    times = [m - sum(h for h, i in zip(table["head_ms"][:e], idle[:e]) if i)
+             for e, m in enumerate(table["ms"])]
+    n = res["test"]["n"]
+    counts = [round(r * n) for r in res["test"]["exit_rates"]]
+    p95_test = min(t for t in times
+                   if 100 * sum(c for u, c in zip(times, counts) if u <= t) >= 95 * n)
+    assert exp["p95_ms_test_rates"] == pytest.approx(p95_test, rel=1e-12)
+    b = lat["budget"]
+    assert (b["budget_ms"], b["budget_p95_ms"]) == (mean_budget, p95_budget)
+    assert b["expected_p95_ms"] == target["expected_p95_ms"]
+    assert b["measured_p95_within_budget"] == (lat["p95_ms"] <= p95_budget)
+    assert b["measured_within_budget"] == (lat["mean_ms"] <= mean_budget)
+    md = (out / "results.md").read_text()
+    line = next(x for x in md.splitlines() if x.startswith("budget_ms="))
+    assert f"budget_p95_ms={p95_budget:g}" in line and f"p95 {lat['p95_ms']:.4f} ms" in line
+    assert f"p95 {b['expected_p95_ms']:.4f} ms on val" in line
+    assert f"and budget_p95_ms {p95_budget:g} (its expected p95)" in report(res)
+
+
 BAD = [
     ("unknown backend", ["tolerance=1", "engine=gpu"],
      "unknown engine 'gpu'; accepted: eager, compiled, onnxruntime"),
@@ -190,6 +241,10 @@ BAD = [
      "budget_ms=1e-06 is below the cheapest possible on engine=eager: "),
     ("budget_ms below the cheapest, compiled", ["budget_ms=1e-6", "engine=compiled"],
      "is below the cheapest possible on engine=compiled: "),
+    ("budget_p95_ms below the lowest", ["budget_p95_ms=1e-6"],
+     "budget_p95_ms=1e-06 is below the lowest possible on engine=eager: an expected p95 of "),
+    ("both budgets below the cheapest", ["budget_ms=1e-6", "budget_p95_ms=2e-6"],
+     "budget_ms=1e-06 and budget_p95_ms=2e-06 cannot both hold on engine=eager: "),
 ]
 
 

@@ -110,14 +110,24 @@ def _new_split(values: dict, loss: float | None = None) -> SplitResult:
     return SplitResult(**values, loss=loss)
 
 
+def _latency_as_a_mapping(old: dict) -> dict:
+    """The previous file as this eenet reads it: its latency list (the eager per-exit table of
+    ``latency=true``) becomes the ``exit_table`` of the latency mapping, nothing else moves."""
+    return {k: {"exit_table": v} if k == "latency" else v for k, v in old.items()}
+
+
 def test_files_of_the_previous_code_round_trip_unchanged(previous_make_results):
+    """Unchanged but for the latency list, read as the mapping every file now has."""
     for old in (_previous_training_file(previous_make_results),
                 _previous_evaluation_file(previous_make_results)):
         typed = RunResults.from_dict(json.loads(json.dumps(old)))
         assert typed.format_version is None  # written before format_version: format 0
         again = typed.to_dict()
-        assert again == old
-        assert json.dumps(again, indent=2) == json.dumps(old, indent=2)  # key order too
+        expected = _latency_as_a_mapping(old)
+        assert again == expected
+        assert json.dumps(again, indent=2) == json.dumps(expected, indent=2)  # key order too
+    assert isinstance(old["latency"], list)  # the evaluation file had the list
+    assert typed.latency == {"exit_table": old["latency"]}
 
 
 def test_the_new_writer_writes_the_previous_layout_plus_the_version(previous_make_results):
@@ -136,8 +146,9 @@ def test_the_new_writer_writes_the_previous_layout_plus_the_version(previous_mak
         "digits", "resnet20", 10, COST, _new_split(VAL), _new_split(TEST),
         {"name": "confidence", "thresholds": [0.75, "inf"]}, CONFIG,
         evaluation=EvaluationRecord(engine=EngineResult(**ENGINE), **EVALUATION),
-        latency=[{"exit": "exit0", "batch_size": 1, "ms_per_batch": 0.2}])
-    assert ev.to_dict() == {**versions, **_previous_evaluation_file(previous_make_results)}
+        latency={"exit_table": [{"exit": "exit0", "batch_size": 1, "ms_per_batch": 0.2}]})
+    assert ev.to_dict() == {**versions, **_latency_as_a_mapping(
+        _previous_evaluation_file(previous_make_results))}
     assert list(ev.to_dict())[:2] == ["format_version", "eenet_version"]
 
 
@@ -159,6 +170,68 @@ def test_a_new_file_round_trips_and_writes_its_markdown(tmp_path):
     # the per-exit accuracies live once, in the exit rows, and come back into the splits
     assert [e["test_accuracy"] for e in saved["exits"]] == TEST["exit_accuracy"]
     assert RunResults.from_dict(saved).test.overthinking == TEST["overthinking"]
+
+
+def _tail(mean, p50, p95, p99, top, backend="onnxruntime"):
+    return {"p50_ms": p50, "p95_ms": p95, "p99_ms": p99, "max_ms": top, "mean_ms": mean,
+            "backend": backend, "samples": 360}
+
+
+#: a latency section as eenet-eval writes it with budget_ms and budget_p95_ms
+LATENCY = {**_tail(0.25, 0.21, 0.48, 0.61, 0.9), "batch_size": 1, "threads": 2,
+           "exit_ms": [0.22, 0.47, 0.8], "plain": _tail(0.52, 0.5, 0.55, 0.6, 0.7),
+           "speedup": 0.52 / 0.25, "speedup_p95": 0.55 / 0.48,
+           "expected": {"mean_ms_val": 0.24, "p95_ms_val": 0.45, "mean_ms_test_rates": 0.245,
+                        "p95_ms_test_rates": 0.45, "measured_mean_ms": 0.25,
+                        "measured_p95_ms": 0.48, "measured_over_expected": 0.25 / 0.24,
+                        "measured_p95_over_expected": 0.48 / 0.45},
+           "budget": {"budget_ms": 0.3, "budget_p95_ms": 0.5, "expected_mean_ms": 0.24,
+                      "expected_p95_ms": 0.45, "measured_mean_ms": 0.25, "measured_p95_ms": 0.48,
+                      "measured_within_budget": True, "measured_p95_within_budget": True,
+                      "test_accuracy": 0.96667}}
+
+
+def test_results_md_states_the_measured_latency(tmp_path):
+    engine = EngineResult(**ENGINE, dynamic_wall_s=0.045, final_exit_wall_s=0.099,
+                          speedup=0.099 / 0.045, timed_passes=3, threads=1,
+                          dynamic_pass_s=[0.04, 0.045, 0.05], final_exit_pass_s=[0.09, 0.099, 0.1])
+
+    def markdown(latency):
+        results = RunResults.build(
+            "digits", "resnet20", 10, COST, _new_split(VAL), _new_split(TEST),
+            {"name": "confidence", "thresholds": [0.75, "inf"]}, CONFIG,
+            evaluation=EvaluationRecord(engine=engine, **EVALUATION), latency=latency)
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        return write_results(folder, results)[1].read_text()
+
+    plain = markdown(None)
+    # the eager exit table alone is no per-sample latency: no lines about it
+    assert markdown({"exit_table": [{"exit": "exit0", "batch_size": 1, "ms_per_batch": 0.2}]}) \
+        == plain
+    assert "latency" not in plain and "budget" not in plain
+    text = markdown(LATENCY)
+    new = [line for line in text.splitlines() if line not in plain.splitlines()]
+    assert new == [
+        "Per-sample latency on test, batch 1, engine=onnxruntime (360 samples, 2 thread(s), "
+        "interleaved with the plain run): mean 0.2500 ms, p50 0.2100, p95 0.4800, p99 0.6100, "
+        "max 0.9000 ms.",
+        "The plain run (every early exit off, engine=onnxruntime): mean 0.5200 ms, p50 0.5000, "
+        "p95 0.5500, p99 0.6000, max 0.7000 ms: measured speed-up 2.08x (mean), 1.15x (p95).",
+        "Calibrated on val with measured latencies as the cost: expected mean 0.2400 ms (p95 "
+        "0.4500), measured 0.2500 ms (p95 0.4800): 1.042x the expectation (1.067x for the p95).",
+        "budget_ms=0.3 and budget_p95_ms=0.5: expected mean 0.2400 ms, p95 0.4500 ms on val; "
+        "measured on test mean 0.2500 ms (within the budget), p95 0.4800 ms (within the p95 "
+        "budget), test accuracy 96.67%."]
+    assert text.splitlines()[-1] == plain.splitlines()[-1]  # the engine timing stays last
+    assert "2.20x faster" in text.splitlines()[-1]
+    # a p95 budget alone, over it on test: said so, and no mean budget is claimed
+    only = {k: v for k, v in LATENCY["budget"].items()
+            if k not in ("budget_ms", "measured_within_budget")}
+    text = markdown({**LATENCY, "budget": {**only, "measured_p95_within_budget": False}})
+    assert ("budget_p95_ms=0.5: expected mean 0.2400 ms, p95 0.4500 ms on val; measured on test "
+            "mean 0.2500 ms, p95 0.4800 ms (over the p95 budget)") in text
+    assert "budget_ms" not in text.replace("budget_p95_ms", "")
 
 
 def _current() -> dict:

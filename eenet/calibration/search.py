@@ -43,6 +43,11 @@ exit, the milliseconds per sample the engine pays to leave there, and what an id
 has the cost table's interface in units of the final exit's time, so every formula above holds
 with c_i = ms_i / ms_N; ``budget_ms`` M is the budget M / ms_N, and the chosen point's
 expected time per sample, E[ms] = ms_N x cost(t), is reported in the target.
+``budget_p95_ms`` P bounds the tail as well (alone, or with ``budget_ms``: both hold): the
+expected p95 of t, the smallest per-exit time ms_i(t) (idle heads left out) such that the exits
+with ms_j(t) <= ms_i(t) take >= 95 % of the val samples
+(:func:`eenet.inference.latency.exit_time_quantile`), must be <= P; the search keeps the most
+accurate thresholds that meet every budget, and reports the expected p95 beside the mean.
 
 MSDNet (Huang et al., ICLR 2018) chooses thresholds for a budget from an
 assumed exit distribution; searching threshold vectors directly on validation
@@ -62,6 +67,7 @@ from eenet.cost import CostTable
 from eenet.calibration.cache import CachedExits
 from eenet.calibration.stats import pareto_indices
 from eenet.errors import EENetError
+from eenet.inference.latency import exit_time_quantile
 from eenet.io import json_float
 from eenet.policies import ExitPolicy, create_policy, first_exit
 
@@ -168,7 +174,23 @@ class Calibrator:
 
         ``thresholds`` is (T, N) in score units.
         """
-        accs, costs, rates = [], [], []
+        return self._evaluate(thresholds, chunk)[:3]
+
+    def expected_quantile_ms(self, thresholds: torch.Tensor, q: float = 0.95) -> torch.Tensor:
+        """The expected q-quantile (q in [0, 1]) of the time per sample of T threshold vectors
+        ((T, N), score units), with measured latencies as the cost: per vector, the smallest
+        per-exit time ms_i (the final exit's ms x its cost fraction, idle heads left out) whose
+        exits with ms_j <= ms_i take >= q of the samples (T,)."""
+        if self.ms_per_unit is None:
+            raise EENetError("an expected time quantile needs measured latencies as the cost "
+                             "(a latency table, cost=latency)")
+        return self._evaluate(thresholds, q=q)[3]
+
+    def _evaluate(self, thresholds: torch.Tensor, chunk: int = 256, q: float | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """:meth:`evaluate`, and with ``q`` the expected q-quantile of the time per sample
+        (:meth:`expected_quantile_ms`; None without ``q``)."""
+        accs, costs, rates, quantiles = [], [], [], []
         correct = self.correct.to(torch.float32)
         b = self.scores.shape[0]
         for start in range(0, thresholds.shape[0], chunk):
@@ -177,6 +199,7 @@ class Calibrator:
             onehot = torch.nn.functional.one_hot(exits, self.n + 1).to(torch.float32)
             counts = onehot.sum(1)                                            # (t, N+1)
             accs.append((onehot * correct).sum((1, 2)).double() / b)
+            per_exit = self.costs.expand(t.shape[0], -1)
             if self.head_savings.any():  # idle exits (t_i = inf) do not run their heads
                 saved = (torch.isposinf(t).double() * self.head_savings).cumsum(1)
                 per_exit = self.costs - torch.cat([saved, saved[:, -1:]], 1)   # (t, N+1)
@@ -184,7 +207,11 @@ class Calibrator:
             else:
                 costs.append(counts.double() @ self.costs / b)
             rates.append(counts.double() / b)
-        return torch.cat(accs), torch.cat(costs), torch.cat(rates)
+            if q is not None:  # per_exit of an idle exit differs from exit_ms, at rate 0
+                quantiles.append(exit_time_quantile(per_exit * float(self.ms_per_unit),
+                                                    rates[-1], q))
+        return (torch.cat(accs), torch.cat(costs), torch.cat(rates),
+                torch.cat(quantiles) if q is not None else None)
 
     def subset(self, index: torch.Tensor) -> "Calibrator":
         """The same calibrator over the samples ``index`` only (candidates from their scores)."""
@@ -256,19 +283,37 @@ class Calibrator:
         return vals.view(-1, 1).expand(-1, self.n).clone()
 
     @staticmethod
-    def _best(acc: torch.Tensor, cost: torch.Tensor, kind: str, value: float) -> tuple[int, bool]:
+    def _excess(cost, value: float, p95=None, p95_limit: float | None = None):
+        """How far a point is from a budget target: the largest of cost / budget and (with a
+        p95 budget) expected p95 / its budget; <= 1 where it meets every budget."""
+        out = cost / value if math.isfinite(value) else cost * 0.0
+        if p95 is not None:
+            out = (torch.maximum(out, p95 / p95_limit) if isinstance(out, torch.Tensor)
+                   else max(out, p95 / p95_limit))
+        return out
+
+    @staticmethod
+    def _best(acc: torch.Tensor, cost: torch.Tensor, kind: str, value: float,
+              p95: torch.Tensor | None = None, p95_limit: float | None = None
+              ) -> tuple[int, bool]:
         """Index of the best point for the target, and whether it meets it.
 
-        Budget: the highest accuracy with cost <= value, ties to the lowest cost.
-        Tolerance: the lowest cost with accuracy >= value, ties to the highest accuracy.
-        When no point meets the target: the cheapest (budget) or most accurate (tolerance).
+        Budget: the highest accuracy with cost <= value (and, with ``p95``, expected p95 <=
+        ``p95_limit``), ties to the lowest cost. Tolerance: the lowest cost with accuracy >=
+        value, ties to the highest accuracy. When no point meets the target: the one nearest
+        the budgets (:meth:`_excess`; the cheapest for a cost budget alone), ties to the
+        lowest cost (budget), or the most accurate (tolerance).
         """
         inf = torch.tensor(math.inf, dtype=torch.float64)
         acc, cost = acc.double(), cost.double()
         if kind == "budget":
             feasible = cost <= value + 1e-12
+            if p95 is not None:
+                feasible &= p95.double() <= p95_limit + 1e-12
             if not feasible.any():
-                return int(torch.argmin(cost)), False
+                excess = Calibrator._excess(cost, value, p95, p95_limit)
+                near = excess <= excess.min() + 1e-12
+                return int(torch.argmin(torch.where(near, cost, inf))), False
             top = torch.where(feasible, acc, -inf).max()
             tied = feasible & (acc >= top - 1e-12)
             return int(torch.argmin(torch.where(tied, cost, inf))), True
@@ -279,22 +324,35 @@ class Calibrator:
         tied = feasible & (cost <= low + 1e-12)
         return int(torch.argmax(torch.where(tied, acc, -inf))), True
 
-    def _descend(self, start: torch.Tensor, kind: str, value: float, rounds: int = 8
-                 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _measure(self, thresholds: torch.Tensor, p95_limit: float | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Accuracy, average cost and (with a p95 budget) the expected p95 in ms."""
+        acc, cost, _, p95 = self._evaluate(thresholds, q=None if p95_limit is None else 0.95)
+        return acc, cost, p95
+
+    def _search_key(self, thresholds: torch.Tensor, kind: str, value: float,
+                    p95_limit: float | None) -> tuple:
+        """:meth:`_key` of one threshold vector."""
+        acc, cost, p95 = self._measure(thresholds.view(1, -1), p95_limit)
+        return self._key(float(acc[0]), float(cost[0]), kind, value,
+                         None if p95 is None else float(p95[0]), p95_limit)
+
+    def _descend(self, start: torch.Tensor, kind: str, value: float, rounds: int = 8,
+                 p95_limit: float | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Coordinate descent over per-exit thresholds; returns the best vector and all tried."""
         cur = start.clone()
         tried = [cur.view(1, -1)]
-        acc, cost, _ = self.evaluate(cur.view(1, -1))
-        best_key = self._key(float(acc[0]), float(cost[0]), kind, value)
+        best_key = self._search_key(cur, kind, value, p95_limit)
         for _ in range(rounds):
             improved = False
             for i in range(self.n):
                 cand = cur.view(1, -1).repeat(len(self.candidates[i]), 1)
                 cand[:, i] = self.candidates[i]
                 tried.append(cand)
-                acc, cost, _ = self.evaluate(cand)
-                j, _ = self._best(acc, cost, kind, value)
-                key = self._key(float(acc[j]), float(cost[j]), kind, value)
+                acc, cost, p95 = self._measure(cand, p95_limit)
+                j, _ = self._best(acc, cost, kind, value, p95, p95_limit)
+                key = self._key(float(acc[j]), float(cost[j]), kind, value,
+                                None if p95 is None else float(p95[j]), p95_limit)
                 if key > best_key:
                     best_key, cur, improved = key, cand[j].clone(), True
             if not improved:
@@ -302,17 +360,21 @@ class Calibrator:
         return cur, tried
 
     @staticmethod
-    def _key(acc: float, cost: float, kind: str, value: float) -> tuple:
+    def _key(acc: float, cost: float, kind: str, value: float, p95: float | None = None,
+             p95_limit: float | None = None) -> tuple:
+        """The order of :meth:`_best` for one point (larger is better)."""
         if kind == "budget":
-            ok = cost <= value + 1e-12
-            return (1, acc, -cost) if ok else (0, -cost, acc)
+            ok = cost <= value + 1e-12 and (p95 is None or p95 <= p95_limit + 1e-12)
+            excess = Calibrator._excess(cost, value, p95, p95_limit)
+            return (1, acc, -cost) if ok else (0, -excess, -cost, acc)
         ok = acc >= value - 1e-12
         return (1, -cost, acc) if ok else (0, acc, -cost)
 
     def calibrate(self, budget: float | None = None, tolerance: float | None = None,
                   min_accuracy: float | None = None, optimism_folds: int = 0,
                   optimism_seed: int = 0, optimism_repeats: int = 1,
-                  budget_ms: float | None = None) -> CalibrationResult:
+                  budget_ms: float | None = None,
+                  budget_p95_ms: float | None = None) -> CalibrationResult:
         """Thresholds for a cost ``budget``, an accuracy ``tolerance`` (accuracy points below
         the final exit) or an absolute ``min_accuracy`` (a fraction, e.g. a reference model's
         validation accuracy minus a tolerance).
@@ -322,19 +384,31 @@ class Calibrator:
         ``optimism_repeats`` shuffles), never loosen it.
 
         ``budget_ms`` (with a latency table as the cost): the most accurate thresholds whose
-        expected time per sample is within that many milliseconds.
+        expected time per sample is within that many milliseconds. ``budget_p95_ms`` (the
+        same cost): whose expected p95 (:meth:`expected_quantile_ms`) is within that many
+        milliseconds, alone or with ``budget_ms`` (or ``budget``): every budget holds.
         """
-        ms_target = None
+        ms_target = p95_target = None
+        for name, given in (("budget_ms", budget_ms), ("budget_p95_ms", budget_p95_ms)):
+            if given is not None and self.ms_per_unit is None:
+                raise EENetError(f"{name} needs measured latencies as the cost (a latency "
+                                 f"table, cost=latency); with MACs give budget=B (a fraction)")
+        if budget_p95_ms is not None:
+            if tolerance is not None or min_accuracy is not None:
+                raise EENetError("budget_p95_ms bounds the time per sample: give it alone or "
+                                 "with budget_ms=M, not with a tolerance or min_accuracy")
+            if not budget_p95_ms > 0:
+                raise EENetError(f"budget_p95_ms must be > 0 milliseconds, got {budget_p95_ms}")
+            p95_target = float(budget_p95_ms)
         if budget_ms is not None:
-            if self.ms_per_unit is None:
-                raise EENetError("budget_ms needs measured latencies as the cost (a latency "
-                                 "table, cost=latency); with MACs give budget=B (a fraction)")
             if budget is not None:
                 raise EENetError("give budget=B (a cost fraction) or budget_ms=M, not both")
             if not budget_ms > 0:
                 raise EENetError(f"budget_ms must be > 0 milliseconds, got {budget_ms}")
             ms_target = float(budget_ms)
             budget = ms_target / float(self.ms_per_unit)
+        elif p95_target is not None and budget is None:
+            budget = math.inf  # the p95 alone bounds the time
         if sum(v is not None for v in (budget, tolerance, min_accuracy)) != 1:
             raise EENetError("give exactly one calibration target: budget=B (average cost "
                              "fraction) or tolerance=D (accuracy points below the final exit)")
@@ -358,6 +432,10 @@ class Calibrator:
             target = {"kind": "budget", "value": value}
             if ms_target is not None:
                 target = {"kind": "budget_ms", "value": ms_target, "budget_fraction": value}
+            elif math.isinf(value):
+                target = {"kind": "budget_p95_ms", "value": p95_target}
+            if p95_target is not None:
+                target["budget_p95_ms"] = p95_target
         elif min_accuracy is not None:
             if not 0 <= min_accuracy <= 1:
                 raise EENetError(f"min_accuracy must be a fraction in [0, 1], got {min_accuracy}")
@@ -373,45 +451,58 @@ class Calibrator:
             if correction is not None:  # value: the tolerance asked for; searched: the tightened one
                 target.update(value=correction["tolerance"], optimism=correction)
 
+        tail = p95_target  # the p95 budget in ms, or None
         shared = self.shared_sweep()
-        acc, cost, _ = self.evaluate(shared)
-        j, _ = self._best(acc, cost, kind, value)
+        acc, cost, p95 = self._measure(shared, tail)
+        j, _ = self._best(acc, cost, kind, value, p95, tail)
         pool = [shared]
         best, best_key = None, None
         if math.prod(len(c) for c in self.candidates) <= self.exhaustive_limit:
             # few exits: try every combination of candidate thresholds
             every = torch.cartesian_prod(*self.candidates).view(-1, self.n)
-            a, c, _ = self.evaluate(every)
-            k, _ = self._best(a, c, kind, value)
+            a, c, p = self._measure(every, tail)
+            k, _ = self._best(a, c, kind, value, p, tail)
             pool.append(every)
             best = every[k]
-            best_key = self._key(float(a[k]), float(c[k]), kind, value)
+            best_key = self._search_key(best, kind, value, tail)
             # a shared threshold is not always on the per-exit grid (each exit's candidates
             # are its own quantiles): keep the best shared vector when it beats the grid
-            shared_key = self._key(float(acc[j]), float(cost[j]), kind, value)
+            shared_key = self._search_key(shared[j], kind, value, tail)
             if shared_key > best_key:
                 best, best_key = shared[j], shared_key
         else:
             for s in (shared[j], never, always_first):
-                vec, tried = self._descend(s, kind, value)
+                vec, tried = self._descend(s, kind, value, p95_limit=tail)
                 pool.extend(tried)
-                a, c, _ = self.evaluate(vec.view(1, -1))
-                key = self._key(float(a[0]), float(c[0]), kind, value)
+                key = self._search_key(vec, kind, value, tail)
                 if best_key is None or key > best_key:
                     best, best_key = vec, key
         chosen = self.point(best)
+        expected_p95 = None
         if self.ms_per_unit is not None:  # E[ms per sample] = ms_N x cost(t)
             target["final_exit_ms"] = float(self.ms_per_unit)
             target["expected_ms"] = chosen.avg_cost * float(self.ms_per_unit)
+            expected_p95 = float(self.expected_quantile_ms(best.view(1, -1))[0])
+            target["expected_p95_ms"] = expected_p95
         reachable = best_key[0] == 1
         if reachable:
             message = (f"{kind} target met on val: accuracy {100 * chosen.accuracy:.2f}% at "
                        f"average cost fraction {chosen.avg_cost:.4f}")
+            if tail is not None:
+                message += (f", expected {target['expected_ms']:.4f} ms per sample, p95 "
+                            f"{expected_p95:.4f} ms")
             if correction is not None:
                 message += (f" (tolerance {correction['tolerance']:g} tightened to "
                             f"{correction['effective_tolerance']:.3f} by a "
                             f"{correction['folds']}-fold (x{correction['repeats']}) optimism of "
                             f"{correction['optimism_points']:+.3f} points)")
+        elif kind == "budget" and tail is not None:
+            mean = ([f"budget_ms {ms_target:g}"] if ms_target is not None
+                    else [] if math.isinf(value) else [f"budget {value:g}"])
+            asked = " and ".join([*mean, f"budget_p95_ms {tail:g}"])
+            message = (f"{asked} unreachable: the nearest point expects "
+                       f"{target['expected_ms']:.4f} ms per sample, p95 {expected_p95:.4f} ms "
+                       f"(average cost fraction {chosen.avg_cost:.4f}); returning it")
         elif kind == "budget":
             message = (f"budget {value} is unreachable: the cheapest point costs "
                        f"{chosen.avg_cost:.4f} (every sample at the first exit); returning it")

@@ -13,8 +13,10 @@ itself, forced to release every sample at exit i (the policy's thresholds: never
 i, always leave at i), so the table holds what the dynamic run pays at that exit: the segments,
 the heads, the policy's scores and the bookkeeping. Its per-exit milliseconds are the cost the
 :class:`eenet.calibration.search.Calibrator` takes for ``budget_ms``: the expected per-sample
-time of thresholds t is E[t] = sum_i rate_i(t) x ms_i. :func:`tail_latency` measures the
-per-sample latency distribution of a dynamic run at batch size 1 (p50, p95, p99, max, mean).
+time of thresholds t is E[t] = sum_i rate_i(t) x ms_i, and ``budget_p95_ms`` bounds the expected
+p95 (:func:`exit_time_quantile`: the smallest ms_i whose exits with ms <= ms_i take >= 95 % of
+the samples). :func:`tail_latency` measures the per-sample latency distribution of a dynamic
+run at batch size 1 (p50, p95, p99, max, mean).
 """
 
 from __future__ import annotations
@@ -149,6 +151,23 @@ def _summary(engine, times: list[float], exits: list[int]) -> dict:
                         for i in range(n_exits)]}
 
 
+def exit_time_quantile(exit_ms: torch.Tensor, exit_rates: torch.Tensor, q: float
+                       ) -> torch.Tensor:
+    """The q-quantile (q in [0, 1]) of a discrete per-sample time, for T exit distributions
+    at once: a sample leaving at exit i takes ``exit_ms[t, i]`` with probability
+    ``exit_rates[t, i]`` (both (T, N+1)); the quantile is the smallest ms_i with
+
+        sum_{j : ms_j <= ms_i} rate_j >= q,
+
+    the largest time where the rates sum below q (no samples). Returns (T,). For q > 0, exits
+    of rate 0 never decide it (the cumulative rate only grows at exits that release samples)."""
+    times, order = exit_ms.sort(dim=1)
+    reached = exit_rates.gather(1, order).cumsum(1) >= q - 1e-12  # rates are counts / n
+    last = torch.full((times.shape[0],), times.shape[1] - 1, dtype=torch.long)
+    first = torch.where(reached.any(1), reached.int().argmax(1), last)
+    return times.gather(1, first.view(-1, 1)).view(-1)
+
+
 @dataclass
 class LatencyCostTable:
     """Measured time per sample to leave at each exit, as a cost for the calibrator.
@@ -204,16 +223,12 @@ class LatencyCostTable:
 
     def expected_percentile_ms(self, exit_rates: Sequence[float], q: float,
                                idle: Sequence[bool] | None = None) -> float:
-        """The q-th percentile of the per-sample time if a sample leaving at exit i took
-        :meth:`exit_ms` (idle)_i: the smallest such time whose cumulative rate (exits sorted
-        by time) reaches q/100."""
-        times = self.exit_ms(idle)
-        acc = 0.0
-        for m, r in sorted(zip(times, exit_rates)):
-            acc += r
-            if acc >= q / 100 - 1e-12:
-                return m
-        return max(times)
+        """The expected q-th percentile (q in [0, 100]) of the time per sample if a sample
+        leaving at exit i took :meth:`exit_ms` (idle)_i (the times :meth:`expected_ms`
+        averages): :func:`exit_time_quantile` at q / 100."""
+        times = torch.tensor([self.exit_ms(idle)], dtype=torch.float64)
+        rates = torch.tensor([list(exit_rates)], dtype=torch.float64)
+        return float(exit_time_quantile(times, rates, q / 100)[0])
 
     def to_dict(self) -> dict:
         return {"ms": self.ms, "head_ms": self.head_ms, "skippable": self.skippable_heads,

@@ -8,6 +8,7 @@
     eenet-eval run=RUN_DIR min_accuracy=0.84   # e.g. a model without exits' val accuracy - 1 point
     eenet-eval run=RUN_DIR tolerance=1 policy=max_prob temperature=true
     eenet-eval run=RUN_DIR budget_ms=0.2 engine=onnxruntime   # milliseconds per sample
+    eenet-eval run=RUN_DIR budget_ms=0.2 budget_p95_ms=0.3    # and the expected p95 too
 
 It loads a run written by ``eenet-train`` (``config.yaml`` and ``model.pt``,
 read with ``torch.load(..., weights_only=True)``), caches every exit's outputs
@@ -44,13 +45,18 @@ calibrates on the per-exit latency table measured on that backend at batch 1
 (:func:`eenet.inference.latency.latency_cost_table`; the table at ``batch_size`` is
 recorded too) instead of MACs, and ``budget_ms=M`` chooses the most accurate thresholds
 whose expected time per sample at batch 1, sum_i rate_i(t) x ms_i over val's exit rates,
-is <= M ms (a budget below every sample at its earliest exit is refused). Then, and with
-``tail_latency=true``, results.json's ``latency`` section holds the per-sample latency at
-batch 1 on test (``p50_ms``, ``p95_ms``, ``p99_ms``, ``max_ms``, ``mean_ms``, ``backend``)
-of the calibrated engine and, timed interleaved with it, of the plain run on the same
-backend (``plain``), their ratio (``speedup``), the tables and the calibrated
-expectation next to the measured time (``expected``, ``budget``). The val and test
-sections' costs stay MAC fractions; the calibration's curve is in the units it searched.
+is <= M ms (a budget below every sample at its earliest exit is refused).
+``budget_p95_ms=P`` bounds the expected p95 of that time (the smallest per-exit time ms_i
+whose exits with ms_j <= ms_i take >= 95 % of val's samples) by P ms, alone or with
+``budget_ms`` (then both hold). Then, and with ``tail_latency=true``, results.json's
+``latency`` section holds the per-sample latency at batch 1 on test (``p50_ms``, ``p95_ms``,
+``p99_ms``, ``max_ms``, ``mean_ms``, ``backend``) of the calibrated engine and, timed
+interleaved with it, of the plain run on the same backend (``plain``), their ratio
+(``speedup``), the tables and the calibrated expectation (mean and p95) next to the measured
+time (``expected``, ``budget``). The val and test sections' costs stay MAC fractions; the
+calibration's curve is in the units it searched. ``latency`` is always a mapping:
+``latency=true`` adds the eager per-exit table as its ``exit_table`` (alone, when no
+per-sample latency is measured).
 
 Writes into its own folder (``<run>/eval/<time>`` unless ``hydra.run.dir`` says
 otherwise): ``results.json`` (:class:`eenet.reporting.results.RunResults`: the
@@ -84,7 +90,7 @@ from eenet.calibration.risk import exit_losses
 from eenet.calibration.temperature import (ECE_BINS, METHOD, TemperatureFit, apply_temperatures,
                                            exit_reliability, fit_temperatures,
                                            split_calibration_errors)
-from eenet.config_checks import check_eval_config
+from eenet.config_checks import MS_BUDGETS, check_eval_config
 from eenet.data.batching import make_loader
 from eenet.errors import EENetError
 from eenet.inference import DynamicEngine, create_engine, exit_latency_table, latency_cost_table
@@ -95,7 +101,7 @@ from eenet.policies import create_policy
 from eenet.reporting.markdown import engine_timing_line, markdown_table, results_markdown
 from eenet.reporting.plots import plot_curve, plot_exit_distribution, plot_reliability
 from eenet.reporting.results import (EngineResult, EvaluationRecord, RunResults, SplitResult,
-                                     write_results)
+                                     latency_section, write_results)
 from eenet.reporting.wandb import log_evaluation_results
 from eenet.run_folder import OutputFolder, claim_output_folder
 from eenet.runs import load_run
@@ -155,15 +161,20 @@ def evaluate(cfg: DictConfig) -> dict:
 def wants_tail(cfg: DictConfig) -> bool:
     """Whether the evaluation measures per-sample latency (the ``latency`` section): asked
     for (``tail_latency=true``), or implied by a backend other than eager, latency as the
-    cost, or ``budget_ms``."""
+    cost, ``budget_ms`` or ``budget_p95_ms``."""
     return bool(cfg.get("tail_latency")) or (cfg.get("engine") or "eager") != "eager" \
         or latency_is_cost(cfg)
 
 
+def ms_budgets(cfg: DictConfig) -> dict[str, float]:
+    """The budgets in milliseconds given (``budget_ms``, ``budget_p95_ms``)."""
+    return {k: float(cfg.get(k)) for k in MS_BUDGETS if cfg.get(k) is not None}
+
+
 def latency_is_cost(cfg: DictConfig) -> bool:
-    """``cost=latency``, or ``budget_ms`` given (which needs it; ``cost=macs`` with it is
-    refused by :func:`eenet.config_checks.check_eval_config`)."""
-    return cfg.get("cost") == "latency" or cfg.get("budget_ms") is not None
+    """``cost=latency``, or a budget in milliseconds given (which needs it; ``cost=macs`` with
+    one is refused by :func:`eenet.config_checks.check_eval_config`)."""
+    return cfg.get("cost") == "latency" or bool(ms_budgets(cfg))
 
 
 def _plain_engine(cfg: DictConfig, net, cost, input_size) -> BackendEngine:
@@ -228,17 +239,17 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
                                                   guarantee.message)
         if cal.ms_per_unit is not None:  # the certified point's expected time, not the search's
             res.target["expected_ms"] = res.chosen.avg_cost * float(cal.ms_per_unit)
+            res.target["expected_p95_ms"] = float(cal.expected_quantile_ms(
+                cal.score_vector(res.chosen.thresholds).view(1, -1))[0])
     else:
         res = cal.calibrate(budget=cfg.get("budget"), tolerance=cfg.get("tolerance"),
                             min_accuracy=cfg.get("min_accuracy"),
                             optimism_folds=int(cfg.get("optimism_folds") or 0),
                             optimism_repeats=int(cfg.get("optimism_repeats") or 1),
-                            budget_ms=cfg.get("budget_ms"))
-        if cfg.get("budget_ms") is not None and not res.reachable:
-            raise EENetError(f"budget_ms={cfg.budget_ms} is below the cheapest possible on "
-                             f"engine={backend}: {res.target['expected_ms']:.4f} ms per sample "
-                             f"at batch 1 with every sample leaving as early as it can "
-                             f"(measured here); give budget_ms >= that")
+                            budget_ms=cfg.get("budget_ms"),
+                            budget_p95_ms=cfg.get("budget_p95_ms"))
+        if ms_budgets(cfg) and not res.reachable:
+            raise EENetError(_unreachable_ms(cfg, res.target, backend))
     policy = create_policy(cfg.policy, res.chosen.thresholds, temps)
 
     # 2. test with the dynamic engine on the backend: real early exit
@@ -319,13 +330,13 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
 
     # 5. write: results.json last, after every other file (the folder is complete once
     # it is there and the INCOMPLETE marker is gone)
+    latency = {}  # always a mapping: the per-sample figures and / or the eager exit table
     if wants_tail(cfg):
-        results.latency = _latency_section(cfg, engine, plain, test_batches(), tables, res,
-                                           test_cal, test_result)
-        if cfg.get("latency"):
-            results.latency["exit_table"] = exit_latency_table(net, size, batch_sizes=(1, bs))
-    elif cfg.get("latency"):  # the eager per-exit table alone: the list written before
-        results.latency = exit_latency_table(net, size, batch_sizes=(1, bs))
+        latency = _latency_section(cfg, engine, plain, test_batches(), tables, res, test_cal,
+                                   test_result)
+    if cfg.get("latency"):
+        latency["exit_table"] = exit_latency_table(net, size, batch_sizes=(1, bs))
+    results.latency = latency or None
     folder.clear(OUTPUTS)
     if results.latency is not None:
         atomic_write_text(out_dir / "latency.json", json.dumps(results.latency, indent=2) + "\n")
@@ -393,14 +404,32 @@ def _guarantee_points(g: GuaranteeResult) -> dict[str, tuple[float, float]]:
     return points
 
 
+def _unreachable_ms(cfg: DictConfig, target: dict, backend: str) -> str:
+    """The one line of a budget in milliseconds that no thresholds meet on val."""
+    budgets = ms_budgets(cfg)
+    mean, p95 = target["expected_ms"], target["expected_p95_ms"]
+    if len(budgets) == 2:
+        return (f"budget_ms={cfg.budget_ms} and budget_p95_ms={cfg.budget_p95_ms} cannot both "
+                f"hold on engine={backend}: the nearest thresholds expect {mean:.4f} ms per "
+                f"sample and a p95 of {p95:.4f} ms at batch 1 (measured here); give larger "
+                f"budgets")
+    if "budget_ms" in budgets:
+        return (f"budget_ms={cfg.budget_ms} is below the cheapest possible on engine={backend}: "
+                f"{mean:.4f} ms per sample at batch 1 with every sample leaving as early as it "
+                f"can (measured here); give budget_ms >= that")
+    return (f"budget_p95_ms={cfg.budget_p95_ms} is below the lowest possible on "
+            f"engine={backend}: an expected p95 of {p95:.4f} ms per sample at batch 1, the "
+            f"lowest any thresholds reach (measured here); give budget_p95_ms >= that")
+
+
 def _latency_section(cfg: DictConfig, engine: BackendEngine, plain: BackendEngine, batches,
                      tables: dict, res, test_cal: Calibrator, test_result: SplitResult) -> dict:
     """The ``latency`` section: per-sample latency at batch 1 on test of the calibrated engine
     (top-level keys ``p50_ms`` .. ``mean_ms``, ``backend``) and of the plain run on the same
     backend (``plain``), timed interleaved (:func:`eenet.inference.latency.tail_latencies`);
     the speed-ups of the mean and the p95; with latency as the cost, the tables and the
-    calibrated expectation next to the measured times (``expected``), and ``budget`` for
-    ``budget_ms``."""
+    calibrated expectation of the mean and the p95 next to the measured times (``expected``),
+    and ``budget`` for ``budget_ms`` and / or ``budget_p95_ms``."""
     limit = cfg.get("latency_samples")
     singles: list = []
     for x, _ in batches:
@@ -422,28 +451,35 @@ def _latency_section(cfg: DictConfig, engine: BackendEngine, plain: BackendEngin
         table = tables[1]
         vec = test_cal.score_vector(res.chosen.thresholds)
         on_test = float(test_cal.evaluate(vec.view(1, -1))[1][0]) * table.final_ms
+        # the calibrated point's expected p95 under val's exit rates (what budget_p95_ms
+        # bounds; the calibrator's own figure is the target's expected_p95_ms) and test's
+        p95_val = table.expected_percentile_ms(res.chosen.exit_rates, 95, engine.skipped)
         section["cost_tables"] = {str(b): t.to_dict() for b, t in tables.items()}
         section["expected"] = {
             "mean_ms_val": res.target["expected_ms"],  # the calibrated point, val exit rates
-            "p95_ms_val": table.expected_percentile_ms(res.chosen.exit_rates, 95,
-                                                       engine.skipped),
+            "p95_ms_val": p95_val,
             "mean_ms_test_rates": on_test,  # the same table, test's exit rates
             "p95_ms_test_rates": table.expected_percentile_ms(test_result.exit_rates, 95,
                                                               engine.skipped),
             "measured_mean_ms": dyn["mean_ms"], "measured_p95_ms": dyn["p95_ms"],
-            "measured_over_expected": dyn["mean_ms"] / res.target["expected_ms"]}
-    if cfg.get("budget_ms") is not None:
-        section["budget"] = {"budget_ms": float(cfg.budget_ms),
-                             "expected_mean_ms": res.target["expected_ms"],
+            "measured_over_expected": dyn["mean_ms"] / res.target["expected_ms"],
+            "measured_p95_over_expected": dyn["p95_ms"] / p95_val}
+    budgets = ms_budgets(cfg)
+    if budgets:
+        within = {"budget_ms": ("measured_within_budget", "mean_ms"),
+                  "budget_p95_ms": ("measured_p95_within_budget", "p95_ms")}
+        section["budget"] = {**budgets, "expected_mean_ms": res.target["expected_ms"],
+                             "expected_p95_ms": res.target["expected_p95_ms"],
                              "measured_mean_ms": dyn["mean_ms"], "measured_p95_ms": dyn["p95_ms"],
-                             "measured_within_budget": dyn["mean_ms"] <= float(cfg.budget_ms),
+                             **{within[k][0]: dyn[within[k][1]] <= v for k, v in budgets.items()},
                              "test_accuracy": test_result.accuracy}
     return section
 
 
 def report(results: dict) -> str:
-    """The printed report: per-exit table, calibration and engine lines, and last what
-    early exit saved, measured (the same line as in results.md)."""
+    """The printed report: per-exit table (with the per-sample latency lines of results.md),
+    calibration and engine lines, the eager per-exit latency table, and last what early exit
+    saved, measured (the same line as in results.md)."""
     cal = results["calibration"]
     t = results["target"]
     if t["kind"] == "guarantee":
@@ -453,6 +489,10 @@ def report(results: dict) -> str:
         target = f"budget {t['value']}"
     elif t["kind"] == "budget_ms":
         target = f"budget_ms {t['value']:g} (expected time per sample at batch 1)"
+        if t.get("budget_p95_ms") is not None:
+            target += f" and budget_p95_ms {t['budget_p95_ms']:g} (its expected p95)"
+    elif t["kind"] == "budget_p95_ms":
+        target = f"budget_p95_ms {t['value']:g} (expected p95 of the time per sample at batch 1)"
     elif t["kind"] == "min_accuracy":
         target = f"val accuracy >= {100 * t['min_accuracy']:.2f}%"
     else:
@@ -467,46 +507,16 @@ def report(results: dict) -> str:
              f"Dynamic engine on test: batch {results['engine']['batch_size']}, "
              f"{results['engine']['wall_s']:.2f} s, decisions equal to static path + policy "
              f"for {100 * results['engine']['agreement_with_static']:.2f}% of samples."]
-    lat = results.get("latency")
-    rows_table = (lat.get("exit_table") if isinstance(lat, dict) else lat) or []
-    if rows_table:  # a list: the layout of results.json before the per-sample latency section
+    rows_table = latency_section(results.get("latency")).get("exit_table") or []
+    if rows_table:
         rows = [[r["exit"], r["batch_size"], f"{r['ms_per_batch']:.3f}", f"{r['us_per_sample']:.1f}",
                  f"{r['fraction_of_final']:.3f}"] for r in rows_table]
         lines += ["", "Measured latency to reach and evaluate each exit (eager):", "",
                   markdown_table(["exit", "batch", "ms / batch", "us / sample",
                                   "fraction of final"], rows)]
-    if isinstance(lat, dict):
-        lines += ["", *latency_lines(lat)]
     if results["engine"].get("speedup") is not None:  # last, as in results.md
         lines += ["", engine_timing_line(results)]
     return "\n".join(lines)
-
-
-def latency_lines(lat: dict) -> list[str]:
-    """The printed lines of the ``latency`` section: backend, mean and p95 per sample, the
-    measured speed-up over the plain run, and the calibrated expectation against the measured
-    time."""
-    plain = lat["plain"]
-    lines = [f"Per-sample latency on test, batch 1, engine={lat['backend']} ({lat['samples']} "
-             f"samples, {lat['threads']} thread(s), interleaved with the plain run): mean "
-             f"{lat['mean_ms']:.4f} ms, p50 {lat['p50_ms']:.4f}, p95 {lat['p95_ms']:.4f}, p99 "
-             f"{lat['p99_ms']:.4f}, max {lat['max_ms']:.4f} ms.",
-             f"The plain run (every early exit off, engine={plain['backend']}): mean "
-             f"{plain['mean_ms']:.4f} ms, p95 {plain['p95_ms']:.4f} ms: measured speed-up "
-             f"{lat['speedup']:.2f}x (mean), {lat['speedup_p95']:.2f}x (p95)."]
-    exp = lat.get("expected")
-    if exp:
-        lines.append(f"Calibrated on val with measured latencies as the cost: expected mean "
-                     f"{exp['mean_ms_val']:.4f} ms (p95 {exp['p95_ms_val']:.4f}), measured "
-                     f"{exp['measured_mean_ms']:.4f} ms (p95 {exp['measured_p95_ms']:.4f}): "
-                     f"{exp['measured_over_expected']:.3f}x the expectation.")
-    b = lat.get("budget")
-    if b:
-        lines.append(f"budget_ms={b['budget_ms']:g}: expected {b['expected_mean_ms']:.4f} ms on "
-                     f"val, measured mean {b['measured_mean_ms']:.4f} ms on test ("
-                     f"{'within' if b['measured_within_budget'] else 'over'} the budget), p95 "
-                     f"{b['measured_p95_ms']:.4f} ms, test accuracy {100 * b['test_accuracy']:.2f}%.")
-    return lines
 
 
 def _guarantee_lines(g: dict | None) -> list[str]:

@@ -23,7 +23,8 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def results_markdown(results, timing: bool = True) -> str:
-    """The per-exit table, the policy summary and (``timing``) the measured speed-up of a
+    """The per-exit table, the policy summary, the per-sample latency (:func:`latency_lines`,
+    when results.json's ``latency`` holds it) and (``timing``) the measured speed-up of a
     run's results."""
     if hasattr(results, "to_dict"):  # a RunResults
         results = results.to_dict()
@@ -55,6 +56,9 @@ def results_markdown(results, timing: bool = True) -> str:
     temperature = (results.get("calibration") or {}).get("temperature")
     if temperature:
         lines.append(temperature_line(temperature))
+    lat = results.get("latency")
+    if isinstance(lat, dict) and "p95_ms" in lat:  # the tail figures (not the exit table alone)
+        lines += ["", *latency_lines(lat)]
     engine = results.get("engine") or {}
     if timing and engine.get("speedup") is not None:
         lines.append(engine_timing_line(results))
@@ -86,3 +90,47 @@ def engine_timing_line(results: dict) -> str:
             f"passes): dynamic engine {engine['dynamic_wall_s']:.4f} s, the network run to its "
             f"final exit with every early exit off {engine['final_exit_wall_s']:.4f} s: "
             f"{engine['speedup']:.2f}x faster, {accuracy}.")
+
+
+def _tail(part: dict) -> str:
+    return (f"mean {part['mean_ms']:.4f} ms, p50 {part['p50_ms']:.4f}, p95 {part['p95_ms']:.4f}, "
+            f"p99 {part['p99_ms']:.4f}, max {part['max_ms']:.4f} ms")
+
+
+def latency_lines(lat: dict) -> list[str]:
+    """The lines of results.json's ``latency`` section (eenet-eval): the backend, mean / p50 /
+    p95 / p99 / max per sample at batch 1 of the dynamic and of the plain run, the measured
+    speed-ups, the calibrated expectation against the measured time (latency as the cost), and
+    the budgets in milliseconds with what was expected and measured."""
+    plain = lat["plain"]
+    lines = [f"Per-sample latency on test, batch 1, engine={lat['backend']} ({lat['samples']} "
+             f"samples, {lat['threads']} thread(s), interleaved with the plain run): "
+             f"{_tail(lat)}.",
+             f"The plain run (every early exit off, engine={plain['backend']}): {_tail(plain)}: "
+             f"measured speed-up {lat['speedup']:.2f}x (mean), {lat['speedup_p95']:.2f}x (p95)."]
+    exp = lat.get("expected")
+    if exp:
+        ratio = f"{exp['measured_over_expected']:.3f}x the expectation"
+        if exp.get("measured_p95_over_expected") is not None:
+            ratio += f" ({exp['measured_p95_over_expected']:.3f}x for the p95)"
+        lines.append(f"Calibrated on val with measured latencies as the cost: expected mean "
+                     f"{exp['mean_ms_val']:.4f} ms (p95 {exp['p95_ms_val']:.4f}), measured "
+                     f"{exp['measured_mean_ms']:.4f} ms (p95 {exp['measured_p95_ms']:.4f}): "
+                     f"{ratio}.")
+    b = lat.get("budget")
+    if b:
+        def held(key: str) -> str:
+            return "within" if b[key] else "over"
+
+        asked = " and ".join(f"{k}={b[k]:g}" for k in ("budget_ms", "budget_p95_ms") if k in b)
+        expected = f"expected mean {b['expected_mean_ms']:.4f} ms" + (
+            f", p95 {b['expected_p95_ms']:.4f} ms" if "expected_p95_ms" in b else "")
+        mean = f"mean {b['measured_mean_ms']:.4f} ms" + (
+            f" ({held('measured_within_budget')} the budget)"
+            if "measured_within_budget" in b else "")
+        p95 = f"p95 {b['measured_p95_ms']:.4f} ms" + (
+            f" ({held('measured_p95_within_budget')} the p95 budget)"
+            if "measured_p95_within_budget" in b else "")
+        lines.append(f"{asked}: {expected} on val; measured on test {mean}, {p95}, test "
+                     f"accuracy {100 * b['test_accuracy']:.2f}%.")
+    return lines

@@ -6,7 +6,10 @@ One vocabulary from the metrics to the file: :class:`SplitResult` is what
 of the per-exit table, :class:`RunResults` is the whole file. The attribute
 names are the keys of ``results.json``; ``to_dict`` writes the file's layout
 and ``from_dict`` reads it back, so ``RunResults.from_dict(d).to_dict() == d``
-for every file eenet has written (those made before ``format_version`` included).
+for every file eenet has written (those made before ``format_version`` included),
+but one key: ``latency`` is a mapping (:func:`latency_section`), and the list that
+``eenet-eval latency=true`` wrote there before (the eager per-exit table) is read as
+``{"exit_table": [...]}``.
 
 Layout (later versions add keys and never remove these; format 2 changed what
 entropy thresholds mean, see below)::
@@ -26,6 +29,11 @@ entropy thresholds mean, see below)::
          "engine" (:class:`EngineResult`), "drop_vs_final_exit"
          ("calibration" holds "temperature" with eenet-eval temperature=true),
      "config", "anytime"?, "objective"?, "latency"?, "wall_s"?}
+
+``latency`` (eenet-eval, :mod:`eenet.jobs.evaluate`) is a mapping: ``"exit_table"`` (the eager
+per-exit table, ``latency=true``) and / or the per-sample latency at batch 1 on test
+(``"p50_ms"``, ``"p95_ms"``, ``"p99_ms"``, ``"max_ms"``, ``"mean_ms"``, ``"backend"``,
+``"plain"``, ``"speedup"``, ``"speedup_p95"``, ``"expected"``?, ``"budget"``?, ...).
 
 For a split, with n samples, count_i samples leaving at exit i and c_i exit
 i's cost fraction (MACs to exit i over the backbone's MACs; fvcore's
@@ -319,12 +327,15 @@ class RunResults:
     evaluation: EvaluationRecord | None = None
     anytime: dict | None = None
     objective: dict | None = None
-    latency: list[dict] | None = None
+    latency: dict | None = None
     wall_s: float | None = None
     #: the layout; :meth:`to_dict` writes at least :data:`TEMPERATURES_FROM` when the policy
     #: carries temperatures
     format_version: int | None = PLAIN_FORMAT
     eenet_version: str | None = __version__
+
+    def __post_init__(self) -> None:
+        self.latency = latency_section(self.latency) or None  # one layout: a mapping
 
     @classmethod
     def build(cls, dataset: str, backbone: str, num_classes: int, cost: CostTable,
@@ -412,6 +423,17 @@ class RunResults:
                    anytime=d.get("anytime"), objective=d.get("objective"),
                    latency=d.get("latency"), wall_s=d.get("wall_s"),
                    format_version=d.get("format_version"), eenet_version=d.get("eenet_version"))
+
+
+def latency_section(latency: Any) -> dict:
+    """results.json's ``latency`` as a mapping: ``{}`` when there is none, and the list that
+    ``eenet-eval latency=true`` wrote before the key was always a mapping (the eager per-exit
+    table) as ``{"exit_table": [...]}``."""
+    if latency is None:
+        return {}
+    if isinstance(latency, list):
+        return {"exit_table": latency}
+    return latency
 
 
 def check_readable(results: Any, where: str) -> None:
