@@ -305,3 +305,33 @@ def test_a_damaged_or_foreign_onnx_cache_is_exported_again(tmp_path):
         assert target.read_bytes() != before, damage  # exported again
         out = again(x)
         assert torch.equal(out.exit, ref.exit) and torch.equal(out.pred, ref.pred), damage
+
+
+def test_onnxruntime_call_restores_torch_threads_even_on_a_refused_input(engines):
+    """The onnxruntime backend runs PyTorch's bookkeeping on one thread during a call
+    (BackendEngine._call); the caller's thread count is back afterwards, also when the call
+    raises, and the fused pieces give the separate pieces' results."""
+    engine = engines["onnxruntime"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        x = torch.randn(5, 1, 12, 12, generator=torch.Generator().manual_seed(3))
+        out = engine(x)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(EENetError):
+            engine(torch.full((2, 1, 12, 12), float("nan")))
+        assert torch.get_num_threads() == 2
+        with torch.inference_mode():  # fused step 0 against segment then head, on the same input
+            step = engine.steps[0]
+            fused_logits, _, _ = step.fused((x,))
+            sep_logits, _, _ = step.head(step.body((x,)))
+            eager = NET.walk()[0]
+            eager_logits, _, _ = eager.head(eager.body((x,)))
+        # the noise floor: how far onnxruntime's pieces lie from PyTorch on this input, plus
+        # float32's resolution at the logits' scale
+        floor = (sep_logits - eager_logits).abs().max() \
+            + torch.finfo(torch.float32).eps * sep_logits.abs().max()
+        assert (fused_logits - sep_logits).abs().max() <= 4 * floor
+        assert out.pred.shape == (5,)
+    finally:
+        torch.set_num_threads(before)
