@@ -14,7 +14,10 @@ engine's own, so the backends can differ only in the logits their steps compute:
   2-core AMD EPYC, a busy one (load average 8; the plain mnist_budget resnet20, 1 thread, 300
   MNIST test images one by one, median of 5 interleaved passes): its first calls took 32.6 s
   (a C++ toolchain compiles the kernels; tracing and freezing 0.3 s), and it ran 11.3 ms per
-  image against 9.3 for trace + freeze (eager 14.2), so trace + freeze was kept;
+  image against 9.3 for trace + freeze (eager 14.2), so trace + freeze was kept. Measured again
+  on the idle machine (2026-11-30, 2 threads, the mnist_budget network's step to exit 0, 400
+  MNIST test images one by one, median of 5): ``torch.compile(dynamic=False)`` with inductor's
+  ``freezing`` 0.348 ms per image (5.6 s to compile), trace + freeze 0.218, eager 0.433;
   ``experiments/bench/bench_backends.py`` measures the backends on an idle machine. Frozen
   graphs round differently from eager
   (folded BatchNorm), so exits equal eager's except for a score within that rounding of its
