@@ -15,14 +15,19 @@ The same thresholds run on every backend.
 Per backend:
 
 - time per image at batch 1 and at batch 256 of the plain resnet20 and of the engine, and
-  the speed-up plain / engine on the same backend;
+  the speed-up plain / engine on the same backend; at batch 256 also of the engine's
+  streaming mode (``DynamicEngine.stream`` over the same batches, its defaults: pools of at
+  least 256 samples, or 16 batches old), timed in the same alternation;
 - the latency ceiling, t_plain / sum_i rate_i x t_i (t_i: the backend's measured time per
   sample to leave at exit i at that batch size, :func:`eenet.inference.latency_cost_table`,
   idle heads left out; rate_i: the test exit rates), the speed-up a perfect engine would
-  reach, and the share of it the engine realises (speed-up / ceiling);
+  reach, and the share of it the engine realises (speed-up / ceiling), for streaming too
+  (the same ceiling as the batch-256 row);
 - the arithmetic throughput to each exit at batch 256 (MACs to exit i / t_i; fvcore MACs,
   one fused multiply-add = one MAC) against the plain network's at batch 256 in this run;
-- predictions and exits on the whole test set at batch 256 and at batch 1 against eager's;
+- predictions and exits on the whole test set at batch 256 and at batch 1 against eager's,
+  and those of streaming against the same engine batch by batch (mismatch counts: a pooled
+  batch rounds differently, so a score within rounding of its threshold may flip);
 - build and first-call times, per-sample latency at batch 1 (p50/p95/p99/max/mean) of the
   engine and of the plain run, interleaved;
 - the latency budget: ``budget_ms`` = half the plain network's batch-1 time per image on
@@ -43,6 +48,7 @@ in the latency tables; a check that the script runs, not a measurement).
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import statistics
 import time
@@ -52,7 +58,7 @@ import torch
 
 from eenet.calibration import Calibrator, cache_exit_outputs
 from eenet.data.batching import make_loader
-from eenet.inference import BACKENDS, create_engine, latency_cost_table
+from eenet.inference import BACKENDS, DynamicEngine, create_engine, latency_cost_table
 from eenet.inference.backends import BackendEngine
 from eenet.inference.latency import tail_latencies, tail_latency
 from eenet.policies import POLICIES, create_policy
@@ -73,23 +79,38 @@ def per_image_ms(fn, batches: list[torch.Tensor]) -> float:
     return 1e3 * (time.perf_counter() - t0) / n
 
 
-def alternate(first, second, batches, reps: int) -> tuple[list[float], list[float]]:
-    """``reps`` passes of each, alternating which goes first, after one untimed warm-up pass
-    over the first batches; milliseconds per image per pass."""
+def stream_ms(engine, batches: list[torch.Tensor]) -> float:
+    """Milliseconds per image of one pass of ``engine.stream`` over ``batches``."""
+    n = sum(x.shape[0] for x in batches)
+    t0 = time.perf_counter()
+    for _ in engine.stream(batches):
+        pass
+    return 1e3 * (time.perf_counter() - t0) / n
+
+
+def alternate(passes, batches, reps: int) -> list[list[float]]:
+    """``reps`` timed passes of each of ``passes`` (callables over the list of batches giving
+    milliseconds per image), the order rotating by one each repetition (two: alternating
+    which goes first), after one untimed warm-up pass of each over the first batches."""
     with torch.inference_mode():
-        for x in batches[:3]:
-            first(x)
-            second(x)
-        a, b = [], []
+        for one in passes:
+            one(batches[:3])
+        out = [[] for _ in passes]
         for r in range(reps):
-            order = ((first, a), (second, b)) if r % 2 == 0 else ((second, b), (first, a))
-            for fn, out in order:
-                out.append(per_image_ms(fn, batches))
-    return a, b
+            for k in range(len(passes)):
+                i = (k + r) % len(passes)
+                out[i].append(passes[i](batches))
+    return out
 
 
 def outputs(engine, batches) -> tuple[torch.Tensor, torch.Tensor]:
     outs = [engine(x) for x in batches]
+    return torch.cat([o.exit for o in outs]), torch.cat([o.pred for o in outs])
+
+
+def stream_outputs(engine, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    outs = list(engine.stream(batches))
+    assert [o.exit.shape[0] for o in outs] == [x.shape[0] for x in batches]
     return torch.cat([o.exit for o in outs]), torch.cat([o.pred for o in outs])
 
 
@@ -171,6 +192,10 @@ def main() -> None:
                                   "exit_mismatches": int((e != ref[bs][0]).sum()),
                                   "pred_mismatches": int((pr != ref[bs][1]).sum())}
         r["equal_to_eager"] = same
+        se, sp = stream_outputs(eng, sets[256])
+        e, pr = got[256]
+        r["stream_vs_per_batch"] = {"exit_mismatches": int((se != e).sum()),
+                                    "pred_mismatches": int((sp != pr).sum())}
         exit_idx, pred = got[256]
         rates = (torch.bincount(exit_idx, minlength=net.num_exits).double() / n).tolist()
         r["accuracy"] = float((pred == ys).double().mean())
@@ -180,7 +205,10 @@ def main() -> None:
                               cost, eng.steps, backend, 0.0)
         tables = {}
         for bs, batches in sets.items():
-            t_plain, t_ee = alternate(plain, eng, batches, args.reps)
+            passes = [lambda b, f=plain: per_image_ms(f, b), lambda b, f=eng: per_image_ms(f, b)]
+            if bs == 256:
+                passes.append(lambda b, f=eng: stream_ms(f, b))
+            t_plain, t_ee, *t_stream = alternate(passes, batches, args.reps)
             table = latency_cost_table(probe, size, batch_size=bs, repeats=repeats[bs])
             tables[bs] = table
             expected = table.expected_ms(rates, eng.skipped)
@@ -190,7 +218,11 @@ def main() -> None:
                    "latency_table": table.to_dict(), "expected_ms_per_image": expected,
                    "latency_ceiling": ceiling, "share_of_ceiling": (mp / me) / ceiling,
                    "plain_runs": t_plain, "ee_runs": t_ee}
-            if bs == 256:  # achieved arithmetic throughput, MACs per second
+            if bs == 256:  # streaming; achieved arithmetic throughput, MACs per second
+                ms = statistics.median(t_stream[0])
+                row.update({"ee_stream_ms_per_image": ms, "stream_speedup": mp / ms,
+                            "stream_share_of_ceiling": (mp / ms) / ceiling,
+                            "ee_stream_runs": t_stream[0]})
                 plain_rate = plain_cost.backbone_macs / (mp / 1e3)
                 row["plain_macs_per_s"] = plain_rate
                 row["exit_macs_per_s"] = [e.macs / (m / 1e3) for e, m in zip(cost.exits, table.ms)]
@@ -223,7 +255,9 @@ def main() -> None:
               f"(plain {r['batch1']['plain_ms_per_image']:.4f}), batch 256 "
               f"{r['batch256']['ee_ms_per_image']:.4f} (plain "
               f"{r['batch256']['plain_ms_per_image']:.4f}), share of ceiling at 256 "
-              f"{r['batch256']['share_of_ceiling']:.3f}", flush=True)
+              f"{r['batch256']['share_of_ceiling']:.3f}, streaming "
+              f"{r['batch256']['ee_stream_ms_per_image']:.4f} (share "
+              f"{r['batch256']['stream_share_of_ceiling']:.3f})", flush=True)
 
     e1 = results["eager"]["batch1"]["ee_ms_per_image"]
     rows = []
@@ -231,18 +265,23 @@ def main() -> None:
         r["batch1_speedup_over_eager"] = e1 / r["batch1"]["ee_ms_per_image"]
         b = r["budget"]
         eq = all(v["exits_equal"] and v["preds_equal"] for v in r["equal_to_eager"].values())
+        sv = r["stream_vs_per_batch"]
+        flips = sv["exit_mismatches"] + sv["pred_mismatches"]
         rows.append([backend, f"{r['batch1']['ee_ms_per_image']:.4f}",
                      f"{r['batch1_speedup_over_eager']:.2f}", f"{r['batch1']['speedup']:.2f}",
                      f"{r['batch1']['share_of_ceiling']:.3f}",
                      f"{r['batch256']['ee_ms_per_image']:.4f}", f"{r['batch256']['speedup']:.2f}",
                      f"{r['batch256']['share_of_ceiling']:.3f}",
+                     f"{r['batch256']['stream_share_of_ceiling']:.3f}"
+                     + (f" ({flips} mismatches)" if flips else ""),
                      f"{r['tail_batch1']['ee']['p95_ms']:.4f}", "yes" if eq else "NO",
                      f"{b['budget_ms']:.4f}", f"{b['expected_mean_ms_val']:.4f}",
                      f"{b['measured_mean_ms']:.4f}", f"{b['measured_over_expected']:.3f}",
                      f"{b['measured_p95_ms']:.4f}", f"{100 * b['test_accuracy']:.2f}"])
     table = markdown_table(["backend", "b1 ms/img", "b1 vs eager", "b1 vs plain",
                             "b1 share of ceiling", "b256 ms/img", "b256 vs plain",
-                            "b256 share of ceiling", "b1 p95 ms", "= eager",
+                            "b256 share of ceiling", "b256 stream share of ceiling",
+                            "b1 p95 ms", "= eager",
                             "budget ms", "expected ms (val)", "measured ms", "measured/expected",
                             "budget p95 ms", "budget acc %"], rows)
     machine = machine_info()
@@ -254,7 +293,13 @@ def main() -> None:
         "policy": {"name": name, "thresholds": thresholds, "tolerance_points": TOLERANCE,
                    "candidates_on_val": candidates},
         "test_samples": n, "threads": args.threads, "load_average": load,
-        "results": results, "table": table, "settings": vars(args)},
+        "results": results, "table": table, "settings": vars(args),
+        "stream": {"min_batch": "the first batch's size (256)",
+                   "max_wait": inspect.signature(DynamicEngine.stream).parameters[
+                       "max_wait"].default, "note": (
+            "DynamicEngine.stream with its defaults; it does not go through "
+            "BackendEngine._call, so with onnxruntime and more than one thread PyTorch keeps "
+            "its threads during streaming (the per-batch engine sets it to one)")}},
         suffix="_quick" if args.quick else "",
         chosen_on={"policy": "val", "thresholds": "val", "budget_thresholds": "val"})
     print(f"saved {path}")
