@@ -333,5 +333,10 @@ def test_onnxruntime_call_restores_torch_threads_even_on_a_refused_input(engines
             + torch.finfo(torch.float32).eps * sep_logits.abs().max()
         assert (fused_logits - sep_logits).abs().max() <= 4 * floor
         assert out.pred.shape == (5,)
+        seen = []  # the consumer of stream() runs with its own thread count between yields
+        for got in engine.stream([x[:2], x[2:]], min_batch=4):
+            seen.append(torch.get_num_threads())
+            assert got.pred.shape[0] in (2, 3)
+        assert seen == [2, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
