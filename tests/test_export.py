@@ -461,7 +461,7 @@ def test_runner_refuses_bad_piece_names_before_opening_any_model(exported, tmp_p
     monkeypatch.setattr(ort, "InferenceSession", lambda f, *a, **k: opened.append(f) or real(f, *a, **k))
     with pytest.raises(RunnerError) as err:
         OnnxEarlyExitRunner(path, threads=1)
-    assert one_line(err) == f"manifest piece {name!r} {message} {path.parent}" + (
+    assert one_line(err) == f"{path}: piece {name!r} {message} {path.parent}" + (
         "; refusing to open it" if "plain" in message else "")
     assert opened == []
     OnnxEarlyExitRunner(edited_copy(exported, tmp_path, lambda m: None), threads=1)  # the copy loads
@@ -470,9 +470,12 @@ def test_runner_refuses_bad_piece_names_before_opening_any_model(exported, tmp_p
 
 @pytest.mark.parametrize("policy,message", [
     ({"name": "softmax", "thresholds": [0.5, 0.5]},
-     "unknown policy 'softmax'; accepted: confidence, max_prob, entropy, patience"),
-    ({"name": "max_prob", "thresholds": [0.5]}, "1 thresholds for 2 early exits"),
-    ({"name": "max_prob", "thresholds": [0.5, 0.5, 0.5]}, "3 thresholds for 2 early exits"),
+     "{path}: policy.name is 'softmax'; expected one of confidence, max_prob, entropy, patience"),
+    ({"name": "max_prob", "thresholds": [0.5]}, "{path}: policy.thresholds is [0.5]; expected a "
+     "list of 2 thresholds, one per early exit (numbers, or \"inf\" / \"-inf\" as strings)"),
+    ({"name": "max_prob", "thresholds": [0.5, 0.5, 0.5]}, "{path}: policy.thresholds is "
+     "[0.5, 0.5, 0.5]; expected a list of 2 thresholds, one per early exit (numbers, or \"inf\" / "
+     "\"-inf\" as strings)"),
     ({"name": "max_prob", "thresholds": ["nan", 0.5]},
      "manifest max_prob threshold nan is out of range: accepted 0 < t < 1, inf or -inf"),
     ({"name": "confidence", "thresholds": [0.5, 1]},
@@ -487,14 +490,9 @@ def test_runner_refuses_bad_policies_and_thresholds(exported, tmp_path, policy, 
     path = edited_copy(exported, tmp_path, lambda m: m.update(policy=policy))
     with pytest.raises(RunnerError) as err:
         OnnxEarlyExitRunner(path, threads=1)
-    assert one_line(err) == message
+    assert one_line(err) == message.format(path=path)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library gap (eenet/export/onnx_runner.py, OnnxEarlyExitRunner.__init__): the manifest is "
-    "data from someone else, yet these mistakes surface as JSONDecodeError / KeyError / "
-    "ValueError / TypeError that name neither the manifest nor what is accepted (e.g. "
-    "\"'pieces'\", \"could not convert string to float: 'abc'\")"))
 @pytest.mark.parametrize("edit", ["not json", "no pieces", "no policy", "no input_size",
                                   "no thresholds", "thresholds 'abc'", "threshold null",
                                   "thresholds not a list"])
@@ -526,9 +524,6 @@ def test_runner_refuses_non_numeric_input(exported, dtype):
                              "pass float32 values")
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "library gap (onnx_runner._as_batch): a ragged nested list reaches np.asarray, whose "
-    "ValueError ('setting an array element with a sequence ...') does not say what to pass"))
 def test_runner_refuses_a_ragged_list_in_its_own_words(exported):
     try:
         runner(exported)([[1.0], [1.0, 2.0]])
@@ -536,6 +531,170 @@ def test_runner_refuses_a_ragged_list_in_its_own_words(exported):
         assert isinstance(err, RunnerError), f"{type(err).__name__}: {err}"
     else:
         raise AssertionError("a ragged list was accepted")
+
+
+def test_runner_refuses_a_ragged_list_naming_the_shape_it_takes(exported):
+    with pytest.raises(RunnerError) as err:
+        runner(exported)([[1.0], [1.0, 2.0]])
+    assert one_line(err) == ("input is a list that is not one array of numbers (nested lists of "
+                             "different lengths, or items that are not numbers): pass an array of "
+                             f"shape (batch, {', '.join(map(str, INPUT))}) (NCHW)")
+    with pytest.raises(RunnerError, match=r"^images is a list that is not one array of numbers"):
+        runner(exported).preprocess([[[[0.5]]], [[[0.5, 0.5]]]])
+
+
+def test_runner_refuses_a_manifest_that_is_not_json_or_not_text(exported, tmp_path):
+    path = tmp_path / "manifest.json"
+    path.write_text((exported / "manifest.json").read_text()[:-2])  # the closing brace lost
+    with pytest.raises(RunnerError) as err:
+        OnnxEarlyExitRunner(path, threads=1)
+    assert one_line(err).startswith(f"{path} is not an eenet-export manifest (not valid JSON: ")
+    path.write_bytes(b"\xff\xfe{}")
+    with pytest.raises(RunnerError) as err:
+        OnnxEarlyExitRunner(path, threads=1)
+    assert one_line(err) == f"{path} is not an eenet-export manifest (not UTF-8 text)"
+
+
+def _set(*keys_value):
+    """An edit that sets m[k0][k1]...[kn] = value (``_POP`` as the value: removes the key)."""
+    *keys, value = keys_value
+
+    def edit(m):
+        for k in keys[:-1]:
+            m = m[k]
+        if value is _POP:
+            m.pop(keys[-1])
+        else:
+            m[keys[-1]] = value
+    return edit
+
+
+_POP = object()
+_THRESHOLDS = ('a list of 2 thresholds, one per early exit (numbers, or "inf" / "-inf" as '
+               'strings)')
+_FUSED = {"fused": "fused_0.onnx", "fused_inputs": ["x"], "fused_outputs": ["logits"]}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_set("pieces", {}), "pieces is {}; expected a list of at least one piece object "
+                         "({segment, head, ...}, in running order)"),
+    (_set("pieces", []), "pieces is []; expected a list of at least one piece object "
+                         "({segment, head, ...}, in running order)"),
+    (_set("pieces", 1, "segment_1.onnx"),
+     "pieces[1] is 'segment_1.onnx'; expected a piece object ({segment, head, ...})"),
+    (_set("pieces", 2, "head", _POP),
+     "pieces[2].head is missing; expected a plain file name in the export folder"),
+    (_set("pieces", 0, "fused", "../fused_0.onnx"),
+     "pieces[0].fused is '../fused_0.onnx'; expected a plain file name in the export folder "
+     "(with fused_inputs and fused_outputs)"),
+    (_set("pieces", 0, {"segment": "segment_0.onnx", "head": "exit_0.onnx", "fused_inputs": ["x"],
+                        "fused_outputs": ["logits"]}),
+     "pieces[0].fused is missing; expected a plain file name in the export folder (with "
+     "fused_inputs and fused_outputs)"),
+    (_set("pieces", 1, {"segment": "segment_1.onnx", "head": "exit_1.onnx", **_FUSED,
+                        "fused_outputs": "logits"}),
+     "pieces[1].fused_outputs is 'logits'; expected a list of value names (non-empty strings), "
+     "given with fused"),
+    (_set("pieces", 1, {"segment": "segment_1.onnx", "head": "exit_1.onnx", **_FUSED,
+                        "fused_inputs": ["x", ""]}),
+     "pieces[1].fused_inputs is ['x', '']; expected a list of value names (non-empty strings), "
+     "given with fused"),
+    (_set("policy", "max_prob"),
+     "policy is 'max_prob'; expected an object {name, thresholds[, temperatures]}"),
+    (_set("policy", "name", _POP),
+     "policy.name is missing; expected one of confidence, max_prob, entropy, patience"),
+    (_set("policy", "name", ["max_prob"]),
+     "policy.name is ['max_prob']; expected one of confidence, max_prob, entropy, patience"),
+    (_set("policy", "thresholds", _POP), f"policy.thresholds is missing; expected {_THRESHOLDS}"),
+    (_set("policy", "thresholds", 0.5), f"policy.thresholds is 0.5; expected {_THRESHOLDS}"),
+    (_set("policy", "thresholds", [0.5, None]),
+     'policy.thresholds[1] is None; expected a number, or "inf" / "-inf" as a string'),
+    (_set("policy", "thresholds", [True, 0.5]),
+     'policy.thresholds[0] is True; expected a number, or "inf" / "-inf" as a string'),
+    (_set("policy", "thresholds", ["abc", 0.5]),
+     "policy.thresholds[0] is 'abc'; expected a number, or \"inf\" / \"-inf\" as a string"),
+    (_set("policy", {"name": "max_prob", "thresholds": [0.5, 0.5], "temperatures": [1.0, 1.0]}),
+     "policy temperatures must be 3 finite numbers > 0 (one per exit, the final exit included), "
+     "got [1.0, 1.0]"),
+    (_set("input_size", _POP), "input_size is missing; expected [C, H, W], three whole numbers >= 1"),
+    (_set("input_size", [8, 8]), "input_size is [8, 8]; expected [C, H, W], three whole numbers >= 1"),
+    (_set("input_size", [1, 8.0, 8]),
+     "input_size is [1, 8.0, 8]; expected [C, H, W], three whole numbers >= 1"),
+    (_set("input_size", [1, 0, 8]),
+     "input_size is [1, 0, 8]; expected [C, H, W], three whole numbers >= 1"),
+    (_set("num_classes", 0), "num_classes is 0; expected a whole number >= 1"),
+    (_set("num_classes", "10"), "num_classes is '10'; expected a whole number >= 1"),
+    (_set("input", 3), "input is 3; expected the name of the network's input, a non-empty string"),
+    (_set("input_range", [1.0, 0.0]),
+     "input_range is [1.0, 0.0]; expected null or [lo, hi], finite numbers, lo < hi"),
+    (_set("input_range", [0, "1"]),
+     "input_range is [0, '1']; expected null or [lo, hi], finite numbers, lo < hi"),
+    (_set("input_range", [0, math.nan]),
+     "input_range is [0, nan]; expected null or [lo, hi], finite numbers, lo < hi"),
+    (_set("preprocessing", [0.5, 0.25]),
+     "preprocessing is [0.5, 0.25]; expected null or an object {mean, std}"),
+    (_set("preprocessing", "std", _POP),
+     "preprocessing.std is missing; expected a list of finite numbers > 0, of length 1"),
+    (_set("preprocessing", "std", [0.0]),
+     "preprocessing.std is [0.0]; expected a list of finite numbers > 0, of length 1"),
+    (_set("preprocessing", "mean", [0.5, 0.5]),
+     "preprocessing.mean is [0.5, 0.5]; expected a list of finite numbers, of length 1"),
+    (_set("cost", "free"), "cost is 'free'; expected null or the cost table {backbone_macs, exits}"),
+    (_set("cost", "backbone_macs", 0), "cost.backbone_macs is 0; expected a finite number > 0"),
+    (_set("cost", "backbone_macs", 10 ** 400),  # a JSON integer that no float holds
+     f"cost.backbone_macs is {str(10 ** 400)[:77]}...; expected a finite number > 0"),
+    (_set("policy", "thresholds", [0.5, 10 ** 400]),
+     f'policy.thresholds[1] is {str(10 ** 400)[:77]}...; expected a number, or "inf" / "-inf" as '
+     'a string'),
+    (_set("cost", "exits", []), "cost.exits is []; expected a list of 3 exit objects, one per piece"),
+    (_set("cost", "exits", 0, "head_macs", _POP),
+     "cost.exits[0].head_macs is missing; expected a finite number >= 0"),
+    (_set("cost", "exits", 2, "macs", "1000"),
+     "cost.exits[2].macs is '1000'; expected a finite number >= 0"),
+    (_set("cost", "exits", 1, None), "cost.exits[1] is None; expected an object {macs, head_macs}"),
+])
+def test_runner_refuses_a_malformed_field_before_opening_any_model(exported, tmp_path, monkeypatch,
+                                                                   edit, message):
+    path = edited_copy(exported, tmp_path, edit)
+    opened = []
+    real = ort.InferenceSession
+    monkeypatch.setattr(ort, "InferenceSession", lambda f, *a, **k: opened.append(f) or real(f, *a, **k))
+    with pytest.raises(RunnerError) as err:
+        OnnxEarlyExitRunner(path, threads=1)
+    assert one_line(err) == f"{path}: {message}"
+    assert opened == []
+
+
+def test_runner_reads_the_optional_fields_when_absent_or_null(exported, tmp_path):
+    """No num_classes, no cost (NaN costs), no preprocessing, no input_range, no fused entries:
+    the walk is the same."""
+    ref = runner(exported)(X.numpy())
+
+    def strip(m):
+        for key in ("num_classes", "cost", "input_range", "preprocessing"):
+            m.pop(key)
+    got = runner(edited_copy(exported, tmp_path, strip))(X.numpy())
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+    assert np.isnan(got[2]).all() and not np.isnan(ref[2]).any()
+
+
+def test_runner_reads_an_export_with_fused_pieces(tmp_path):
+    """export_segments(fused=True) adds fused, fused_inputs and fused_outputs to every piece: the
+    runner accepts them, and open_session opens the fused files by name."""
+    policy = create_policy("confidence", 0.5)
+    path = export_segments(NET, INPUT, tmp_path / "onnx", policy, COST, check=False, fused=True)
+    m = json.loads(path.read_text())
+    assert all({"fused", "fused_inputs", "fused_outputs"} <= set(p) for p in m["pieces"])
+    r = runner(path)
+    ref = DynamicEngine(NET, policy)(X)
+    pred, exit_index, _ = r(X.numpy())
+    np.testing.assert_array_equal(pred, ref.pred.numpy())
+    np.testing.assert_array_equal(exit_index, ref.exit.numpy())
+    for piece in m["pieces"]:
+        session = r.open_session(piece["fused"])
+        assert [i.name for i in session.get_inputs()] == piece["fused_inputs"]
+        assert [o.name for o in session.get_outputs()] == piece["fused_outputs"]
 
 
 def test_preprocess_without_recorded_preprocessing_is_refused(exported, tmp_path):

@@ -64,12 +64,18 @@ The manifest is data (JSON) and may come from someone else: every piece it
 names must be a plain file name inside the manifest's folder. An absolute path,
 a name with a folder part or ``..``, or a symlink that leads out of the folder
 is refused with a one-line :class:`RunnerError` (a ``ValueError``) before any
-model file is opened.
+model file is opened. So is every field the runner reads that has the wrong type
+or size (:func:`check_manifest_fields`: pieces, the policy's name, thresholds and
+temperatures, input_size, input, input_range, preprocessing, the cost table, and
+num_classes and a piece's optional ``fused`` / ``fused_inputs`` / ``fused_outputs``
+when present), in the form ``<manifest>: <field> is <found>; expected <accepted>``,
+and a file that is not JSON.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -162,22 +168,29 @@ def _temperatures(policy: dict, name: str, num_exits: int, where: object) -> np.
     return np.array(temps, dtype=np.float32)
 
 
-def piece_path(folder: Path, name: object) -> Path:
+def _plain_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name: no folder part, no ``..``, not absolute, no drive."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+            and not any(c in name for c in "/\\:"))
+
+
+def piece_path(folder: Path, name: object, where: object = None) -> Path:
     """The file of a piece named ``name`` in the manifest, checked to lie inside ``folder``.
 
-    Raises :class:`RunnerError` (one line) for anything but a plain file name (no folder part,
-    no ``..``, not absolute, no drive) whose real path, symlinks followed, is in ``folder``.
+    Raises :class:`RunnerError` (one line, starting with ``where``, the manifest, when given)
+    for anything but a plain file name (no folder part, no ``..``, not absolute, no drive)
+    whose real path, symlinks followed, is in ``folder``.
     """
-    if (not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name
-            or any(c in name for c in "/\\:")):
-        raise RunnerError(f"manifest piece {name!r} is not a plain file name in the export "
-                         f"folder {folder}; refusing to open it")
+    piece = f"{where}: piece" if where is not None else "manifest piece"
+    if not _plain_name(name):
+        raise RunnerError(f"{piece} {name!r} is not a plain file name in the export "
+                          f"folder {folder}; refusing to open it")
     path = (folder / name).resolve()
     if not path.is_relative_to(folder.resolve()):
-        raise RunnerError(f"manifest piece {name!r} leads out of the export folder {folder} "
-                         f"(to {path}); refusing to open it")
+        raise RunnerError(f"{piece} {name!r} leads out of the export folder {folder} "
+                          f"(to {path}); refusing to open it")
     if not path.is_file():
-        raise RunnerError(f"manifest piece {name!r} is not a file in the export folder {folder}")
+        raise RunnerError(f"{piece} {name!r} is not a file in the export folder {folder}")
     return path
 
 
@@ -197,6 +210,155 @@ def check_manifest_version(m: dict, where: object) -> None:
         raise RunnerError(f"{where} has entropy thresholds of manifest format {version} (leave "
                           f"when the entropy H < t, inf: always leave), which format 2 reads as "
                           f"-H > t (inf: never leave); re-run eenet-export for this run")
+
+
+#: a field the manifest does not have (as opposed to one that is null)
+_MISSING = object()
+
+
+def _shown(value: object) -> str:
+    """``value`` as a message shows it: ``missing``, or its repr cut to one short line."""
+    if value is _MISSING:
+        return "missing"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _refuse(where: object, field: str, value: object, accepted: str) -> RunnerError:
+    return RunnerError(f"{where}: {field} is {_shown(value)}; expected {accepted}")
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _as_float(v: object) -> float | None:
+    """A JSON number as a float, or None (not a number, or an integer too large for one)."""
+    try:
+        return float(v) if _is_number(v) else None
+    except OverflowError:
+        return None
+
+
+def _is_finite(v: object) -> bool:
+    f = _as_float(v)
+    return f is not None and math.isfinite(f)
+
+
+def _is_count(v: object, least: int = 1) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _threshold(t: object) -> float | None:
+    """A threshold as the manifest may write it (a number, or a string such as "inf" or
+    "-inf", since JSON has no infinity) as a float, or None."""
+    if _is_number(t):
+        return _as_float(t)
+    if isinstance(t, str):
+        try:
+            return float(t)
+        except ValueError:
+            return None
+    return None
+
+
+def check_manifest_fields(m: dict, where: object) -> None:
+    """Refuse (one line: ``<manifest>: <field> is <found>; expected <accepted>``) a manifest
+    whose fields the runner reads have the wrong type or size, before any file is opened.
+
+    What only the ONNX files can confirm (the names of the live values each file takes and
+    gives) and the thresholds' ranges, which depend on the policy, are checked after this.
+    """
+    names = "a list of value names (non-empty strings)"
+    pieces = m.get("pieces", _MISSING)
+    if not isinstance(pieces, list) or not pieces:
+        raise _refuse(where, "pieces", pieces, "a list of at least one piece object "
+                      "({segment, head, ...}, in running order)")
+    for i, piece in enumerate(pieces):
+        if not isinstance(piece, dict):
+            raise _refuse(where, f"pieces[{i}]", piece, "a piece object ({segment, head, ...})")
+        for key in ("segment", "head"):
+            if key not in piece:  # a name of the wrong kind: piece_path says so, naming it
+                raise _refuse(where, f"pieces[{i}].{key}", _MISSING,
+                              "a plain file name in the export folder")
+        if any(k in piece for k in ("fused", "fused_inputs", "fused_outputs")):
+            # optional (export_segments(fused=True), read by the engine's onnxruntime
+            # backend): all three, or none
+            for key in ("fused", "fused_inputs", "fused_outputs"):
+                value = piece.get(key, _MISSING)
+                if key == "fused" and not _plain_name(value):
+                    raise _refuse(where, f"pieces[{i}].fused", value, "a plain file name in the "
+                                  "export folder (with fused_inputs and fused_outputs)")
+                if key != "fused" and (not isinstance(value, list) or not all(
+                        isinstance(n, str) and n for n in value)):
+                    raise _refuse(where, f"pieces[{i}].{key}", value,
+                                  f"{names}, given with fused")
+    n = len(pieces)
+
+    policy = m.get("policy", _MISSING)
+    if not isinstance(policy, dict):
+        raise _refuse(where, "policy", policy, "an object {name, thresholds[, temperatures]}")
+    name = policy.get("name", _MISSING)
+    if not isinstance(name, str) or name not in POLICIES:
+        raise _refuse(where, "policy.name", name, f"one of {', '.join(POLICIES)}")
+    thresholds = policy.get("thresholds", _MISSING)
+    accepted = (f"a list of {n - 1} thresholds, one per early exit (numbers, or \"inf\" / "
+                f"\"-inf\" as strings)")
+    if not isinstance(thresholds, list):
+        raise _refuse(where, "policy.thresholds", thresholds, accepted)
+    for i, t in enumerate(thresholds):
+        if _threshold(t) is None:
+            raise _refuse(where, f"policy.thresholds[{i}]", t,
+                          "a number, or \"inf\" / \"-inf\" as a string")
+    if len(thresholds) != n - 1:
+        raise _refuse(where, "policy.thresholds", thresholds, accepted)
+
+    size = m.get("input_size", _MISSING)
+    if not isinstance(size, list) or len(size) != 3 or not all(_is_count(v) for v in size):
+        raise _refuse(where, "input_size", size, "[C, H, W], three whole numbers >= 1")
+    if "num_classes" in m and not _is_count(m["num_classes"]):
+        raise _refuse(where, "num_classes", m["num_classes"], "a whole number >= 1")
+    if "input" in m and not (isinstance(m["input"], str) and m["input"]):
+        raise _refuse(where, "input", m["input"], "the name of the network's input, a "
+                      "non-empty string")
+    rng = m.get("input_range")
+    if rng is not None and (not isinstance(rng, list) or len(rng) != 2
+                            or not all(_is_finite(v) for v in rng) or not rng[0] < rng[1]):
+        raise _refuse(where, "input_range", rng, "null or [lo, hi], finite numbers, lo < hi")
+    pre = m.get("preprocessing")
+    if pre is not None:
+        if not isinstance(pre, dict):
+            raise _refuse(where, "preprocessing", pre, "null or an object {mean, std}")
+        channels = size[0]
+        for key in ("mean", "std"):
+            value = pre.get(key, _MISSING)
+            if not isinstance(value, list) or len(value) not in (1, channels) or not all(
+                    _is_finite(v) and (key == "mean" or v > 0) for v in value):
+                lengths = "1" if channels == 1 else f"1 or {channels} (one per channel)"
+                raise _refuse(where, f"preprocessing.{key}", value, "a list of finite numbers"
+                              f"{' > 0' if key == 'std' else ''}, of length {lengths}")
+
+    cost = m.get("cost")
+    if cost is not None:  # null or absent: no cost table, the costs are NaN
+        if not isinstance(cost, dict):
+            raise _refuse(where, "cost", cost, "null or the cost table {backbone_macs, exits}")
+        backbone = cost.get("backbone_macs", _MISSING)
+        if not (_is_finite(backbone) and backbone > 0):
+            raise _refuse(where, "cost.backbone_macs", backbone, "a finite number > 0")
+        exits = cost.get("exits", _MISSING)
+        if not isinstance(exits, list) or len(exits) != n:
+            raise _refuse(where, "cost.exits", exits, f"a list of {n} exit objects, one per "
+                          f"piece")
+        for i, e in enumerate(exits):
+            keys = ("macs", "head_macs") if i < n - 1 else ("macs",)
+            if not isinstance(e, dict):
+                raise _refuse(where, f"cost.exits[{i}]", e,
+                              f"an object {{{', '.join(keys)}}}")
+            for key in keys:
+                value = e.get(key, _MISSING)
+                if not (_is_finite(value) and value >= 0):
+                    raise _refuse(where, f"cost.exits[{i}].{key}", value,
+                                  "a finite number >= 0")
 
 
 def _names(piece: dict, key: str, where: object) -> list[str]:
@@ -259,7 +421,13 @@ def _plan_v3(piece: dict, segment, head, available: set, first: str, where: obje
 def _as_batch(x, what: str, input_size: tuple, allow_uint8: bool = False) -> np.ndarray:
     """``x`` as a C-contiguous array of shape (B, *input_size): floats become float32 and
     uint8 stays uint8 when allowed; anything else is refused in one line."""
-    x = np.asarray(x)
+    try:
+        x = np.asarray(x)
+    except (ValueError, TypeError):  # numpy's own words say nothing of what to pass
+        raise RunnerError(f"{what} is a {type(x).__name__} that is not one array of numbers "
+                          f"(nested lists of different lengths, or items that are not numbers): "
+                          f"pass an array of shape (batch, {', '.join(map(str, input_size))}) "
+                          f"(NCHW)") from None
     if x.dtype not in _FLOATS and not (allow_uint8 and x.dtype == np.uint8):
         hint = ("pass runner.preprocess(images) (uint8 images 0..255 are scaled there)"
                 if x.dtype == np.uint8 else "pass float32 values")
@@ -302,10 +470,33 @@ class OnnxEarlyExitRunner:
         path = Path(manifest_path)
         if path.is_dir():
             path = path / "manifest.json"
-        self.manifest = m = json.loads(path.read_text())
+        try:
+            m = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise RunnerError(f"{path} is not an eenet-export manifest (not UTF-8 text)") from None
+        except json.JSONDecodeError as exc:
+            raise RunnerError(f"{path} is not an eenet-export manifest (not valid JSON: "
+                              f"{exc})") from None
+        self.manifest = m
         if not isinstance(m, dict):
             raise RunnerError(f"{path} is not an eenet-export manifest (not a JSON object)")
         check_manifest_version(m, path)
+        check_manifest_fields(m, path)  # every field read below has its type and size
+        n = len(m["pieces"])
+        self.policy = m["policy"]["name"]
+        score_fn, to_score_units = POLICIES[self.policy]
+        self._score = score_fn
+        thresholds = np.array([float(t) for t in m["policy"]["thresholds"]], dtype=np.float32)
+        for t in thresholds:
+            _check_threshold(self.policy, float(t))
+        self.thresholds = to_score_units(thresholds)
+        #: exit i's temperature T_i (float32), or None: its logits are scored as they are
+        self.temperatures = _temperatures(m["policy"], self.policy, n, path)
+        self.input_size = tuple(m["input_size"])
+        #: the raw values' range the model was trained on (before normalisation), or None
+        self.input_range = None if m.get("input_range") is None else \
+            tuple(float(v) for v in m["input_range"])
+
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
         if threads:
@@ -313,7 +504,8 @@ class OnnxEarlyExitRunner:
         if not spinning:  # idle worker threads sleep at once instead of spinning for work
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
 
-        files = [(piece_path(path.parent, p["segment"]), piece_path(path.parent, p["head"]))
+        files = [(piece_path(path.parent, p["segment"], path),
+                  piece_path(path.parent, p["head"], path))
                  for p in m["pieces"]]  # every name checked before any file is opened
 
         self._options, self._providers = options, list(providers)
@@ -324,8 +516,6 @@ class OnnxEarlyExitRunner:
         self.input_name = "v"  # format 2: one unnamed value
         if m["format_version"] >= 3:
             self.input_name = m.get("input", "x")
-            if not isinstance(self.input_name, str):
-                raise RunnerError(f"{path}: input {self.input_name!r} is not a value name")
             self._plans, available = [], {self.input_name}
             for piece, (segment, head) in zip(m["pieces"], self.pieces):
                 plan = _plan_v3(piece, segment, head, available, self.input_name, path)
@@ -336,27 +526,13 @@ class OnnxEarlyExitRunner:
                                   f"; it ends the walk")
         else:
             self._plans = [_plan_v2(segment, head) for segment, head in self.pieces]
-        self.policy = m["policy"]["name"]
-        if self.policy not in POLICIES:
-            raise RunnerError(f"unknown policy '{self.policy}'; accepted: {', '.join(POLICIES)}")
-        score_fn, to_score_units = POLICIES[self.policy]
-        self._score = score_fn
-        thresholds = np.array([float(t) for t in m["policy"]["thresholds"]], dtype=np.float32)
-        for t in thresholds:
-            _check_threshold(self.policy, float(t))
-        self.thresholds = to_score_units(thresholds)
-        n = len(self.pieces)
-        if len(self.thresholds) != n - 1:
-            raise RunnerError(f"{len(self.thresholds)} thresholds for {n - 1} early exits")
-        #: exit i's temperature T_i (float32), or None: its logits are scored as they are
-        self.temperatures = _temperatures(m["policy"], self.policy, n, path)
         # an exit whose threshold is +inf (score units) releases no sample: its head is not
         # run and not charged (as in eenet's dynamic engine); patience needs every head
         # (not for a head whose features a later piece reads: not skippable)
         self.idle = [self.policy != "patience" and bool(np.isposinf(t)) and plan.skippable
                      for t, plan in zip(self.thresholds, self._plans)]
         cost = m.get("cost")
-        if cost:
+        if cost is not None:
             macs = np.array([e["macs"] for e in cost["exits"]], dtype=np.float64)
             heads = np.array([e["head_macs"] for e in cost["exits"][:-1]], dtype=np.float64)
             saved = np.cumsum(heads * np.array(self.idle, dtype=np.float64))
@@ -364,11 +540,6 @@ class OnnxEarlyExitRunner:
             self.costs = macs / cost["backbone_macs"]
         else:
             self.costs = np.full(n, np.nan)
-        self.input_size = tuple(m["input_size"])
-        #: the raw values' range the model was trained on (before normalisation), or None
-        self.input_range = None if m.get("input_range") is None else \
-            tuple(float(v) for v in m["input_range"])
-
 
     def open_session(self, file: str | Path):
         """An onnxruntime session on ``file`` (a name in the export folder, checked like the
