@@ -140,6 +140,8 @@ def main() -> None:
                    help="force a policy (default: chosen on val)")
     p.add_argument("--backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
     p.add_argument("--cache", default="/tmp/eenet_bench_backends", help="engine cache folder")
+    p.add_argument("--tag", default="", help="appended to the JSON's name (a run on fewer "
+                   "samples, say, beside the committed full one)")
     p.add_argument("--quick", action="store_true",
                    help="200 samples, 1 rep, short latency tables: a check that it runs")
     args = p.parse_args()
@@ -300,7 +302,7 @@ def main() -> None:
             "DynamicEngine.stream with its defaults; it does not go through "
             "BackendEngine._call, so with onnxruntime and more than one thread PyTorch keeps "
             "its threads during streaming (the per-batch engine sets it to one)")}},
-        suffix="_quick" if args.quick else "",
+        suffix="_quick" if args.quick else args.tag,
         chosen_on={"policy": "val", "thresholds": "val", "budget_thresholds": "val"})
     print(f"saved {path}")
 
