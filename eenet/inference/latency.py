@@ -173,12 +173,13 @@ class LatencyCostTable:
     """Measured time per sample to leave at each exit, as a cost for the calibrator.
 
     Attributes:
-        ms: per exit 0..N, the time per sample of a dynamic run whose samples all leave there
-            (every earlier head run), at ``batch_size``.
+        ms: per exit 0..N, the mean time per sample of a dynamic run whose samples all leave
+            there (every earlier head run), at ``batch_size``.
         head_ms: per early exit, what leaving its head out saves (its head and policy score,
             timed on its own input), 0 where it is not skippable.
         skippable_heads: whether each early exit's head may be left out when idle.
         batch_size, backend: where it was measured.
+        median_ms: per exit, the median of the same calls (recorded; empty when not measured).
     """
 
     ms: list[float]
@@ -188,6 +189,7 @@ class LatencyCostTable:
     backend: str
     repeats: int = 0
     exits: list[str] = field(default_factory=list)
+    median_ms: list[float] = field(default_factory=list)
 
     # the interface the Calibrator reads (as eenet.cost.CostTable's), in units of the final exit
     @property
@@ -231,12 +233,13 @@ class LatencyCostTable:
         return float(exit_time_quantile(times, rates, q / 100)[0])
 
     def to_dict(self) -> dict:
-        return {"ms": self.ms, "head_ms": self.head_ms, "skippable": self.skippable_heads,
-                "batch_size": self.batch_size, "backend": self.backend, "repeats": self.repeats,
-                "fractions": self.fractions}
+        return {"ms": self.ms, "median_ms": self.median_ms, "head_ms": self.head_ms,
+                "skippable": self.skippable_heads, "batch_size": self.batch_size,
+                "backend": self.backend, "repeats": self.repeats, "fractions": self.fractions}
 
 
-def _median_ms(fn, repeats: int, warmup: int, min_seconds: float) -> tuple[float, int]:
+def _time_ms(fn, repeats: int, warmup: int, min_seconds: float) -> tuple[float, float, int]:
+    """``(median ms, mean ms, calls)`` of ``fn`` timed call by call."""
     for _ in range(warmup):
         fn()
     samples, spent = [], 0.0
@@ -246,15 +249,20 @@ def _median_ms(fn, repeats: int, warmup: int, min_seconds: float) -> tuple[float
         dt = time.perf_counter() - t0
         samples.append(dt)
         spent += dt
-    return 1e3 * statistics.median(samples), len(samples)
+    return 1e3 * statistics.median(samples), 1e3 * statistics.fmean(samples), len(samples)
 
 
 def latency_cost_table(engine, input_size: Sequence[int], batch_size: int = 1,
                        repeats: int = 50, warmup: int = 5, min_seconds: float = 0.0,
                        seed: int = 0) -> LatencyCostTable:
     """Per-exit time per sample of ``engine`` (a DynamicEngine or a backend's engine) at
-    ``batch_size``: the median time of the engine's own walk with every sample forced out at
-    exit i, divided by the batch size (module docstring)."""
+    ``batch_size``: the mean time of the engine's own call with every sample forced out at
+    exit i, divided by the batch size (module docstring; the medians are kept as
+    ``median_ms``). The mean, because the expected mean time per sample is the rate-weighted
+    mean of the per-exit means, and per-call times are skewed to the right (a call now and
+    then is slowed by the machine), so medians understate it. A backend's engine is timed
+    through its own call (its thread handling included)."""
+    from eenet.inference.backends import BackendEngine
     from eenet.inference.engine import DynamicEngine
 
     steps = getattr(engine, "steps", None) or engine._steps
@@ -263,19 +271,24 @@ def latency_cost_table(engine, input_size: Sequence[int], batch_size: int = 1,
     name = engine.policy.name
     always = engine.policy.always_leave
     x = torch.randn(batch_size, *input_size, generator=torch.Generator().manual_seed(seed))
-    ms, repeats_done = [], 0
+    ms, medians, repeats_done = [], [], 0
     for i in range(net.num_exits):
         thr = [math.inf] * n_early
         if i < n_early:
             thr[i] = always
-        forced = DynamicEngine(net, create_policy(name, thr), [0.0] * net.num_exits)
-        forced._steps = steps  # the backend's steps; plain fractions: every head runs
+        policy = create_policy(name, thr)
+        if isinstance(engine, BackendEngine):  # plain fractions: every head runs
+            forced = BackendEngine(net, policy, [0.0] * net.num_exits, steps, engine.backend, 0.0)
+        else:
+            forced = DynamicEngine(net, policy, [0.0] * net.num_exits)
+            forced._steps = steps
         # exit by exit, not the exits in turn: timing them in turn evicts the caches between
         # calls; measured on the mnist_budget model at batch 1, 1 thread, eager: exit 0 took
         # 0.82-0.85 ms in turn against 0.48 ms exit by exit, and the engine itself 0.50-0.52
         # ms (median) on 300 test samples, 99.5 % of which left at exit 0 (load average 4.8)
-        t, n = _median_ms(lambda: forced(x), repeats, warmup, min_seconds)
+        t_med, t, n = _time_ms(lambda: forced(x), repeats, warmup, min_seconds)
         ms.append(t / batch_size)
+        medians.append(t_med / batch_size)
         repeats_done = max(repeats_done, n)
     # what an idle head saves: the head and the policy's score on the head's own input
     head_ms, skippable = [], []
@@ -289,10 +302,10 @@ def latency_cost_table(engine, input_size: Sequence[int], batch_size: int = 1,
                 logits, z, _ = step.head(live)
                 return engine.policy.score_at(j, logits, z, state)
             skip = step.skippable and not engine.policy.needs_every_exit
-            head_ms.append(_median_ms(head_and_score, repeats, warmup, 0.0)[0] / batch_size
+            head_ms.append(_time_ms(head_and_score, repeats, warmup, 0.0)[1] / batch_size
                            if skip else 0.0)
             skippable.append(skip)
             _, _, live = step.head(live)
     return LatencyCostTable(ms=ms, head_ms=head_ms, skippable_heads=skippable,
                             batch_size=batch_size, backend=getattr(engine, "backend", "eager"),
-                            repeats=repeats_done, exits=net.exit_names())
+                            repeats=repeats_done, exits=net.exit_names(), median_ms=medians)

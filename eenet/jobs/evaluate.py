@@ -215,7 +215,8 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
         probe = BackendEngine(net, create_policy(cfg.policy, [math.inf] * (n_exits - 1)), cost,
                               plain.steps, backend, 0.0)
         for b in dict.fromkeys((1, bs)):
-            tables[b] = latency_cost_table(probe, size, batch_size=b, repeats=50 if b == 1 else 20)
+            tables[b] = latency_cost_table(probe, size, batch_size=b, repeats=50 if b == 1 else 20,
+                                           min_seconds=0.2)
     cal_cost = tables[1] if tables else cost
 
     # 1. calibrate on the validation split only

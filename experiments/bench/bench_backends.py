@@ -211,7 +211,8 @@ def main() -> None:
             if bs == 256:
                 passes.append(lambda b, f=eng: stream_ms(f, b))
             t_plain, t_ee, *t_stream = alternate(passes, batches, args.reps)
-            table = latency_cost_table(probe, size, batch_size=bs, repeats=repeats[bs])
+            table = latency_cost_table(probe, size, batch_size=bs, repeats=repeats[bs],
+                                       min_seconds=0.1 if args.quick else 1.0)
             tables[bs] = table
             expected = table.expected_ms(rates, eng.skipped)
             mp, me = statistics.median(t_plain), statistics.median(t_ee)
