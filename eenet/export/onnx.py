@@ -199,23 +199,24 @@ def _name_of(v: torch.Tensor, live: Sequence[torch.Tensor], names: Sequence[str]
 
 def _export_fused(net: EarlyExitNetwork, step, j: int, final: bool, live: tuple,
                   names: list[str], computed: list[int], added: list[int],
-                  output_names: list[str], out: Path, opset: int, check: bool) -> dict:
+                  output_names: list[str], out: Path, opset: int, check: bool,
+                  reference: tuple) -> dict:
     """Step ``j``'s segment and head as one graph (``export_segments(fused=True)``): the
     head's outputs, the values it adds and the values the segment computes; the final
-    piece's logits only. Returns the piece's ``fused`` entries."""
+    piece's logits only. ``reference``: what the step gave on ``live`` during the export,
+    ``(logits, z, the head's live values, the segment's values)``. Returns the piece's
+    ``fused`` entries."""
     def fused_fn(lv):
         body_out = tuple(step.body(lv))
         logits, z, after = step.head(body_out)
-        after = tuple(after)
         return (logits, z, *after, *body_out)
 
-    with torch.no_grad():
-        ref = fused_fn(live)
-        n_after = len(tuple(step.head(tuple(step.body(live)))[2]))
+    logits, z, after, body_out = reference
+    ref = (logits, z, *after, *body_out)  # what fused_fn gives on live
     if final:
         pick, output_names = [0], output_names[:1]
     else:
-        pick = [0, 1, *(2 + k for k in added), *(2 + n_after + k for k in computed)]
+        pick = [0, 1, *(2 + k for k in added), *(2 + len(after) + k for k in computed)]
     file = f"fused_{j}.onnx"
     inputs = _export(_Piece(net, fused_fn, pick).eval(), live, out / file, names, output_names,
                      opset)
@@ -343,7 +344,7 @@ def export_segments(net: EarlyExitNetwork, input_size: Sequence[int], out_dir: s
                 if fused:
                     piece.update(_export_fused(net, step, j, final, live, names, computed,
                                                added, [*piece["outputs"], *added_names, *seg_out],
-                                               out, opset, check))
+                                               out, opset, check, (logits, z, after, body_out)))
                 piece.update(segment_inputs=seg_in, segment_outputs=seg_out, head_inputs=head_in,
                              head_live_outputs=added_names,
                              live=[] if final else after_names,
