@@ -263,7 +263,6 @@ def latency_cost_table(engine, input_size: Sequence[int], batch_size: int = 1,
     then is slowed by the machine), so medians understate it. A backend's engine is timed
     through its own call (its thread handling included)."""
     from eenet.inference.backends import BackendEngine
-    from eenet.inference.engine import DynamicEngine
 
     steps = getattr(engine, "steps", None) or engine._steps
     net = engine.net
@@ -276,12 +275,9 @@ def latency_cost_table(engine, input_size: Sequence[int], batch_size: int = 1,
         thr = [math.inf] * n_early
         if i < n_early:
             thr[i] = always
-        policy = create_policy(name, thr)
-        if isinstance(engine, BackendEngine):  # plain fractions: every head runs
-            forced = BackendEngine(net, policy, [0.0] * net.num_exits, steps, engine.backend, 0.0)
-        else:
-            forced = DynamicEngine(net, policy, [0.0] * net.num_exits)
-            forced._steps = steps
+        # the engine's steps and, for a backend, its call (plain fractions: every head runs)
+        forced = BackendEngine(net, create_policy(name, thr), [0.0] * net.num_exits, steps,
+                               getattr(engine, "backend", "eager"), 0.0)
         # exit by exit, not the exits in turn: timing them in turn evicts the caches between
         # calls; measured on the mnist_budget model at batch 1, 1 thread, eager: exit 0 took
         # 0.82-0.85 ms in turn against 0.48 ms exit by exit, and the engine itself 0.50-0.52
