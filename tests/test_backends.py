@@ -340,3 +340,38 @@ def test_onnxruntime_call_restores_torch_threads_even_on_a_refused_input(engines
         assert seen == [2, 2] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend,single_threads,batch_threads",
+                         [("compiled", 1, 2), ("eager", 2, 2)])
+def test_single_sample_threads_per_backend(engines, backend, single_threads, batch_threads):
+    """The compiled backend runs a batch of one on one PyTorch thread (BackendEngine
+    ._bookkeeping_threads), batches on the caller's threads; eager, the reference, keeps the
+    caller's threads; the caller's count is back after every call."""
+    from eenet.inference.backends import BackendEngine
+    from eenet.models.early_exit import Step
+    seen: list[int] = []
+
+    def watched(fn):
+        def run(live):
+            seen.append(torch.get_num_threads())
+            return fn(live)
+        return run
+
+    inner = engines[backend]
+    steps = [Step(watched(s.body), watched(s.head), s.skippable,
+                  None if s.fused is None else watched(s.fused)) for s in inner.steps]
+    engine = BackendEngine(NET, create_policy("max_prob", math.inf), COST, steps, backend,
+                           0.0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gen = torch.Generator().manual_seed(4)
+        for batch, want in ((1, single_threads), (3, batch_threads)):
+            seen.clear()
+            out = engine(torch.randn(batch, 1, 12, 12, generator=gen))
+            assert out.pred.shape == (batch,)
+            assert seen and set(seen) == {want}, (batch, seen)  # threshold inf: every step runs
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

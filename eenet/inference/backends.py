@@ -23,7 +23,8 @@ engine's own, so the backends can differ only in the logits their steps compute:
   (folded BatchNorm), so exits equal eager's except for a score within that rounding of its
   threshold (tests place thresholds away from the scores). Traced modules are cached in memory
   per ``cache_dir`` and weights, not on disk: loading TorchScript runs code from the file, and
-  nothing in a run folder is run as code (``eenet.runs``).
+  nothing in a run folder is run as code (``eenet.runs``). A single sample runs on one
+  PyTorch thread (:meth:`BackendEngine._bookkeeping_threads`).
 - ``onnxruntime``: the network exported with :func:`eenet.export.onnx.export_segments` into
   ``cache_dir`` (re-exported only when the weights changed: a digest of the state dict is kept
   beside the manifest), the pieces opened by :class:`eenet.export.onnx_runner.OnnxEarlyExitRunner`
@@ -339,7 +340,8 @@ class BackendEngine(DynamicEngine):
         return out
 
     def _call(self, x: torch.Tensor) -> DynamicOutput:
-        with self._bookkeeping_threads():
+        single = isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1
+        with self._bookkeeping_threads(single):
             return super().__call__(x)
 
     def stream(self, batches, min_batch: int | None = None,
@@ -356,17 +358,30 @@ class BackendEngine(DynamicEngine):
             yield out
 
     @contextmanager
-    def _bookkeeping_threads(self):
-        """With onnxruntime, PyTorch only keeps the books (indexes the remaining samples,
+    def _bookkeeping_threads(self, single: bool = False):
+        """PyTorch's threads during a call.
+
+        With onnxruntime, PyTorch only keeps the books (indexes the remaining samples,
         scores the logits): it runs on one thread meanwhile, because its idle OpenMP workers
         keep spinning after each parallel region, on the cores onnxruntime's threads then
         need. Measured on the 2-core AMD EPYC (mnist_budget resnet20, 5,120 MNIST test
         images at batch 256, 2 threads, median of 5): 0.0772 ms per image, 0.0565 with
-        PyTorch on one thread during the call. PyTorch's thread count is a process-wide
-        setting: it is restored afterwards (also after an error), and a program running
-        PyTorch work in other threads at the same time sees one thread meanwhile."""
+        PyTorch on one thread during the call.
+
+        The compiled backend runs a ``single`` sample (a batch of one) on one thread, as
+        onnxruntime does (:class:`_Pair`): at batch 1 the work per operation is too small to
+        share, and with 2 threads the frozen graphs switched between a fast and a slow mode
+        within one process on the 2-core AMD EPYC (mnist_budget, exit 0's step, 500 MNIST
+        test images one by one: 0.39 ms, then 0.91-0.95 ms per image), while on one thread
+        two runs held 0.345-0.36 ms. Eager is left as it is: it is the reference the other
+        backends are measured against.
+
+        PyTorch's thread count is a process-wide setting: it is restored afterwards (also
+        after an error), and a program running PyTorch work in other threads at the same
+        time sees one thread meanwhile."""
         threads = torch.get_num_threads()
-        if self.backend != "onnxruntime" or threads == 1:
+        one = self.backend == "onnxruntime" or (self.backend == "compiled" and single)
+        if not one or threads == 1:
             yield
             return
         torch.set_num_threads(1)
