@@ -88,7 +88,7 @@ def test_backend_gives_eager_exits_and_predictions(engines, backend):
         policy = create_policy("max_prob", thr)
         ref = create_engine(NET, policy, COST, backend="eager")
         built = engines[backend]  # the same traced / exported steps, this policy
-        other = type(built)(NET, policy, COST, built.steps, backend, 0.0)
+        other = built.with_policy(policy, COST)  # onnxruntime's batch 1: its numpy walk
         for bs in (1, 3, 17, 64):
             for start in range(0, 64, bs):
                 xb = x[start:start + bs]
@@ -237,7 +237,7 @@ def test_backends_carry_several_live_values(name, tmp_path):
             for trial in range(4):
                 policy = create_policy("max_prob", thresholds_in_gaps(scores, gen, margin))
                 ref = create_engine(net, policy, cost)
-                other = type(eng)(net, policy, cost, eng.steps, backend, 0.0)
+                other = eng.with_policy(policy, cost)
                 for bs in (1, 5, 24):
                     for start in range(0, 24, bs):
                         a, b = ref(x[start:start + bs]), other(x[start:start + bs])
@@ -375,3 +375,30 @@ def test_single_sample_threads_per_backend(engines, backend, single_threads, bat
             assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("name,thresholds", [("max_prob", [0.30, math.inf, 0.41]),
+                                             ("patience", [2, 2, 2]),
+                                             ("entropy", [-1.58, -1.49, -1.33])])
+def test_onnxruntime_single_sample_walk_equals_its_tensor_walk(engines, name, thresholds):
+    """onnxruntime's batch of one walks numpy values (BackendEngine._run_one): the same
+    sessions as the tensor walk, so the same exits, predictions, costs and logits, exactly,
+    with an idle exit (inf) and a policy that carries a state (patience)."""
+    from eenet.inference.backends import BackendEngine
+    built = engines["onnxruntime"]
+    policy = create_policy(name, thresholds)
+    fast = built.with_policy(policy, COST)
+    fast.keep_logits = True
+    tensors = BackendEngine(NET, policy, COST, built.steps, "onnxruntime", 0.0, keep_logits=True)
+    assert fast.skipped == tensors.skipped
+    x = torch.randn(40, 1, 12, 12, generator=torch.Generator().manual_seed(6)) * 3
+    exits = []
+    for i in range(40):
+        a, b = fast(x[i:i + 1]), tensors(x[i:i + 1])
+        for field in ("pred", "exit", "cost", "logits"):
+            va, vb = getattr(a, field), getattr(b, field)
+            assert va.dtype == vb.dtype and torch.equal(va, vb), (name, i, field)
+        exits.append(int(a.exit))
+    # thresholds near the scores' medians on this input send samples to several exits (this
+    # random network's exits never agree, so patience takes every sample to the final exit)
+    assert len(set(exits)) >= (1 if name == "patience" else 2), exits

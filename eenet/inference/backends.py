@@ -148,7 +148,7 @@ def _head_of(traced) -> callable:
 
 
 def onnx_steps(net: EarlyExitNetwork, input_size: Sequence[int], cache_dir: str | Path,
-               policy: ExitPolicy, threads: int | None = None) -> list[Step]:
+               policy: ExitPolicy, threads: int | None = None) -> "OnnxSteps":
     """The network exported to ONNX in ``cache_dir`` (once per weights) and run by onnxruntime,
     one step per exported segment and head, carrying the live values by their manifest names
     (:func:`_ort_plan`). A cached export is checked against the network before it is used
@@ -164,16 +164,16 @@ def onnx_steps(net: EarlyExitNetwork, input_size: Sequence[int], cache_dir: str 
     except (OSError, ValueError):
         fresh = False
     if fresh:
-        steps = _open_export(net, folder, threads, quiet=True)
-        if steps is not None and _matches(net, steps, input_size):
-            return steps
+        built = _open_export(net, folder, threads, quiet=True)
+        if built is not None and _matches(net, built.steps, input_size):
+            return built
     export_segments(net, input_size, folder, policy, cost_table=None, check=False, fused=True)
     atomic_write_text(key_path, json.dumps(key) + "\n")
-    steps = _open_export(net, folder, threads, quiet=False)
-    if not _matches(net, steps, input_size):
+    built = _open_export(net, folder, threads, quiet=False)
+    if not _matches(net, built.steps, input_size):
         raise EENetError(f"{folder}: the onnxruntime pieces just exported differ from PyTorch "
                          f"beyond the exporter's own check (rtol {RTOL}, atol {ATOL})")
-    return steps
+    return built
 
 
 #: the exporter's tolerance for a piece against PyTorch (eenet.export.onnx._check)
@@ -194,7 +194,7 @@ def _matches(net: EarlyExitNetwork, steps: list[Step], input_size: Sequence[int]
 
 
 def _open_export(net: EarlyExitNetwork, folder: Path, threads: int | None,
-                 quiet: bool) -> list[Step] | None:
+                 quiet: bool) -> "OnnxSteps | None":
     """The steps of the export in ``folder``; None (``quiet``) or one line when it cannot be
     read as this network's export."""
     from eenet.export.onnx_runner import OnnxEarlyExitRunner, RunnerError
@@ -228,13 +228,23 @@ def _open_export(net: EarlyExitNetwork, folder: Path, threads: int | None,
         raise EENetError(f"the onnxruntime backend's export in {folder} has no usable fused "
                          f"pieces ({type(exc).__name__}: {exc}); remove the folder to export "
                          f"again") from None
-    out, order = [], [m.get("input", "x")]
+    out, order, pieces = [], [m.get("input", "x")], []
     for piece, (segment, head), (segment1, head1), both, step in zip(
             m["pieces"], runner.pieces, single.pieces, fused, net.walk()):
-        body, head_fn, fused_fn, order = _ort_plan(piece, _Pair(segment, segment1),
-                                                   _Pair(head, head1), both, order)
+        body, head_fn, fused_fn, order, numpy_piece = _ort_plan(
+            piece, _Pair(segment, segment1), _Pair(head, head1), both, order)
         out.append(Step(body, head_fn, step.skippable, fused_fn))
-    return out
+        pieces.append(numpy_piece)
+    return OnnxSteps(out, m.get("input", "x"), pieces)
+
+
+class OnnxSteps(NamedTuple):
+    """The onnxruntime backend's build: the engine's steps, and the same pieces over numpy
+    values for a single sample (the network's input named ``input``)."""
+
+    steps: list[Step]
+    input: str
+    numpy_pieces: list[_NumpyPiece]
 
 
 class _Pair(NamedTuple):
@@ -261,7 +271,8 @@ def _ort_plan(piece: dict, segment, head, both, order: list[str]
     that the next segment receives the same names whether an idle (skippable, adding nothing)
     head ran or not. ``both`` is the piece's fused graph (segment and head, ``fused_<j>.onnx``),
     whose step gives what the head would give after the body, in one onnxruntime call.
-    Returns ``(body, head, fused, the names after the head)``.
+    Returns ``(body, head, fused, the names after the head, the piece over numpy values for
+    a single sample)``.
     """
     seg_in, seg_out = list(piece["segment_inputs"]), list(piece["segment_outputs"])
     needed = set(piece["head_inputs"]) | set(piece["live"])
@@ -300,7 +311,31 @@ def _ort_plan(piece: dict, segment, head, both, order: list[str]
         values = dict(zip(order, live))
         values.update((n, torch.from_numpy(v)) for n, v in zip(given, outs[len(outputs):]))
         return logits, z, tuple(values[n] for n in after_head)
-    return body, head_fn, fused_fn, after_head
+
+    # the same piece on numpy values by name, for one sample (_NumpyPiece)
+    def body_np(values: dict) -> dict:
+        got = segment.run(seg_out, {n: values[n] for n in seg_in})
+        values = {**values, **dict(zip(seg_out, got))}
+        return {n: values[n] for n in after_body}
+
+    def fused_np(values: dict) -> tuple:
+        outs = both.run(fused_out, {n: values[n] for n in fused_in})
+        if final:
+            return outs[0], None, {}
+        values = {**values, **dict(zip(given, outs[len(outputs):]))}
+        return outs[0], np.asarray(outs[1]).reshape(-1), {n: values[n] for n in after_head}
+    return body, head_fn, fused_fn, after_head, _NumpyPiece(body_np, fused_np)
+
+
+class _NumpyPiece(NamedTuple):
+    """An exported piece over numpy values by name (``{name: array}``), the live values of the
+    onnxruntime backend's single-sample walk (:meth:`BackendEngine._run_one`): ``body`` (the
+    segment alone, for an idle exit) returns the values later pieces read; ``fused`` (segment
+    and head in one call) returns ``(logits, confidence logits or None at the final exit,
+    values)``."""
+
+    body: callable
+    fused: callable
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -319,17 +354,28 @@ class BackendEngine(DynamicEngine):
 
     def __init__(self, net: EarlyExitNetwork, policy: ExitPolicy,
                  cost_fractions: CostTable | Sequence[float] | None, steps: list[Step],
-                 backend: str, build_seconds: float, keep_logits: bool = False):
+                 backend: str, build_seconds: float, keep_logits: bool = False,
+                 single: OnnxSteps | None = None):
         super().__init__(net, policy, cost_fractions, keep_logits=keep_logits)
         self._steps = steps
         self.backend = backend
         self.build_seconds = build_seconds
         self.first_call_seconds: float | None = None
+        #: onnxruntime: the pieces over numpy values that run a single sample (_run_one)
+        self._single = single
+        self._cost_values = self.costs.tolist()
 
     @property
     def steps(self) -> list[Step]:
         """The steps this backend runs (for latency tables)."""
         return self._steps
+
+    def with_policy(self, policy: ExitPolicy,
+                    cost_fractions: CostTable | Sequence[float] | None) -> "BackendEngine":
+        """An engine on the same built steps (no new build) with another policy (the latency
+        table forces every sample out at one exit)."""
+        return BackendEngine(self.net, policy, cost_fractions, self._steps, self.backend,
+                             0.0, self.keep_logits, self._single)
 
     def __call__(self, x: torch.Tensor) -> DynamicOutput:
         if self.first_call_seconds is not None:
@@ -343,6 +389,34 @@ class BackendEngine(DynamicEngine):
         single = isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1
         with self._bookkeeping_threads(single):
             return super().__call__(x)
+
+    def _run_one(self, x: torch.Tensor) -> DynamicOutput:
+        """A single sample. With onnxruntime its live values stay numpy arrays between the
+        pieces, and only each exit's logits are seen by PyTorch (zero-copy views) for the
+        policy's score: at batch 1 the per-call work around onnxruntime's run (tensor
+        conversions, indexing, PyTorch's small operations) was as long as the run itself,
+        about 0.1 ms per image on the 2-core AMD EPYC (mnist_budget, exit 0)."""
+        if self._single is None or x.device.type != "cpu":
+            return super()._run_one(x)
+        state = self.policy.initial_state(1, x.device)
+        values = {self._single.input: x.numpy()}
+        pieces = self._single.numpy_pieces
+        last = len(pieces) - 1
+        for j, piece in enumerate(pieces):
+            if j < last and self.skipped[j]:  # an idle exit: segment only
+                values = piece.body(values)
+                continue
+            logits, z, values = piece.fused(values)
+            if j == last:
+                break
+            score, state = self.policy.score_at(j, torch.from_numpy(logits),
+                                                torch.from_numpy(z), state)
+            if score.item() > self.thresholds[j]:
+                break
+        out = torch.from_numpy(logits)
+        return DynamicOutput(pred=out.argmax(1), exit=torch.tensor([j]),
+                             cost=torch.tensor([self._cost_values[j]]),
+                             logits=out if self.keep_logits else None)  # a fresh array
 
     def stream(self, batches, min_batch: int | None = None,
                max_wait: int | None = 16) -> Iterator[DynamicOutput]:
@@ -380,7 +454,9 @@ class BackendEngine(DynamicEngine):
         after an error), and a program running PyTorch work in other threads at the same
         time sees one thread meanwhile."""
         threads = torch.get_num_threads()
-        one = self.backend == "onnxruntime" or (self.backend == "compiled" and single)
+        # onnxruntime's single sample: PyTorch's few operations run on one thread anyway
+        one = (self.backend == "onnxruntime" and not single) or \
+            (self.backend == "compiled" and single)
         if not one or threads == 1:
             yield
             return
@@ -410,6 +486,7 @@ def create_engine(net: EarlyExitNetwork, policy: ExitPolicy,
         raise EENetError("engine backends are built in eval mode: call net.eval() first")
     size = tuple(int(v) for v in (input_size or net.input_size))
     t0 = time.perf_counter()
+    single = None
     if backend == "eager":
         steps = net.walk()
     elif backend == "compiled":
@@ -421,6 +498,8 @@ def create_engine(net: EarlyExitNetwork, policy: ExitPolicy,
         if cache_dir is None:
             raise EENetError("backend onnxruntime needs cache_dir (a folder for the export, "
                              "e.g. RUN/engine_cache/onnx)")
-        steps = onnx_steps(net, size, cache_dir, policy, threads)
+        single = onnx_steps(net, size, cache_dir, policy, threads)
+        steps = single.steps
     build = time.perf_counter() - t0
-    return BackendEngine(net, policy, cost_fractions, steps, backend, build, keep_logits)
+    return BackendEngine(net, policy, cost_fractions, steps, backend, build, keep_logits,
+                         single if backend == "onnxruntime" else None)

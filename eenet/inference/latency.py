@@ -276,8 +276,9 @@ def latency_cost_table(engine, input_size: Sequence[int], batch_size: int = 1,
         if i < n_early:
             thr[i] = always
         # the engine's steps and, for a backend, its call (plain fractions: every head runs)
-        forced = BackendEngine(net, create_policy(name, thr), [0.0] * net.num_exits, steps,
-                               getattr(engine, "backend", "eager"), 0.0)
+        forced_policy, plain = create_policy(name, thr), [0.0] * net.num_exits
+        forced = (engine.with_policy(forced_policy, plain) if isinstance(engine, BackendEngine)
+                  else BackendEngine(net, forced_policy, plain, steps, "eager", 0.0))
         # exit by exit, not the exits in turn: timing them in turn evicts the caches between
         # calls; measured on the mnist_budget model at batch 1, 1 thread, eager: exit 0 took
         # 0.82-0.85 ms in turn against 0.48 ms exit by exit, and the engine itself 0.50-0.52
