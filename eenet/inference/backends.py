@@ -363,7 +363,9 @@ class BackendEngine(DynamicEngine):
         self.first_call_seconds: float | None = None
         #: onnxruntime: the pieces over numpy values that run a single sample (_run_one)
         self._single = single
-        self._cost_values = self.costs.tolist()
+        #: per exit, the exit index and cost of a single sample that leaves there (cloned)
+        self._one_exit = [torch.tensor([j]) for j in range(net.num_exits)]
+        self._one_cost = list(self.costs.reshape(-1, 1))
 
     @property
     def steps(self) -> list[Step]:
@@ -387,6 +389,8 @@ class BackendEngine(DynamicEngine):
 
     def _call(self, x: torch.Tensor) -> DynamicOutput:
         single = isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1
+        if single and self.backend != "compiled":  # no thread switch (_bookkeeping_threads)
+            return super().__call__(x)
         with self._bookkeeping_threads(single):
             return super().__call__(x)
 
@@ -413,10 +417,9 @@ class BackendEngine(DynamicEngine):
                                                 torch.from_numpy(z), state)
             if score.item() > self.thresholds[j]:
                 break
-        out = torch.from_numpy(logits)
-        return DynamicOutput(pred=out.argmax(1), exit=torch.tensor([j]),
-                             cost=torch.tensor([self._cost_values[j]]),
-                             logits=out if self.keep_logits else None)  # a fresh array
+        return DynamicOutput(pred=torch.from_numpy(logits.argmax(1)),
+                             exit=self._one_exit[j].clone(), cost=self._one_cost[j].clone(),
+                             logits=torch.from_numpy(logits) if self.keep_logits else None)
 
     def stream(self, batches, min_batch: int | None = None,
                max_wait: int | None = 16) -> Iterator[DynamicOutput]:

@@ -41,10 +41,11 @@ def check_input_shape(x: torch.Tensor, input_size, fixed_size: bool) -> None:
     """Raise an error naming the expected shape when ``x`` is not a batch of ``input_size``
     (``(C, H, W)``; with ``fixed_size`` False only the channel count must match)."""
     c, *rest = input_size
-    expected = (f"(batch, {c}, {', '.join(map(str, rest))})" if fixed_size
-                else f"(batch, {c}, {', '.join('HW'[:len(rest)]) if len(rest) <= 2 else '...'})")
     if x.dim() != 1 + len(input_size) or x.shape[1] != c or (
             fixed_size and tuple(x.shape[2:]) != tuple(rest)):
+        # the message is built only here: the check runs on every engine call
+        expected = (f"(batch, {c}, {', '.join(map(str, rest))})" if fixed_size else
+                    f"(batch, {c}, {', '.join('HW'[:len(rest)]) if len(rest) <= 2 else '...'})")
         raise EENetError(f"input of shape {tuple(x.shape)} does not fit this network: "
                          f"expected {expected}")
 
