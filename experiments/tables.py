@@ -25,11 +25,36 @@ data; ``--cifar10 no`` leaves them out there too); otherwise a row whose sweep
 already ran (same command) is read back, and any other shows "not run" with the
 command that would make it, never a number.
 Each row records its machine (``machine.json`` of its sweep).
+
+A run trained by hand can stand for a sweep's job: ``--adopt KEY=RUN_FOLDER``
+(repeatable; one folder per seed), KEY as the table prints it ("not run: KEY")::
+
+    python experiments/tables.py baselines --adopt cifar10_jpeg_recipe_sdn_30ep=experiments/runs/x
+    make table-baselines TABLE_ARGS="--adopt cifar10_jpeg_recipe_sdn_30ep=experiments/runs/x"
+
+Before anything is trained or written, each adopted folder must exist and be a
+finished eenet-train run (``results.json`` and ``model.pt``, no ``INCOMPLETE``
+marker; its ``config.yaml`` is read as data, nothing is built from it), KEY must be
+a sweep of the table (found by a first pass that trains nothing; a sweep that
+follows another's jobs, such as pteenet's ``<backbone>_post_seed<N>`` whose config
+names its backbone's folder, is not found so and cannot be adopted), the run's seed one of
+``--seeds``, and its ``config.yaml`` must equal the config the sweep composes for
+that seed (and one of its swept values) on every key but :data:`ADOPT_MAY_DIFFER`:
+where things are and how the run is shown and logged (``threads``, ``data_root``,
+``output_dir``, ``resume``, ``ckpt_path``, ``overwrite``, ``logger``, ``hydra``,
+``trainer.enable_progress_bar``, ``trainer.enable_model_summary``);
+``dataset.datamodule.root`` is compared as a path below each config's own
+``data_root`` (the same data set, wherever the data lives). The thread count can
+change float rounding on a CPU, so an adopted run need not be bit-identical to what
+the sweep would train; its row records the run's own threads. The table says which
+rows are adopted, and their command is the run's own (``.hydra/overrides.yaml``
+where Hydra wrote one, else its ``config.yaml``), never one that did not run.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -45,6 +70,10 @@ from eenet.reporting.experiment import git_revision, machine_info, provenance
 from eenet.reporting.markdown import markdown_table
 from eenet.io import atomic_write_text
 from eenet.config import compose_config
+from eenet.io import first_line
+from eenet.run_folder import MARKER
+from eenet.runs import check_run_folder
+from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
@@ -89,18 +118,173 @@ CHOSEN_ON = {
 }
 
 
+#: Config keys on which an adopted run (``--adopt``) may differ from the sweep's config: where
+#: things are and how the run is shown and logged, none of which defines the trained model
+#: (``dataset.datamodule.root`` is compared below each config's own ``data_root``; the thread
+#: count can change a CPU's float rounding, and the row records it).
+ADOPT_MAY_DIFFER = ("threads", "data_root", "dataset.datamodule.root", "output_dir", "resume",
+                    "ckpt_path", "overwrite", "trainer.enable_progress_bar",
+                    "trainer.enable_model_summary", "logger", "hydra")
+
+
+class Adopted:
+    """A finished run given with ``--adopt KEY=RUN``: its folder, config (as data), seed, command."""
+
+    def __init__(self, key: str, path: Path):
+        where = f"--adopt {key}={path}"
+        if not path.is_dir():
+            raise EENetError(f"{where}: no such folder")
+        if (path / MARKER).exists():
+            raise EENetError(f"{where}: not a finished run ({MARKER} is there: it is being written "
+                             f"or stopped before it finished; let it finish, or continue it with "
+                             f"eenet-train resume=true hydra.run.dir={path})")
+        if not (path / "results.json").is_file():
+            raise EENetError(f"{where}: not a finished eenet-train run (no results.json)")
+        try:  # config.yaml read as data and checked (eenet.runs), nothing built from it
+            cfg = OmegaConf.to_container(check_run_folder(path), resolve=False)
+        except EENetError as exc:
+            raise EENetError(f"{where}: {exc}") from exc
+        if not isinstance(cfg.get("seed"), int):
+            raise EENetError(f"{where}: its config.yaml has no integer seed")
+        self.key, self.path, self.config, self.seed = key, path, cfg, cfg["seed"]
+        self.threads = cfg.get("threads")
+        overrides = path / ".hydra" / "overrides.yaml"
+        ran = None
+        if overrides.is_file():  # Hydra's record of the job's own command line, when it wrote one
+            try:
+                ran = OmegaConf.to_container(OmegaConf.load(overrides))
+            except Exception:  # noqa: BLE001 - unreadable: fall back on config.yaml
+                ran = None
+        if isinstance(ran, list) and all(isinstance(o, str) for o in ran):
+            self.command = f"adopted run {path}: eenet-train {shlex.join(ran)}"
+        else:
+            self.command = f"adopted run {path} (its config.yaml: {path / 'config.yaml'})"
+
+
+def read_adopted(specs: list[str]) -> dict[str, list[Adopted]]:
+    """``--adopt KEY=RUN`` arguments -> the runs of each key, every folder checked (one line)."""
+    out: dict[str, list[Adopted]] = {}
+    for spec in specs:
+        key, eq, folder = spec.partition("=")
+        if not eq or not key or not folder:
+            raise EENetError(f"--adopt takes KEY=RUN_FOLDER (a sweep key as the table prints it, "
+                             f"a finished eenet-train run), got '{spec}'")
+        path = Path(folder).expanduser().absolute()
+        if any(a.path == path for a in out.get(key, [])):
+            raise EENetError(f"--adopt {key}={path} is given twice")
+        out.setdefault(key, []).append(Adopted(key, path))
+    return out
+
+
+def _flat(node, prefix: str = "") -> dict:
+    if isinstance(node, dict) and node:
+        out: dict = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: node}
+
+
+def _below(root, data_root) -> str:
+    """A data set's folder as a path below its config's data root (itself when not below it)."""
+    try:
+        return str(Path(str(root)).relative_to(Path(str(data_root))))
+    except ValueError:
+        return str(root)
+
+
+_ABSENT = "(absent)"
+
+
+def config_differences(sweep: dict, run: dict) -> list[tuple[str, object, object]]:
+    """Every key (sorted) where a run's config differs from the sweep's, but ADOPT_MAY_DIFFER."""
+    a, b = _flat(sweep), _flat(run)
+    key = "dataset.datamodule.root"
+    if key in a and key in b:
+        a[key + " (below data_root)"] = _below(a[key], sweep.get("data_root", ""))
+        b[key + " (below data_root)"] = _below(b[key], run.get("data_root", ""))
+
+    def free(k: str) -> bool:
+        return any(k == f or k.startswith(f + ".") for f in ADOPT_MAY_DIFFER)
+
+    return [(k, a.get(k, _ABSENT), b.get(k, _ABSENT)) for k in sorted(set(a) | set(b))
+            if not free(k) and a.get(k, _ABSENT) != b.get(k, _ABSENT)]
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """A sweep's overrides -> each job's (Hydra's basic sweeper: ``a=1,2`` is two jobs)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception as exc:  # noqa: BLE001 - Hydra's grammar errors, one line
+        raise EENetError(f"cannot parse the sweep's overrides: {first_line(exc)}") from exc
+    lists: dict[str, list[str]] = {}
+    for o in parsed:
+        k = o.get_key_element()
+        lists[k] = ([f"{k}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+                    else [f"{k}={o.get_value_element_as_str()}"])
+    return [list(job) for job in itertools.product(*lists.values())]
+
+
 class Table:
-    """Sweeps, their folders, and the rows built from them."""
+    """Sweeps, their folders, and the rows built from them.
+
+    ``adopt``: runs trained by hand that stand for a sweep's jobs (``--adopt``); ``plan``: a
+    first pass that trains, evaluates and writes nothing, only learns the table's sweep keys
+    (``planned``) and checks the adopted runs against their sweeps (every sweep returns no job).
+    """
 
     def __init__(self, name: str, out: Path, data: Path, smoke: bool, seeds: list[int],
-                 cifar10: bool = False, cifar10_epochs: int | None = None):
+                 cifar10: bool = False, cifar10_epochs: int | None = None,
+                 adopt: dict[str, list[Adopted]] | None = None, plan: bool = False):
         self.name, self.out, self.data, self.smoke, self.seeds = name, out, data, smoke, seeds
         self.cifar10 = cifar10  # train the CIFAR-10 (JPEG) recipe rows (SMOKE: on tiny data)
         self.cifar10_epochs = cifar10_epochs
+        self.adopt = adopt or {}
+        self.plan = plan
+        self.planned: list[str] = []  # every sweep key this table reached
+        self.adopted: dict[str, list[Adopted]] = {}  # the adopted runs it used, by key
         self.sweeps: list[dict] = []
         self.commands: dict[str, str] = {}
         self.command_of: dict[str, str] = {}
         self.extra: dict = {}  # table-specific results for the JSON (e.g. chosen_on_val)
+
+    def check_adopted(self, key: str, overrides: list[str]) -> list[Adopted]:
+        """The adopted runs of ``key``, each checked to be one job of the sweep (its seed one of
+        ``--seeds``, its config the sweep's but for ADOPT_MAY_DIFFER), one per job; in job order."""
+        jobs = sweep_jobs(overrides)
+        taken: dict[tuple[int, int], Adopted] = {}
+        for a in self.adopt[key]:
+            where = f"--adopt {key}={a.path}"
+            if a.seed not in self.seeds:
+                raise EENetError(f"{where}: its seed {a.seed} is not one of --seeds "
+                                 f"{' '.join(str(s) for s in self.seeds)}")
+            nearest = None
+            for i, job in enumerate(jobs):
+                try:
+                    cfg = compose_config([*job, f"seed={a.seed}"], output_dir=str(a.path))
+                    expected = OmegaConf.to_container(cfg, resolve=True)
+                except EENetError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - Hydra's errors, one line
+                    raise EENetError(f"{where}: cannot compose the sweep's config: "
+                                     f"{first_line(exc)}") from exc
+                diff = config_differences(expected, a.config)
+                if not diff:
+                    if (i, a.seed) in taken:
+                        raise EENetError(f"{where}: the same job (seed {a.seed}) as "
+                                         f"{taken[i, a.seed].path}; one run per job")
+                    taken[i, a.seed] = a
+                    break
+                if nearest is None or len(diff) < len(nearest):
+                    nearest = diff
+            else:
+                k, want, got = nearest[0]
+                raise EENetError(f"{where}: not the run the sweep trains: {k} is {want!r} in the "
+                                 f"sweep, {got!r} in the run ({len(nearest)} key(s) differ; only "
+                                 f"{', '.join(ADOPT_MAY_DIFFER)} may)")
+        return [taken[k] for k in sorted(taken)]
 
     def cifar_overrides(self, overrides: list[str]) -> list[str]:
         """A CIFAR-10 (JPEG) recipe sweep's overrides, with ``--cifar10-epochs`` when given."""
@@ -137,6 +321,22 @@ class Table:
                 *(SMOKE if self.smoke else []), f"hydra.sweep.dir={folder}"]
         cmd = [sys.executable, "-m", "eenet.cli.train", "-m", *args]
         self.commands[key] = "eenet-train -m " + shlex.join(args)
+        self.planned.append(key)
+        if key in self.adopt:  # runs trained by hand stand for the sweep's jobs (--adopt)
+            runs = self.check_adopted(key, [f"data_root={self.data}",
+                                            "trainer.enable_progress_bar=false", "logger=csv",
+                                            *overrides, *(SMOKE if self.smoke else [])])
+            if self.plan:
+                return []
+            self.adopted[key] = runs
+            for a in runs:
+                print(f"[{self.name}] {key}: {a.command}", flush=True)
+                self.sweeps.append({"key": key, "command": a.command, "adopted": str(a.path),
+                                    "seed": a.seed, "sweep_command": self.commands[key]})
+                self.command_of[str(a.path)] = a.command
+            return [a.path for a in runs]
+        if self.plan:
+            return []
         done = folder / ".done"
         if done.is_file() and done.read_text() == shlex.join(args):
             print(f"[{self.name}] reusing {folder}", flush=True)
@@ -174,8 +374,13 @@ def results(job: Path) -> dict:
 
 
 def machine_of(job: Path) -> str:
-    """The machine a job's sweep ran on (``machine.json`` beside its jobs), or "not recorded"."""
-    path = Path(job).parent / "machine.json"
+    """The machine a job ran on: ``machine.json`` in its folder (an adopted run may have one),
+    else its table sweep's (beside its jobs, in a folder with the sweep's ``.done``), else
+    "not recorded" (eenet-train's results.json does not record the machine)."""
+    path = Path(job) / "machine.json"
+    if not path.is_file():
+        sweep = Path(job).parent
+        path = sweep / "machine.json" if (sweep / ".done").is_file() else path
     if not path.is_file():
         return "not recorded"
     m = json.loads(path.read_text())
@@ -555,14 +760,21 @@ def table_trecx(t: Table) -> tuple[str, list[dict], list[str]]:
     return table, rows, deviations
 
 
-def build(name: str, args) -> Path:
-    out_root = Path(args.out) if args.out else (
+def out_root_of(args) -> Path:
+    return Path(args.out) if args.out else (
         REPO / "experiments" / "results" / ("smoke" if args.smoke else ""))
-    t = Table(name, out_root, Path(args.data), args.smoke, args.seeds,
-              cifar10={"yes": True, "no": False, "auto": args.smoke}[args.cifar10],
-              cifar10_epochs=args.cifar10_epochs)
-    t0 = time.time()
-    started = git_revision(__file__)  # the code this table starts with (commits may land before it ends)
+
+
+def make_table(name: str, args, adopt: dict[str, list[Adopted]] | None = None,
+               plan: bool = False) -> Table:
+    return Table(name, out_root_of(args), Path(args.data), args.smoke, args.seeds,
+                 cifar10={"yes": True, "no": False, "auto": args.smoke}[args.cifar10],
+                 cifar10_epochs=args.cifar10_epochs, adopt=adopt, plan=plan)
+
+
+def fill(t: Table, args) -> tuple[str, list[dict], list[str]]:
+    """The table's markdown, rows and deviations (sweeps run, read back, adopted or planned)."""
+    name = t.name
     if name == "eenets":
         datasets = ["mnist"] if args.smoke else args.datasets
         table, rows, dev = table_eenets(t, datasets)
@@ -574,19 +786,58 @@ def build(name: str, args) -> Path:
         table, rows, dev = table_trecx(t)
     else:
         raise EENetError(f"unknown table '{name}'; accepted: {', '.join(TABLES)}, all")
+    return table, rows, dev
+
+
+def plan_adopted(names, args, adopt: dict[str, list[Adopted]]) -> None:
+    """Before anything is trained or written: every adopted key is a sweep of one of the tables,
+    and every adopted run is one of its jobs (a first pass over the tables that trains nothing)."""
+    if not adopt:
+        return
+    keys: set[str] = set()
+    for name in names:
+        t = make_table(name, args, adopt, plan=True)
+        fill(t, args)
+        keys.update(t.planned)
+    unknown = sorted(set(adopt) - keys)
+    if unknown:
+        raise EENetError(f"--adopt: no sweep '{unknown[0]}' in {', '.join(names)}; accepted keys: "
+                         f"{', '.join(sorted(keys))}")
+
+
+def build(name: str, args, adopt: dict[str, list[Adopted]] | None = None) -> Path:
+    out_root = out_root_of(args)
+    t = make_table(name, args, adopt)
+    t0 = time.time()
+    started = git_revision(__file__)  # the code this table starts with (commits may land before it ends)
+    table, rows, dev = fill(t, args)
+    missed = [k for k in t.adopt if k in t.planned and k not in t.adopted]
+    if missed:  # a sweep the first pass reached but this one did not: no table from half of it
+        raise EENetError(f"--adopt {missed[0]}: its sweep was not reached; no table written")
     wall = time.time() - t0
     for r in rows:  # a row not run carries the command that would make it
         r.setdefault("command", t.command_of.get(r["job"], ""))
+    adopted_jobs = {str(a.path) for runs in t.adopted.values() for a in runs}
+    for r in rows:
+        if r.get("job") in adopted_jobs:
+            r["adopted"] = True
     not_run = [r for r in rows if r.get("status") == NOT_RUN]
+    commands = {c for k, c in t.commands.items() if k not in t.adopted} | {
+        a.command for runs in t.adopted.values() for a in runs}
     text = "\n".join([f"# Table: {name}{' (SMOKE: tiny data, 1 epoch; not results)' if args.smoke else ''}",
                       "", table, "", f"Paper: {PAPER[name]}", "", "Deviations:",
                       *[f"- {d}" for d in dev], "",
                       *([f"{len(not_run)} rows {NOT_RUN}: their sweeps have not run here "
                          "(CIFAR-10 (JPEG): --cifar10 yes, or CIFAR10=1 to make); the "
                          "commands below make them.", ""] if not_run else []),
+                      *(["Adopted runs (trained outside this table, --adopt; each checked to be "
+                         "its sweep's job but for " + ", ".join(ADOPT_MAY_DIFFER) + "):",
+                         *[f"- {k} -> {a.path} (seed {a.seed}, threads {a.threads})"
+                           for k, runs in t.adopted.items() for a in runs], ""]
+                        if t.adopted else []),
                       f"Seeds {args.seeds}; wall time {wall:.0f} s on {machine_info()['cpu']} "
                       f"({machine_info()['cpu_count']} cores). Commands:",
-                      *sorted({f"    {c}" for c in t.commands.values()}), ""])
+                      *sorted({f"    {c}" for c in commands}), ""])
     md = out_root / f"{name}.md"
     atomic_write_text(md, text)
     atomic_write_text(out_root / f"{name}.json", json.dumps(
@@ -620,11 +871,19 @@ def main(argv: list[str] | None = None) -> None:
                         "run with the same command or shown as 'not run' (env CIFAR10=1 / 0)")
     p.add_argument("--cifar10-epochs", type=int, default=None,
                    help="epochs of the CIFAR-10 (JPEG) recipe rows (default: the recipe's 30)")
+    p.add_argument("--adopt", action="extend", nargs="+", default=[], metavar="KEY=RUN",
+                   help="a finished eenet-train run folder that stands for one job of the sweep "
+                        "KEY (as the table prints it: 'not run: KEY'), checked to be that job "
+                        "(config but where-and-how keys, seed in --seeds); repeat for each seed")
     args = p.parse_args(argv)
     names = TABLES if args.table == "all" else (args.table,)
     try:
+        if args.table != "all" and args.table not in TABLES:
+            raise EENetError(f"unknown table '{args.table}'; accepted: {', '.join(TABLES)}, all")
+        adopt = read_adopted(args.adopt)
+        plan_adopted(names, args, adopt)  # before anything is trained or written
         for name in names:
-            build(name, args)
+            build(name, args, adopt)
     except EENetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)

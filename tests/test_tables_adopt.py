@@ -1,0 +1,150 @@
+"""``experiments/tables.py --adopt KEY=RUN``: a run trained by hand stands for a sweep's job.
+
+One SMOKE run pair is trained by hand (``eenet-train -m seed=0,1`` with the table's SMOKE
+overrides, on the recipe of the CIFAR-10 (JPEG) resnet20 row) and adopted by the eenets table,
+which is limited to its CIFAR-10 rows (``table_eenets`` called with no MNIST data set: nothing
+else trains) so that the test stays short; everything else (main, the checks, the first pass,
+the rows, the files) is the script's own. Every refusal is one line through ``main()`` and
+leaves no table file.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "tables.py"
+KEY = "cifar10_jpeg_recipe_resnet20_30ep"  # the plain resnet20's row, as "not run: KEY" names it
+
+
+def _tables():
+    spec = importlib.util.spec_from_file_location("experiment_tables_adopt", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tables = _tables()
+
+
+@pytest.fixture(scope="module")
+def hand_runs(tmp_path_factory, data_root) -> dict[int, Path]:
+    """Two finished runs of the row's recipe (seeds 0 and 1), trained outside the table."""
+    folder = tmp_path_factory.mktemp("hand") / "runs"
+    proc = subprocess.run(
+        [sys.executable, "-m", "eenet.cli.train", "-m", "experiment=cifar10_recipe/resnet20",
+         f"data_root={data_root.path}", "threads=1", *tables.SMOKE, "seed=0,1",
+         f"hydra.sweep.dir={folder}"],
+        env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = {json.loads((job / "results.json").read_text())["config"]["seed"]: job
+            for job in folder.iterdir() if (job / "results.json").is_file()}
+    assert sorted(runs) == [0, 1]
+    return runs
+
+
+@pytest.fixture
+def cifar_only(monkeypatch):
+    """The eenets table without its MNIST rows (they would train for minutes)."""
+    original = tables.table_eenets
+    monkeypatch.setattr(tables, "table_eenets", lambda t, datasets: original(t, []))
+
+
+def _main(out: Path, data: Path, *extra: str) -> None:
+    tables.main(["eenets", "--smoke", "--cifar10", "no", "--out", str(out), "--data", str(data),
+                 *extra])
+
+
+def _refused(capsys, out: Path, data: Path, *extra: str) -> str:
+    """main() with ``extra`` exits 2 with one line; nothing is written into ``out``."""
+    with pytest.raises(SystemExit) as exc:
+        _main(out, data, *extra)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --adopt"), err
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
+    return err
+
+
+def test_adopted_runs_give_rows_and_the_table_says_so(tmp_path, data_root, hand_runs, cifar_only):
+    # the table's data folder under another name: the data set's folder is compared below it
+    data = tmp_path / "data_link"
+    data.symlink_to(data_root.path, target_is_directory=True)
+    (hand_runs[1] / "machine.json").write_text(json.dumps({"cpu": "hand cpu", "cpu_count": 3}))
+    try:
+        _main(tmp_path / "out", data, "--seeds", "0", "1",
+              "--adopt", f"{KEY}={hand_runs[0]}", f"{KEY}={hand_runs[1]}")
+    finally:
+        (hand_runs[1] / "machine.json").unlink()
+    md = (tmp_path / "out" / "eenets.md").read_text()
+    table = json.loads((tmp_path / "out" / "eenets.json").read_text())
+    plain = [r for r in table["rows"] if r["model"] == "resnet20 (no exits)"]
+    assert len(plain) == 2 and all(r.get("status") != tables.NOT_RUN for r in plain)
+    for r in plain:  # the run's own numbers, seed, threads and command
+        res = json.loads((Path(r["job"]) / "results.json").read_text())
+        assert Path(r["job"]) == hand_runs[r["seed"]] and r["adopted"] is True
+        assert r["accuracy"] == res["test"]["accuracy"] and r["threads"] == 1
+        assert r["command"] == f"adopted run {r['job']} (its config.yaml: {r['job']}/config.yaml)"
+    assert {r["seed"]: r["machine"] for r in plain} == {0: "not recorded", 1: "hand cpu (3 cores)"}
+    # the rows not adopted stay "not run", with the sweep's command
+    ee = [r for r in table["rows"] if r["model"] != "resnet20 (no exits)"]
+    assert ee and all(r["status"] == tables.NOT_RUN and "adopted" not in r for r in ee)
+    adopted = [s for s in table["sweeps"] if s.get("adopted")]
+    assert [(s["key"], s["seed"], s["adopted"]) for s in adopted] == [
+        (KEY, seed, str(hand_runs[seed])) for seed in (0, 1)]
+    for s in adopted:  # the run's own command; the sweep's, for the record, never as run
+        assert s["command"] == next(r["command"] for r in plain if r["seed"] == s["seed"])
+        assert s["sweep_command"].startswith("eenet-train -m ") and "seed=0,1" in s["sweep_command"]
+        assert s["sweep_command"] not in md
+    assert "Adopted runs" in md
+    for s in (0, 1):
+        assert f"- {KEY} -> {hand_runs[s]} (seed {s}, threads 1)" in md
+    row = next(line for line in md.splitlines() if "resnet20 (no exits)" in line)
+    assert tables.NOT_RUN not in row and "| 2 |" in row  # two seeds, with numbers
+    assert not (tmp_path / "out" / "runs").exists()  # nothing was trained for it
+
+
+def test_adopt_refusals_are_one_line_and_write_nothing(tmp_path, data_root, hand_runs,
+                                                      cifar_only, capsys):
+    out, data = tmp_path / "out", data_root.path
+    run = tmp_path / "copy"
+    shutil.copytree(hand_runs[0], run)
+    err = _refused(capsys, out, data, "--adopt", f"{KEY}={tmp_path / 'missing'}")
+    assert "no such folder" in err
+    (run / tables.MARKER).write_text("eenet-train started writing this folder\n")
+    assert "not a finished run" in _refused(capsys, out, data, "--adopt", f"{KEY}={run}")
+    (run / tables.MARKER).unlink()
+    (run / "results.json").rename(run / "results.json.away")
+    assert "no results.json" in _refused(capsys, out, data, "--adopt", f"{KEY}={run}")
+    (run / "results.json.away").rename(run / "results.json")
+    err = _refused(capsys, out, data, "--adopt", f"nonsense={run}")
+    assert "no sweep 'nonsense'" in err and f"accepted keys: {KEY}, " in err
+    assert "cifar10_jpeg_recipe_resnet20_eenets_30ep" in err
+    err = _refused(capsys, out, data, "--seeds", "1", "--adopt", f"{KEY}={run}")
+    assert "seed 0 is not one of --seeds 1" in err
+    err = _refused(capsys, out, data, "--adopt", f"{KEY}={run}", f"{KEY}={hand_runs[0]}")
+    assert "the same job (seed 0)" in err
+    # a key that defines the trained model: named, with both values
+    cfg = OmegaConf.load(run / "config.yaml")
+    cfg.loss.label_smoothing = 0.2
+    OmegaConf.save(cfg, run / "config.yaml")
+    err = _refused(capsys, out, data, "--adopt", f"{KEY}={run}")
+    assert "loss.label_smoothing is 0.1 in the sweep, 0.2 in the run (1 key(s) differ" in err
+    # where-and-how keys may differ: the same copy with its label smoothing back is accepted
+    # by the first pass (it trains and writes nothing)
+    cfg.loss.label_smoothing = 0.1
+    cfg.threads, cfg.trainer.enable_progress_bar = 2, True
+    OmegaConf.save(cfg, run / "config.yaml")
+    args = type("Args", (), {"out": str(out), "data": str(data), "smoke": True, "seeds": [0],
+                             "cifar10": "no", "cifar10_epochs": None, "datasets": ["mnist"],
+                             "backbones": ["resnet20"]})()
+    tables.plan_adopted(("eenets",), args, tables.read_adopted([f"{KEY}={run}"]))
+    assert not out.exists()
