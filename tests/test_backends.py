@@ -402,3 +402,7 @@ def test_onnxruntime_single_sample_walk_equals_its_tensor_walk(engines, name, th
     # thresholds near the scores' medians on this input send samples to several exits (this
     # random network's exits never agree, so patience takes every sample to the final exit)
     assert len(set(exits)) >= (1 if name == "patience" else 2), exits
+    strided = torch.randn(1, 1, 12, 24, generator=torch.Generator().manual_seed(7))[..., ::2]
+    assert not strided.is_contiguous()  # a view, as a slice of a user's tensor can be
+    a, b = fast(strided), tensors(strided.contiguous())
+    assert torch.equal(a.exit, b.exit) and torch.equal(a.logits, b.logits)

@@ -403,7 +403,7 @@ class BackendEngine(DynamicEngine):
         if self._single is None or x.device.type != "cpu":
             return super()._run_one(x)
         state = self.policy.initial_state(1, x.device)
-        values = {self._single.input: x.numpy()}
+        values = {self._single.input: _np(x)}
         pieces = self._single.numpy_pieces
         last = len(pieces) - 1
         for j, piece in enumerate(pieces):
