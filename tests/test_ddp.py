@@ -321,6 +321,7 @@ def test_two_process_ddp_equals_one_process(reference, tmp_path):
     assert json.loads((tmp_path / "two" / "cost.json").read_text())["exits"][0]["macs"] > 0
 
 
+@pytest.mark.slow  # 21 s; the control that the DDP comparison can fail (make test-slow)
 def test_unsynchronised_batchnorm_fails_the_comparison(reference, tmp_path):
     """A real difference: per-process BatchNorm statistics train another network."""
     two = _train_ddp(tmp_path / "nosync", ["sync_batchnorm=false"], reference)

@@ -180,6 +180,7 @@ def smoke_runs(tmp_path_factory) -> Path:
     return runs
 
 
+@pytest.mark.slow  # 27 s set-up; make test keeps the PTEENet table's SMOKE run
 def test_pteenet_smoke_runs_the_study_pipeline(smoke_runs):
     saved = json.loads((smoke_runs / "kd_lambda2_seed1.json").read_text())
     assert saved["study"] == "every_stage_kd_cv" and saved["smoke"] is True
@@ -206,6 +207,7 @@ def test_pteenet_smoke_runs_the_study_pipeline(smoke_runs):
     assert backbone_cfg["placement"]["stages"] == [] and backbone_cfg["seed"] == 0
 
 
+@pytest.mark.slow  # shares the 27 s set-up above
 def test_pteenet_second_study_reuses_the_backbone(smoke_runs):
     """A study with the same backbone recipe (SGD) trains no backbone of its own."""
     backbone = json.loads((smoke_runs / "kd_lambda2_seed1.json").read_text())["backbone"]["run_dir"]

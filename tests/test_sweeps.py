@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 FAST = ["debug=fdr", "logger=none", "trainer.enable_progress_bar=false", "threads=1"]
@@ -26,12 +27,14 @@ def _seeds(sweep_dir, n):
                   for i in range(n))
 
 
+@pytest.mark.slow  # 13 s; the basic launcher's sweeps run in make test
 def test_joblib_launcher_runs_jobs_in_parallel_processes(tmp_path):
     sweep = tmp_path / "joblib"
     _sweep(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=1,2"], sweep)
     assert _seeds(sweep, 2) == [1, 2]
 
 
+@pytest.mark.slow  # 16 s; the basic launcher's sweeps run in make test
 def test_submitit_launcher_with_the_local_executor(tmp_path):
     sweep = tmp_path / "submitit"
     _sweep(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
