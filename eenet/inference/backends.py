@@ -33,7 +33,9 @@ engine's own, so the backends can differ only in the logits their steps compute:
   (``export_segments(fused=True)``), which the engine runs when the head runs: one call
   instead of two. Every graph is opened twice, with the engine's threads for batches and
   with one thread for a single sample (:class:`_Pair`), and idle threads do not spin
-  (:data:`ORT_SPINNING`). An ONNX file is data to onnxruntime (no Python runs from it), and a cached export
+  (:data:`ORT_SPINNING`). A single sample's live values stay numpy arrays from piece to piece
+  (:class:`_NumpyPiece`, :meth:`BackendEngine._run_one`); PyTorch sees only each exit's logits,
+  for the policy's score. An ONNX file is data to onnxruntime (no Python runs from it), and a cached export
   is checked against the network on a random batch before use and exported again when it
   differs. Several live values are carried by the names the manifest (format 3) gives them:
   a T-RecX ``concat`` exit's features, the skip connections of a graph backbone that cross a
