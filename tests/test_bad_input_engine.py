@@ -289,7 +289,8 @@ def test_runner_refuses_thresholds_out_of_range(exported, name, bad, accepted):
     path = manifest_with(exported, f"bad_{name}.json", policy={"name": name, "thresholds": [bad, 2]})
     with pytest.raises(RunnerError) as err:
         OnnxEarlyExitRunner(path, threads=1)
-    assert one_line(err) == f"manifest {name} threshold {float(bad):g} is out of range: accepted {accepted}"
+    assert one_line(err) == (f"{path}: manifest {name} threshold {float(bad):g} is out of "
+                             f"range: accepted {accepted}")  # the manifest is named
 
 
 def test_calibrated_patience_thresholds_are_valid():

@@ -477,15 +477,15 @@ def test_runner_refuses_bad_piece_names_before_opening_any_model(exported, tmp_p
      "[0.5, 0.5, 0.5]; expected a list of 2 thresholds, one per early exit (numbers, or \"inf\" / "
      "\"-inf\" as strings)"),
     ({"name": "max_prob", "thresholds": ["nan", 0.5]},
-     "manifest max_prob threshold nan is out of range: accepted 0 < t < 1, inf or -inf"),
+     "{path}: manifest max_prob threshold nan is out of range: accepted 0 < t < 1, inf or -inf"),
     ({"name": "confidence", "thresholds": [0.5, 1]},
-     "manifest confidence threshold 1 is out of range: accepted 0 < t < 1, inf or -inf"),
+     "{path}: manifest confidence threshold 1 is out of range: accepted 0 < t < 1, inf or -inf"),
     ({"name": "confidence", "thresholds": [0, 0.5]},
-     "manifest confidence threshold 0 is out of range: accepted 0 < t < 1, inf or -inf"),
+     "{path}: manifest confidence threshold 0 is out of range: accepted 0 < t < 1, inf or -inf"),
     ({"name": "entropy", "thresholds": [0, -1]},
-     "manifest entropy threshold 0 is out of range: accepted t < 0 (leave when -H > t), inf or -inf"),
+     "{path}: manifest entropy threshold 0 is out of range: accepted t < 0 (leave when -H > t), inf or -inf"),
     ({"name": "patience", "thresholds": ["nan", 2]},
-     "manifest patience threshold nan is out of range: accepted a whole number of exits >= 1 or inf")])
+     "{path}: manifest patience threshold nan is out of range: accepted a whole number of exits >= 1 or inf")])
 def test_runner_refuses_bad_policies_and_thresholds(exported, tmp_path, policy, message):
     path = edited_copy(exported, tmp_path, lambda m: m.update(policy=policy))
     with pytest.raises(RunnerError) as err:

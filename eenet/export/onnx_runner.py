@@ -138,8 +138,9 @@ POLICIES = {
 }
 
 
-def _check_threshold(policy: str, t: float) -> None:
-    """The ranges of ``eenet.policies`` (written again: this file does not import eenet)."""
+def _check_threshold(policy: str, t: float, where: object) -> None:
+    """The ranges of ``eenet.policies`` (written again: this file does not import eenet);
+    ``where``: the manifest, named in the message."""
     if np.isposinf(t) or (np.isneginf(t) and policy != "patience"):
         return  # inf: never leave here; -inf: always leave here (patience: k = 1)
     if policy == "patience":
@@ -149,7 +150,8 @@ def _check_threshold(policy: str, t: float) -> None:
     else:
         ok, accepted = 0 < t < 1, "0 < t < 1, inf or -inf"
     if not ok:
-        raise RunnerError(f"manifest {policy} threshold {t:g} is out of range: accepted {accepted}")
+        raise RunnerError(f"{where}: manifest {policy} threshold {t:g} is out of range: "
+                          f"accepted {accepted}")
 
 
 def _temperatures(policy: dict, name: str, num_exits: int, where: object) -> np.ndarray | None:
@@ -488,7 +490,7 @@ class OnnxEarlyExitRunner:
         self._score = score_fn
         thresholds = np.array([float(t) for t in m["policy"]["thresholds"]], dtype=np.float32)
         for t in thresholds:
-            _check_threshold(self.policy, float(t))
+            _check_threshold(self.policy, float(t), path)
         self.thresholds = to_score_units(thresholds)
         #: exit i's temperature T_i (float32), or None: its logits are scored as they are
         self.temperatures = _temperatures(m["policy"], self.policy, n, path)
