@@ -109,7 +109,8 @@ def log_evaluation_results(settings: dict, results: dict, out_dir: Path) -> None
     Args:
         settings: the evaluation's settings (``project``, ``offline``, ``group``, ``config``).
         results: the evaluation's results dict.
-        out_dir: the evaluation folder (``curve.png``, ``exits.png`` are read from it).
+        out_dir: the evaluation folder (``curve.png``, ``exits.png`` and
+            ``reliability.png`` are read from it).
     """
     import wandb
 
@@ -119,6 +120,7 @@ def log_evaluation_results(settings: dict, results: dict, out_dir: Path) -> None
     run.log({"eval/exits": wandb.Table(columns=EXIT_TABLE_COLUMNS, data=exit_table_rows(results)),
              "eval/curve": wandb.Image(str(out_dir / "curve.png")),
              "eval/exit_distribution": wandb.Image(str(out_dir / "exits.png")),
+             "eval/reliability": wandb.Image(str(out_dir / "reliability.png")),
              "eval/test_accuracy": results["test"]["accuracy"],
              "eval/test_avg_cost": results["test"]["avg_cost_fraction"]})
     run.finish()
