@@ -1,0 +1,148 @@
+"""Finished runs of the short CIFAR-10 (JPEG) recipe, read back: accuracy per epoch, test
+accuracy, epoch times, and every evaluation made of them.
+
+For runs trained by hand with ``eenet-train experiment=cifar10_recipe/<name>`` (issue 20)
+before the paper tables (``experiments/tables.py``, which can take them with ``--adopt``)
+have all their rows. Everything is read as data from each run folder, nothing is trained or
+evaluated here:
+
+- ``config.yaml``: backbone, loss, exits, epochs, seed, threads;
+- ``results.json``: test and val accuracy of the final exit (the checkpoint eenet-train
+  evaluated: ``best_checkpoint``, chosen on val loss), per-exit test accuracy, training epoch
+  seconds (eenet's EpochTimer; a resumed run's epochs all count), wall time;
+- ``csv/metrics.csv``: val accuracy per epoch (a resumed run may repeat an epoch that ran
+  after its last checkpoint; the last row of each epoch is taken, the one the resumed run
+  wrote);
+- ``eval/*/results.json``: each ``eenet-eval`` of the run (policy, how its thresholds were
+  chosen on val, val and test accuracy and cost, test exit rates).
+
+A run folder still being trained (``INCOMPLETE`` present) is refused in one line.
+
+    python experiments/cifar10_recipe/report.py experiments/runs/cifar10_recipe/resnet20_30ep_s0 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import yaml
+
+from eenet.errors import EENetError
+from eenet.reporting.experiment import save_report
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise EENetError(f"{path} cannot be read as JSON ({type(exc).__name__})") from None
+
+
+def val_per_epoch(metrics: Path) -> dict[int, float]:
+    """Val accuracy (final exit, ``val/acc``) per epoch; the last row of an epoch wins."""
+    out: dict[int, float] = {}
+    if not metrics.is_file():
+        return out
+    with metrics.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("val/acc"):
+                out[int(row["epoch"])] = float(row["val/acc"])
+    return out
+
+
+def evaluations(run: Path) -> list[dict]:
+    """Every finished eenet-eval of ``run`` (``eval/<name>/results.json``)."""
+    out = []
+    for res_path in sorted((run / "eval").glob("*/results.json")):
+        if (res_path.parent / "INCOMPLETE").exists():
+            continue
+        r = _read_json(res_path)
+        target = r.get("target") or {}
+        chosen_by = {k: v for k, v in target.items() if not isinstance(v, (dict, list))}
+        certified = (r.get("calibration") or {}).get("guarantee")
+        if isinstance(certified, dict):  # a certified calibration (eenet-eval guarantee=)
+            chosen_by["certified"] = {k: v for k, v in certified.items()
+                                      if not isinstance(v, (dict, list))}
+        out.append({"folder": str(res_path.parent), "policy": r.get("policy", {}).get("name"),
+                    "thresholds": r.get("policy", {}).get("thresholds"),
+                    "chosen_by": chosen_by,
+                    "dynamic_speedup": (r.get("engine") or {}).get("speedup"),
+                    "val_accuracy": r.get("val", {}).get("accuracy"),
+                    "val_cost": r.get("val", {}).get("avg_cost_fraction"),
+                    "test_accuracy": r["test"]["accuracy"],
+                    "test_cost": r["test"]["avg_cost_fraction"],
+                    "test_exit_rates": r["test"].get("exit_rates")})
+    return out
+
+
+def read_run(run: Path) -> dict:
+    if not run.is_dir():
+        raise EENetError(f"{run} is not a folder")
+    if (run / "INCOMPLETE").exists():
+        raise EENetError(f"{run} is still being trained (INCOMPLETE is there)")
+    if not (run / "results.json").is_file():
+        raise EENetError(f"{run} has no results.json: not a finished eenet-train run")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    r = _read_json(run / "results.json")
+    epochs_s = r.get("train_epoch_seconds") or []
+    val = val_per_epoch(run / "csv" / "metrics.csv")
+    return {"run": str(run), "backbone": cfg["backbone"]["name"],
+            "loss": cfg["loss"].get("_target_", "").rsplit(".", 1)[-1],
+            "exits": len(r["exits"]), "epochs": r["epochs"], "seed": cfg["seed"],
+            "threads": cfg.get("threads"), "label_smoothing": cfg["loss"].get("label_smoothing"),
+            "test_accuracy": r["test"]["accuracy"], "val_accuracy": r["val"]["accuracy"],
+            "exit_test_accuracy": [e["test_accuracy"] for e in r["exits"]],
+            "exit_cost_fraction": [e["cost_fraction"] for e in r["exits"]],
+            "best_checkpoint": r.get("best_checkpoint"), "resumed_from": r.get("resumed_from"),
+            "train_epoch_s_median": statistics.median(epochs_s) if epochs_s else None,
+            "wall_s": r.get("wall_s"), "val_accuracy_per_epoch": val,
+            "evaluations": evaluations(run)}
+
+
+def table(runs: list[dict]) -> str:
+    lines = ["| run | backbone, exits | epochs | seed | val % | test % (final exit) | "
+             "epoch s (1 thread, median) |", "|---|---|---|---|---|---|---|"]
+    for r in runs:
+        lines.append(f"| {Path(r['run']).name} | {r['backbone']}, {r['exits']} | {r['epochs']} | "
+                     f"{r['seed']} | {100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
+                     f"{r['train_epoch_s_median']:.0f} |")
+    evals = [(r, e) for r in runs for e in r["evaluations"]]
+    if evals:
+        lines += ["", "| run | evaluation | policy | chosen on val by | val % / cost | "
+                  "test % / cost | test exit rates % |", "|---|---|---|---|---|---|---|"]
+        for r, e in evals:
+            rates = " / ".join(f"{100 * v:.1f}" for v in e["test_exit_rates"] or [])
+            lines.append(f"| {Path(r['run']).name} | {Path(e['folder']).name} | {e['policy']} | "
+                         f"{e['chosen_by']} | {100 * e['val_accuracy']:.2f} / {e['val_cost']:.3f} | "
+                         f"{100 * e['test_accuracy']:.2f} / {e['test_cost']:.3f} | {rates} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python experiments/cifar10_recipe/report.py",
+                                description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="finished eenet-train run folders")
+    p.add_argument("--suffix", default="", help="appended to the JSON's name (report<suffix>.json)")
+    args = p.parse_args(argv)
+    try:
+        runs = [read_run(Path(r)) for r in args.runs]
+    except EENetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    text = table(runs)
+    print(text)
+    seeds = sorted({r["seed"] for r in runs})
+    # thresholds: each evaluation's own target on val; checkpoint: eenet-train's best val loss
+    chosen = {"thresholds": "val", "checkpoint": "val"}
+    out = save_report(__file__, {"runs": runs, "markdown": text}, args.suffix, seeds=seeds,
+                      chosen_on=chosen)
+    print(f"saved {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""``experiments/cifar10_recipe/report.py`` reads finished recipe runs back as data: the last
+row of a repeated epoch (a resumed run), every finished evaluation, one line for a run still
+being trained."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "cifar10_recipe" / "report.py"
+spec = importlib.util.spec_from_file_location("recipe_report", SCRIPT)
+report = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(report)
+
+
+def fake_run(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.yaml").write_text(yaml.safe_dump({
+        "seed": 3, "threads": 1, "backbone": {"name": "resnet20"},
+        "loss": {"_target_": "eenet.losses.MultiExitCE", "label_smoothing": 0.1}}))
+    (folder / "results.json").write_text(json.dumps({
+        "test": {"accuracy": 0.81}, "val": {"accuracy": 0.8}, "epochs": 3,
+        "exits": [{"test_accuracy": 0.7, "cost_fraction": 0.4},
+                  {"test_accuracy": 0.81, "cost_fraction": 1.0}],
+        "train_epoch_seconds": [10.0, 30.0, 20.0], "wall_s": 70.0}))
+    (folder / "csv").mkdir()
+    rows = ["epoch,step,val/acc,train/loss", "0,10,0.5,", "1,20,0.6,", "1,25,,2.0",
+            "2,30,0.65,", "1,20,0.62,", "2,30,0.7,"]  # epochs 1 and 2 ran again after a resume
+    (folder / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    for name, acc, done in (("tol", 0.79, True), ("killed", 0.1, False)):
+        ev = folder / "eval" / name
+        ev.mkdir(parents=True)
+        (ev / "results.json").write_text(json.dumps({
+            "policy": {"name": "max_prob", "thresholds": [0.9]},
+            "target": {"kind": "tolerance", "value": 1.0, "min_accuracy": 0.8},
+            "val": {"accuracy": 0.795, "avg_cost_fraction": 0.6},
+            "test": {"accuracy": acc, "avg_cost_fraction": 0.55, "exit_rates": [0.75, 0.25]},
+            "engine": {"speedup": 1.5}}))
+        if not done:
+            (ev / "INCOMPLETE").write_text("")
+    return folder
+
+
+def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path):
+    r = report.read_run(fake_run(tmp_path / "run"))
+    assert r["val_accuracy_per_epoch"] == {0: 0.5, 1: 0.62, 2: 0.7}
+    assert (r["seed"], r["threads"], r["loss"], r["exits"]) == (3, 1, "MultiExitCE", 2)
+    assert r["train_epoch_s_median"] == 20.0 and r["test_accuracy"] == 0.81
+    assert [e["folder"].rsplit("/", 1)[-1] for e in r["evaluations"]] == ["tol"]  # not the killed
+    e = r["evaluations"][0]
+    assert e["chosen_by"] == {"kind": "tolerance", "value": 1.0, "min_accuracy": 0.8}
+    assert (e["test_accuracy"], e["test_cost"], e["dynamic_speedup"]) == (0.79, 0.55, 1.5)
+    text = report.table([r])
+    assert "| run | 3 |" not in text and "| 81.00 |" in text and "75.0 / 25.0" in text
+
+
+@pytest.mark.parametrize("damage,message", [
+    ("incomplete", "is still being trained (INCOMPLETE is there)"),
+    ("no results", "has no results.json: not a finished eenet-train run"),
+    ("missing", "is not a folder")])
+def test_unfinished_or_missing_runs_are_one_line(tmp_path, capsys, damage, message):
+    run = fake_run(tmp_path / "run")
+    if damage == "incomplete":
+        (run / "INCOMPLETE").write_text("")
+    elif damage == "no results":
+        (run / "results.json").unlink()
+    else:
+        run = tmp_path / "elsewhere"
+    saved = {p: p.stat().st_mtime_ns for p in SCRIPT.parent.glob("report*.json")}
+    with pytest.raises(SystemExit) as exit_:
+        report.main([str(run)])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {run} {message}"
+    assert {p: p.stat().st_mtime_ns for p in SCRIPT.parent.glob("report*.json")} == saved
