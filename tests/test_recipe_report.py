@@ -25,7 +25,7 @@ def fake_run(folder: Path) -> Path:
     (folder / "results.json").write_text(json.dumps({
         "test": {"accuracy": 0.81}, "val": {"accuracy": 0.8}, "epochs": 3,
         "exits": [{"test_accuracy": 0.7, "cost_fraction": 0.4},
-                  {"test_accuracy": 0.81, "cost_fraction": 1.0}],
+                  {"test_accuracy": 0.82, "val_accuracy": 0.83, "cost_fraction": 1.0}],
         "train_epoch_seconds": [10.0, 30.0, 20.0], "wall_s": 70.0}))
     (folder / "csv").mkdir()
     rows = ["epoch,step,val/acc,train/loss", "0,10,0.5,", "1,20,0.6,", "1,25,,2.0",
@@ -49,13 +49,15 @@ def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path
     r = report.read_run(fake_run(tmp_path / "run"))
     assert r["val_accuracy_per_epoch"] == {0: 0.5, 1: 0.62, 2: 0.7}
     assert (r["seed"], r["threads"], r["loss"], r["exits"]) == (3, 1, "MultiExitCE", 2)
-    assert r["train_epoch_s_median"] == 20.0 and r["test_accuracy"] == 0.81
+    assert r["train_epoch_s_median"] == 20.0
+    # the final exit alone, and the run's own policy apart
+    assert (r["test_accuracy"], r["val_accuracy"], r["test_accuracy_run_policy"]) == (0.82, 0.83, 0.81)
     assert [e["folder"].rsplit("/", 1)[-1] for e in r["evaluations"]] == ["tol"]  # not the killed
     e = r["evaluations"][0]
     assert e["chosen_by"] == {"kind": "tolerance", "value": 1.0, "min_accuracy": 0.8}
     assert (e["test_accuracy"], e["test_cost"], e["dynamic_speedup"]) == (0.79, 0.55, 1.5)
     text = report.table([r])
-    assert "| run | 3 |" not in text and "| 81.00 |" in text and "75.0 / 25.0" in text
+    assert "| 83.00 | 82.00 |" in text and "tolerance 1.0" in text and "75.0 / 25.0" in text
 
 
 @pytest.mark.parametrize("damage,message", [

@@ -95,7 +95,10 @@ def read_run(run: Path) -> dict:
             "loss": cfg["loss"].get("_target_", "").rsplit(".", 1)[-1],
             "exits": len(r["exits"]), "epochs": r["epochs"], "seed": cfg["seed"],
             "threads": cfg.get("threads"), "label_smoothing": cfg["loss"].get("label_smoothing"),
-            "test_accuracy": r["test"]["accuracy"], "val_accuracy": r["val"]["accuracy"],
+            # the final exit alone; and the run's own policy (its training config's thresholds)
+            "test_accuracy": r["exits"][-1]["test_accuracy"],
+            "val_accuracy": r["exits"][-1].get("val_accuracy", r["val"]["accuracy"]),
+            "test_accuracy_run_policy": r["test"]["accuracy"],
             "exit_test_accuracy": [e["test_accuracy"] for e in r["exits"]],
             "exit_cost_fraction": [e["cost_fraction"] for e in r["exits"]],
             "best_checkpoint": r.get("best_checkpoint"), "resumed_from": r.get("resumed_from"),
@@ -105,7 +108,7 @@ def read_run(run: Path) -> dict:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| run | backbone, exits | epochs | seed | val % | test % (final exit) | "
+    lines = ["| run | backbone, exits | epochs | seed | val % (final exit) | test % (final exit) | "
              "epoch s (1 thread, median) |", "|---|---|---|---|---|---|---|"]
     for r in runs:
         lines.append(f"| {Path(r['run']).name} | {r['backbone']}, {r['exits']} | {r['epochs']} | "
@@ -116,9 +119,15 @@ def table(runs: list[dict]) -> str:
         lines += ["", "| run | evaluation | policy | chosen on val by | val % / cost | "
                   "test % / cost | test exit rates % |", "|---|---|---|---|---|---|---|"]
         for r, e in evals:
+            c = e["chosen_by"]
+            how = f"{c.get('kind')} {c.get('value')}"
+            if "certified" in c:
+                g = c["certified"]
+                how = (f"{g.get('method')}: {g.get('risk')} <= {g.get('alpha')} w.p. >= "
+                       f"{1 - float(g.get('delta', 0)):g}")
             rates = " / ".join(f"{100 * v:.1f}" for v in e["test_exit_rates"] or [])
             lines.append(f"| {Path(r['run']).name} | {Path(e['folder']).name} | {e['policy']} | "
-                         f"{e['chosen_by']} | {100 * e['val_accuracy']:.2f} / {e['val_cost']:.3f} | "
+                         f"{how} | {100 * e['val_accuracy']:.2f} / {e['val_cost']:.3f} | "
                          f"{100 * e['test_accuracy']:.2f} / {e['test_cost']:.3f} | {rates} |")
     return "\n".join(lines)
 
