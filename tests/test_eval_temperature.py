@@ -148,6 +148,7 @@ evaluate(compose_config(sys.argv[2:], output_dir=sys.argv[1], config_name="eval"
 """
 
 
+@pytest.mark.slow  # 14 s; a regression check against the code before temperatures
 def test_temperature_false_equals_the_code_before_temperatures(digits_run, tmp_path):
     """The same evaluation by the code of the last commit before temperatures (its source
     from git, run in its own process) and by this code with ``temperature=false``: the

@@ -44,6 +44,7 @@ def test_submitit_launcher_with_the_local_executor(tmp_path):
     assert any(p.suffix == ".out" for p in sweep.rglob("*"))
 
 
+@pytest.mark.slow  # 18 s; the basic launcher's sweeps run in make test
 def test_optuna_searches_lambda_and_exit_width_against_a_budget(tmp_path):
     sweep = tmp_path / "optuna"
     _sweep(["loss=two_stage", "hparams_search=optuna_budget", "hydra.sweeper.n_trials=3",

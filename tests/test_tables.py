@@ -4,7 +4,7 @@ The data root (``data_root`` of conftest) has every data set the tables read, re
 ../shared/data has them and small ones otherwise, Visual Wake Words among them: its T-RecX row
 runs too (``tables.py`` adds it only where ``data_root/vww`` exists). One test per table (the
 baselines table with the EENets table, whose backbone it reuses), so that two workers share
-them; the two over a minute of CPU are ``slow`` (``make test-slow``), measured in the commit.
+them; the long ones are ``slow`` (``make test-slow``), measured in the commits that mark them.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ def test_smoke_tables_eenets_and_baselines(tmp_path, data_root):
         r["job"] for r in eenets["rows"] if r["model"] == "resnet20 (no exits)"}
 
 
+@pytest.mark.slow  # 30 s; PTEENet stays in make test through test_posttrain and its experiment configs
 def test_smoke_table_pteenet(tmp_path, data_root):
     pte = _smoke_table("pteenet", tmp_path, data_root.path)
     branches = [r for r in pte["rows"] if r["model"] == "PTEENet branches"]
