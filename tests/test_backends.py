@@ -346,7 +346,7 @@ def test_onnxruntime_call_restores_torch_threads_even_on_a_refused_input(engines
                          [("compiled", 1, 2), ("eager", 2, 2)])
 def test_single_sample_threads_per_backend(engines, backend, single_threads, batch_threads):
     """The compiled backend runs a batch of one on one PyTorch thread (BackendEngine
-    ._bookkeeping_threads), batches on the caller's threads; eager, the reference, keeps the
+    ._one_thread), batches on the caller's threads; eager, the reference, keeps the
     caller's threads; the caller's count is back after every call."""
     from eenet.inference.backends import BackendEngine
     from eenet.models.early_exit import Step

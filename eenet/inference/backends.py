@@ -24,7 +24,7 @@ engine's own, so the backends can differ only in the logits their steps compute:
   threshold (tests place thresholds away from the scores). Traced modules are cached in memory
   per ``cache_dir`` and weights, not on disk: loading TorchScript runs code from the file, and
   nothing in a run folder is run as code (``eenet.runs``). A single sample runs on one
-  PyTorch thread (:meth:`BackendEngine._bookkeeping_threads`).
+  PyTorch thread (:meth:`BackendEngine._one_thread`).
 - ``onnxruntime``: the network exported with :func:`eenet.export.onnx.export_segments` into
   ``cache_dir`` (re-exported only when the weights changed: a digest of the state dict is kept
   beside the manifest), the pieces opened by :class:`eenet.export.onnx_runner.OnnxEarlyExitRunner`
@@ -52,7 +52,7 @@ import hashlib
 import json
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
 
@@ -376,10 +376,13 @@ class BackendEngine(DynamicEngine):
 
     def with_policy(self, policy: ExitPolicy,
                     cost_fractions: CostTable | Sequence[float] | None) -> "BackendEngine":
-        """An engine on the same built steps (no new build) with another policy (the latency
-        table forces every sample out at one exit)."""
+        """An engine on the same build (its steps and, with onnxruntime, its single-sample
+        walk; no new build, the same ``build_seconds``) with another policy: the calibrated
+        engine of a plain one, the latency table's engines forced out at one exit. Derive
+        engines this way: a ``BackendEngine`` made from ``steps`` alone has no
+        single-sample walk."""
         return BackendEngine(self.net, policy, cost_fractions, self._steps, self.backend,
-                             0.0, self.keep_logits, self._single)
+                             self.build_seconds, self.keep_logits, self._single)
 
     def __call__(self, x: torch.Tensor) -> DynamicOutput:
         if self.first_call_seconds is not None:
@@ -391,9 +394,9 @@ class BackendEngine(DynamicEngine):
 
     def _call(self, x: torch.Tensor) -> DynamicOutput:
         single = isinstance(x, torch.Tensor) and x.dim() > 0 and x.shape[0] == 1
-        if single and self.backend != "compiled":  # no thread switch (_bookkeeping_threads)
+        if not self._one_thread(single):  # no context at all on the batch-1 hot path
             return super().__call__(x)
-        with self._bookkeeping_threads(single):
+        with self._one_torch_thread():
             return super().__call__(x)
 
     def _run_one(self, x: torch.Tensor) -> DynamicOutput:
@@ -429,40 +432,44 @@ class BackendEngine(DynamicEngine):
         of work between two yields (the consumer runs with its own thread count); reading
         the next input batch falls in that piece."""
         inner = super().stream(batches, min_batch=min_batch, max_wait=max_wait)
+        one = self._one_thread(single=False)
         while True:
-            with self._bookkeeping_threads():
+            with self._one_torch_thread() if one else nullcontext():
                 out = next(inner, None)
             if out is None:
                 return
             yield out
 
-    @contextmanager
-    def _bookkeeping_threads(self, single: bool = False):
-        """PyTorch's threads during a call.
+    def _one_thread(self, single: bool) -> bool:
+        """Whether PyTorch runs on one thread during a call on a batch (``single``: of one
+        sample).
 
-        With onnxruntime, PyTorch only keeps the books (indexes the remaining samples,
-        scores the logits): it runs on one thread meanwhile, because its idle OpenMP workers
-        keep spinning after each parallel region, on the cores onnxruntime's threads then
-        need. Measured on the 2-core AMD EPYC (mnist_budget resnet20, 5,120 MNIST test
+        With onnxruntime, on batches, PyTorch only keeps the books (indexes the remaining
+        samples, scores the logits): it runs on one thread meanwhile, because its idle OpenMP
+        workers keep spinning after each parallel region, on the cores onnxruntime's threads
+        then need. Measured on the 2-core AMD EPYC (mnist_budget resnet20, 5,120 MNIST test
         images at batch 256, 2 threads, median of 5): 0.0772 ms per image, 0.0565 with
-        PyTorch on one thread during the call.
+        PyTorch on one thread during the call. A single sample needs no switch: PyTorch's few
+        operations on it run on one thread anyway.
 
-        The compiled backend runs a ``single`` sample (a batch of one) on one thread, as
-        onnxruntime does (:class:`_Pair`): at batch 1 the work per operation is too small to
-        share, and with 2 threads the frozen graphs switched between a fast and a slow mode
-        within one process on the 2-core AMD EPYC (mnist_budget, exit 0's step, 500 MNIST
-        test images one by one: 0.39 ms, then 0.91-0.95 ms per image), while on one thread
-        two runs held 0.345-0.36 ms. Eager is left as it is: it is the reference the other
-        backends are measured against.
-
-        PyTorch's thread count is a process-wide setting: it is restored afterwards (also
-        after an error), and a program running PyTorch work in other threads at the same
-        time sees one thread meanwhile."""
-        threads = torch.get_num_threads()
-        # onnxruntime's single sample: PyTorch's few operations run on one thread anyway
-        one = (self.backend == "onnxruntime" and not single) or \
+        The compiled backend runs a single sample on one thread, as onnxruntime does
+        (:class:`_Pair`): at batch 1 the work per operation is too small to share, and with 2
+        threads the frozen graphs switched between a fast and a slow mode within one process
+        on the 2-core AMD EPYC (mnist_budget, exit 0's step, 500 MNIST test images one by one:
+        0.39 ms, then 0.91-0.95 ms per image), while on one thread two runs held 0.345-0.36
+        ms. Eager is left as it is: it is the reference the other backends are measured
+        against."""
+        return (self.backend == "onnxruntime" and not single) or \
             (self.backend == "compiled" and single)
-        if not one or threads == 1:
+
+    @contextmanager
+    def _one_torch_thread(self):
+        """PyTorch on one thread meanwhile (:meth:`_one_thread` says when). PyTorch's thread
+        count is a process-wide setting: it is restored afterwards (also after an error), and
+        a program running PyTorch work in other threads at the same time sees one thread
+        meanwhile."""
+        threads = torch.get_num_threads()
+        if threads == 1:
             yield
             return
         torch.set_num_threads(1)

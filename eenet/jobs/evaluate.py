@@ -212,8 +212,9 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
     backend = plain.backend
     tables = {}
     if latency_is_cost(cfg):
-        probe = BackendEngine(net, create_policy(cfg.policy, [math.inf] * (n_exits - 1)), cost,
-                              plain.steps, backend, 0.0)
+        # the plain engine's own build (its steps and, with onnxruntime, its single-sample
+        # walk), so the tables time the calls the calibrated engine makes
+        probe = plain.with_policy(create_policy(cfg.policy, [math.inf] * (n_exits - 1)), cost)
         for b in dict.fromkeys((1, bs)):
             tables[b] = latency_cost_table(probe, size, batch_size=b, repeats=50 if b == 1 else 20,
                                            min_seconds=0.2)
@@ -254,7 +255,7 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
     policy = create_policy(cfg.policy, res.chosen.thresholds, temps)
 
     # 2. test with the dynamic engine on the backend: real early exit
-    engine = BackendEngine(net, policy, cost, plain.steps, backend, plain.build_seconds)
+    engine = plain.with_policy(policy, cost)
     preds, exits, ys = [], [], []
     t0 = time.perf_counter()
     for x, y in test_batches():
