@@ -316,16 +316,16 @@ class Table:
         other is recorded as not run (no job folders).
         """
         folder = self.out / "runs" / ("shared" if shared else self.name) / key
-        args = [f"data_root={self.data}", "trainer.enable_progress_bar=false", "logger=csv",
-                *overrides, f"seed={','.join(str(s) for s in self.seeds)}",
-                *(SMOKE if self.smoke else []), f"hydra.sweep.dir={folder}"]
+        job = [f"data_root={self.data}", "trainer.enable_progress_bar=false", "logger=csv",
+               *overrides]  # every job's overrides, but its seed and SMOKE's
+        smoke = SMOKE if self.smoke else []
+        args = [*job, f"seed={','.join(str(s) for s in self.seeds)}", *smoke,
+                f"hydra.sweep.dir={folder}"]
         cmd = [sys.executable, "-m", "eenet.cli.train", "-m", *args]
         self.commands[key] = "eenet-train -m " + shlex.join(args)
         self.planned.append(key)
         if key in self.adopt:  # runs trained by hand stand for the sweep's jobs (--adopt)
-            runs = self.check_adopted(key, [f"data_root={self.data}",
-                                            "trainer.enable_progress_bar=false", "logger=csv",
-                                            *overrides, *(SMOKE if self.smoke else [])])
+            runs = self.check_adopted(key, [*job, *smoke])
             if self.plan:
                 return []
             self.adopted[key] = runs
