@@ -311,7 +311,10 @@ TRAIN_RULES: list[tuple[str, Accepts]] = [
     ("optimizer.betas", pair(number(0, 1, hi_open=True))),
     ("optimizer.eps", number(0, lo_open=True)),
     ("optimizer.amsgrad", boolean()),
-    ("scheduler.T_max", integer(1)),
+    ("scheduler.interval", choice(("epoch", "step"))),
+    ("ema.decay", number(0, 1, lo_open=True, hi_open=True)),
+    ("scheduler.total_steps", nullable(integer(1), "the run's steps")),
+    ("scheduler.T_max", nullable(integer(1), "the run's steps")),
     ("scheduler.eta_min", number(0)),
     ("scheduler.step_size", integer(1)),
     ("scheduler.gamma", number(0, lo_open=True)),
@@ -462,6 +465,14 @@ def _exit_nodes(cfg: DictConfig) -> None:
             raise EENetError(f"backbone.exits_at: {exc}") from None
 
 
+def _ema(cfg: DictConfig) -> None:
+    """``ema`` is null (no averaging) or a mapping with ``decay`` (checked by the rules)."""
+    ema = get(cfg, "ema")
+    if ema is not None and not (isinstance(ema, (dict, DictConfig)) and "decay" in ema):
+        raise EENetError(f"ema={show(ema)} must be null (no weight averaging) or a mapping with "
+                         f"its decay per optimizer step, e.g. +ema.decay=0.998")
+
+
 def _checkpoint_direction(cfg: DictConfig) -> None:
     """A monitor whose better value is known must be optimised the right way round."""
     monitor, mode = get(cfg, "checkpoint.monitor"), get(cfg, "checkpoint.mode")
@@ -584,7 +595,7 @@ def check_train_config(cfg: DictConfig) -> None:
                         f"one of {', '.join(precisions)}", names=tuple(precisions))
     rules = TRAIN_RULES + ([("trainer.precision", precision)] if precisions else [])
     check_options(cfg, rules)
-    for check in (_data_root, _trained_backbone, _checkpoint_direction, _nesterov,
+    for check in (_data_root, _trained_backbone, _checkpoint_direction, _nesterov, _ema,
                   _val_below_subset, _accelerator, _exits_at_or_placement, _exit_nodes):
         check(cfg)
 

@@ -143,6 +143,12 @@ def check_resume_config(cfg: DictConfig, run_dir: str | Path) -> None:
                          f"settings (trainer.max_epochs, threads, data_root, logger, devices and "
                          f"the like may change: eenet.runs.RESUME_MAY_DIFFER), or start a new run "
                          f"in another folder (or overwrite=true)")
+    if (then.get("scheduler._target_") == "torch.optim.lr_scheduler.OneCycleLR"
+            and now.get("trainer.max_epochs") != then.get("trainer.max_epochs")):
+        raise EENetError(f"resume=true continues the run in {run_dir}, whose one-cycle schedule "
+                         f"was laid over its trainer.max_epochs={then.get('trainer.max_epochs')} "
+                         f"when it started; resume it with that trainer.max_epochs (a one-cycle "
+                         f"run cannot be lengthened), or start a new run in another folder")
 
 
 def read_run_config(run_dir: str | Path) -> DictConfig:

@@ -9,15 +9,18 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
+from omegaconf import OmegaConf
 
 from eenet.config import compose_config
 from eenet.config_checks import check_train_config
 from eenet.errors import EENetError
 from eenet.jobs.train import train
+from eenet.runs import check_resume_config
 from eenet.losses import MultiExitCE
 from eenet.models.early_exit import ExitOutputs
 
@@ -72,27 +75,72 @@ def test_label_smoothing_is_off_outside_the_recipe():
         assert getattr(loss, "first", loss).label_smoothing == 0.0, overrides
 
 
-@pytest.mark.parametrize("epochs", [8, 15, 30, 40])
-def test_one_cycle_per_epoch_follows_the_run_and_never_overruns(epochs):
-    cfg = compose_config(["experiment=cifar10_recipe/resnet20", f"trainer.max_epochs={epochs}"],
-                         output_dir="unused")
+def one_cycle_closed_form(s, total: int) -> list[float]:
+    """Smith & Topin's linear one-cycle as torch's OneCycleLR lays it over ``total`` steps: up
+    from max_lr / div_factor to max_lr until step pct_start * total - 1, then down to
+    max_lr / (div_factor * final_div_factor) at step total - 1."""
+    start, end = s.max_lr / s.div_factor, s.pct_start * total - 1
+    low = start / s.final_div_factor
+    return [start + (s.max_lr - start) * t / end if t <= end
+            else s.max_lr + (low - s.max_lr) * (t - end) / (total - 1 - end) for t in range(total)]
+
+
+class LearningRates(L.Callback):
+    """The learning rate each optimizer step of a run used."""
+
+    def __init__(self):
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def small_recipe_run(train_config, data_root, *extra):
+    return train_config(["experiment=cifar10_recipe/resnet8", "logger=none",
+                         f"data_root={data_root.path}", "trainer.enable_progress_bar=false",
+                         "dataset.datamodule.train_subset=600", "dataset.datamodule.val_size=100",
+                         "dataset.datamodule.test_subset=100", "dataset.datamodule.batch_size=128",
+                         "anytime=false", "threads=1", *extra])
+
+
+def test_one_cycle_steps_after_every_optimizer_step_over_the_whole_run(train_config, data_root):
+    """The cycle is laid over the run's optimizer steps (epochs x batches), as Smith & Topin
+    define it, not over its epochs: every step has its own rate, and the last reaches the floor."""
+    cfg = small_recipe_run(train_config, data_root, "trainer.max_epochs=3")
+    rates = LearningRates()
+    _, objects = train(cfg, extra_callbacks=[rates])
+    trainer = objects["trainer"]
+    steps = trainer.global_step
+    batches = math.ceil(500 / 128)  # 600 images less the 100 of val, batches of 128
+    assert steps == 3 * batches == trainer.estimated_stepping_batches
+    sched = trainer.lr_scheduler_configs[0]
+    assert sched.interval == "step" and sched.scheduler.total_steps == steps
+    assert rates.lrs == pytest.approx(one_cycle_closed_form(cfg.scheduler, steps), rel=1e-9)
+    assert len(set(rates.lrs)) == steps  # within an epoch too: not a staircase
+
+
+@pytest.mark.parametrize("epochs", [8, 30])
+def test_one_cycle_per_epoch_is_still_there_when_asked_for(epochs):
+    cfg = compose_config(["experiment=cifar10_recipe/resnet20", f"trainer.max_epochs={epochs}",
+                          "scheduler.interval=epoch"], output_dir="unused")
+    check_train_config(cfg)
+    node = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    node.pop("interval")
     opt = instantiate(cfg.optimizer)(params=[torch.zeros(1, requires_grad=True)])
-    sched = instantiate(cfg.scheduler)(optimizer=opt)
-    s = cfg.scheduler
-    lrs = [opt.param_groups[0]["lr"]]
-    for _ in range(epochs):  # Lightning steps an epoch scheduler once per epoch: max_epochs times
+    sched = instantiate(node)(optimizer=opt, total_steps=epochs)  # as the module fills it in
+    lrs = []
+    for _ in range(epochs):
+        lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
-        lrs.append(opt.param_groups[0]["lr"])
-    # the linear one-cycle as epochs: up from max_lr / div_factor to max_lr until step
-    # pct_start * E - 1, then down to the start / final_div_factor at step E - 1
-    start, end = s.max_lr / s.div_factor, s.pct_start * epochs - 1
-    low = start / s.final_div_factor
-    want = [start + (s.max_lr - start) * t / end if t <= end
-            else s.max_lr + (low - s.max_lr) * (t - end) / (epochs - 1 - end)
-            for t in range(epochs)]
-    assert lrs[:epochs] == pytest.approx(want, rel=1e-9)
-    assert max(lrs) <= s.max_lr * (1 + 1e-12)
+    assert lrs == pytest.approx(one_cycle_closed_form(cfg.scheduler, epochs), rel=1e-9)
+
+
+def test_a_one_cycle_length_that_is_not_the_runs_is_one_clear_error(train_config, data_root):
+    cfg = small_recipe_run(train_config, data_root, "trainer.max_epochs=2",
+                           "scheduler.total_steps=5")  # the run has 2 x 4 = 8 steps
+    with pytest.raises(EENetError, match="one-cycle schedule is 5 steps long but the run has 8"):
+        train(cfg)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -105,7 +153,7 @@ def test_recipe_composes_with_the_cited_pieces(recipe):
     assert cfg.optimizer._target_ == "torch.optim.SGD" and cfg.optimizer.nesterov
     assert cfg.optimizer.weight_decay == 5e-4
     assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.OneCycleLR"
-    assert cfg.scheduler.total_steps == cfg.trainer.max_epochs
+    assert cfg.scheduler.interval == "step" and cfg.scheduler.total_steps is None
     # the cross-entropy terms are smoothed (EENets: its first, multi_ce stage)
     assert (cfg.loss.first if "first" in cfg.loss else cfg.loss).label_smoothing == 0.1
 
@@ -124,3 +172,26 @@ def test_recipe_trains_end_to_end(train_config, recipe, data_root):
     opt = trainer.optimizers[0]
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
     assert isinstance(trainer.lr_scheduler_configs[0].scheduler, torch.optim.lr_scheduler.OneCycleLR)
+
+
+def test_resuming_a_one_cycle_run_with_other_epochs_is_refused_before_anything_is_written(tmp_path):
+    """trainer.max_epochs may change on resume (eenet.runs.RESUME_MAY_DIFFER), except under
+    one-cycle, whose cycle was laid over the run's length when it started."""
+    run = tmp_path / "run"
+    run.mkdir()
+    started = compose_config(["experiment=cifar10_recipe/resnet8", "trainer.max_epochs=3"],
+                             output_dir=str(run))
+    OmegaConf.save(started, run / "config.yaml", resolve=True)  # as eenet-train writes it
+    before = sorted(p.name for p in run.iterdir())
+    same = compose_config(["experiment=cifar10_recipe/resnet8", "trainer.max_epochs=3",
+                           "resume=true"], output_dir=str(run))
+    check_resume_config(same, run)  # its own length: accepted
+    longer = compose_config(["experiment=cifar10_recipe/resnet8", "trainer.max_epochs=4",
+                             "resume=true"], output_dir=str(run))
+    with pytest.raises(EENetError, match="trainer.max_epochs=3 when it started"):
+        check_resume_config(longer, run)
+    assert sorted(p.name for p in run.iterdir()) == before
+    cosine = compose_config(["trainer.max_epochs=3"], output_dir=str(run))
+    OmegaConf.save(cosine, run / "config.yaml", resolve=True)
+    check_resume_config(compose_config(["trainer.max_epochs=5", "resume=true"],
+                                       output_dir=str(run)), run)  # other schedules may lengthen

@@ -113,6 +113,17 @@ def _load_best(module: EarlyExitModule, ckpt_path: str | None) -> None:
         module.load_state_dict(safe_torch_load(ckpt_path)["state_dict"])
 
 
+def _scheduler(cfg: DictConfig) -> tuple[Any, str]:
+    """The scheduler's factory (None without one) and its interval (``scheduler.interval``,
+    ``epoch`` when absent): the interval is the trainer's, not the scheduler's keyword."""
+    node = cfg.get("scheduler")
+    if not node:
+        return None, "epoch"
+    node = OmegaConf.to_container(node, resolve=True)
+    interval = node.pop("interval", "epoch")
+    return instantiate(node, "scheduler"), interval
+
+
 def _build(cfg: DictConfig, rank: int, out_dir: Path) -> dict[str, Any]:
     """Every object of a run, checked; raises before anything is written."""
     mode = cfg.get("mode", "joint")  # checked by check_train_config
@@ -131,10 +142,10 @@ def _build(cfg: DictConfig, rank: int, out_dir: Path) -> dict[str, Any]:
     loss.check(net.num_exits)
     policy = create_policy(cfg.policy.name, cfg.policy.thresholds)
     policy.threshold_vector(net.num_exits - 1)  # checks the count of per-exit thresholds
+    scheduler, interval = _scheduler(cfg)
     module = EarlyExitModule(net, loss, cost.fractions,
                              optimizer=instantiate(cfg.optimizer, "optimizer"),
-                             scheduler=instantiate(cfg.scheduler, "scheduler")
-                             if cfg.get("scheduler") else None,
+                             scheduler=scheduler, scheduler_interval=interval,
                              policy=policy,
                              confidence_lr_scale=float(cfg.get("confidence_lr_scale", 1.0)),
                              sync_batchnorm=bool(cfg.get("sync_batchnorm", True)),
@@ -143,6 +154,16 @@ def _build(cfg: DictConfig, rank: int, out_dir: Path) -> dict[str, Any]:
     ckpt_path = _resume_path(cfg, out_dir)
     return {"mode": mode, "datamodule": datamodule, "net": net, "cost": cost, "policy": policy,
             "module": module, "ckpt_path": ckpt_path, "backbone_hash": state_hash(net.backbone)}
+
+
+def weight_average(decay: float) -> L.Callback:
+    """An exponential moving average of the weights, updated after every optimizer step
+    (Polyak & Juditsky 1992; per-step EMA as in Tan & Le, "EfficientNet", 2019, sec. 5.2):
+    validation, the checkpoints (their ``state_dict``; the raw weights ride along for
+    resuming) and the test use the average. BatchNorm statistics are averaged too."""
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    return EMAWeightAveraging(decay=decay)
 
 
 def _make_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks: list
@@ -157,6 +178,9 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks: list
             loggers.append(lg)
     epoch_timer = EpochTimer()
     callbacks: list = [EpochSeed(int(cfg.seed)), epoch_timer, *extra_callbacks]
+    ema = cfg.get("ema")
+    if ema:  # an exponential moving average of the weights (and BatchNorm statistics)
+        callbacks.append(weight_average(float(ema.decay)))
     ckpt_cb = None
     if cfg.checkpoint.enabled:
         ckpt_cb = L.pytorch.callbacks.ModelCheckpoint(

@@ -32,6 +32,9 @@ from eenet.training.metrics import ExitMetrics, flat_log_dict
 from eenet.training.sync_bn import convert_batchnorm
 
 STAGES = ("train", "val", "test")
+SCHEDULER_INTERVALS = ("epoch", "step")
+#: the keyword that holds a scheduler's length, filled in when its config leaves it null
+SCHEDULER_LENGTH_KEYS = ("total_steps", "T_max")
 
 
 class EarlyExitModule(L.LightningModule):
@@ -43,6 +46,10 @@ class EarlyExitModule(L.LightningModule):
         cost_fractions: c_0..c_N from the network's cost table.
         optimizer: ``optimizer(params) -> torch.optim.Optimizer`` (a Hydra partial).
         scheduler: ``scheduler(optimizer) -> LRScheduler`` or ``None``.
+        scheduler_interval: ``epoch`` (stepped once per epoch) or ``step`` (once per
+            optimizer step, as one-cycle is defined: Smith & Topin 2019). A length the
+            scheduler's config leaves ``null`` (``total_steps`` of OneCycleLR, ``T_max`` of
+            CosineAnnealingLR) is filled in with the run's count of such steps.
         policy: exit policy for the thresholded metrics (default: confidence > 0.5).
         confidence_lr_scale: learning-rate factor for the confidence heads' parameters
             (a separate parameter group). Under Adam every weight of a head moves by
@@ -64,7 +71,7 @@ class EarlyExitModule(L.LightningModule):
                  optimizer: Callable | None = None, scheduler: Callable | None = None,
                  policy: ExitPolicy | None = None, confidence_lr_scale: float = 1.0,
                  sync_batchnorm: bool = True, freeze_backbone: bool = False,
-                 targets: str = "labels"):
+                 targets: str = "labels", scheduler_interval: str = "epoch"):
         super().__init__()
         if len(cost_fractions) != net.num_exits:
             raise ValueError(f"{len(cost_fractions)} cost fractions for {net.num_exits} exits")
@@ -73,6 +80,10 @@ class EarlyExitModule(L.LightningModule):
         self.register_buffer("cost_fractions", torch.tensor(list(cost_fractions)), persistent=False)
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        if scheduler_interval not in SCHEDULER_INTERVALS:
+            raise EENetError(f"unknown scheduler interval '{scheduler_interval}'; accepted: "
+                             f"{', '.join(SCHEDULER_INTERVALS)}")
+        self.scheduler_interval = scheduler_interval
         self.policy = policy or ConfidencePolicy(0.5)
         if not confidence_lr_scale > 0:
             raise EENetError(f"confidence_lr_scale must be > 0, got {confidence_lr_scale}")
@@ -187,5 +198,30 @@ class EarlyExitModule(L.LightningModule):
         if self.scheduler_factory is None:
             return opt
         return {"optimizer": opt,
-                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt),
-                                 "interval": "epoch"}}
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer=opt,
+                                                                     **self._scheduler_length()),
+                                 "interval": self.scheduler_interval}}
+
+    def _run_length(self) -> int:
+        """The count of scheduler steps in the whole run: epochs, or optimizer steps."""
+        if self.scheduler_interval == "epoch":
+            return int(self.trainer.max_epochs)
+        return int(self.trainer.estimated_stepping_batches)
+
+    def _scheduler_length(self) -> dict[str, int]:
+        """The length keywords the scheduler's config left null, as the run's step count."""
+        given = getattr(self.scheduler_factory, "keywords", {})
+        return {k: self._run_length() for k in SCHEDULER_LENGTH_KEYS
+                if k in given and given[k] is None}
+
+    def on_train_start(self) -> None:
+        # A resumed run's scheduler comes back from the checkpoint with the length it started
+        # with; one-cycle cannot run past it (torch raises at the step after), and a longer
+        # run would leave the learning rate at its floor. Refuse it in one line, here.
+        for conf in self.trainer.lr_scheduler_configs:
+            length = getattr(conf.scheduler, "total_steps", None)
+            if length is not None and length != self._run_length():
+                raise EENetError(
+                    f"the one-cycle schedule is {length} {self.scheduler_interval}s long but the "
+                    f"run has {self._run_length()}: leave scheduler.total_steps null (the run's "
+                    f"length), and resume a run with its own trainer.max_epochs")
