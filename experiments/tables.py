@@ -29,8 +29,8 @@ Each row records its machine (``machine.json`` of its sweep).
 A run trained by hand can stand for a sweep's job: ``--adopt KEY=RUN_FOLDER``
 (repeatable; one folder per seed), KEY as the table prints it ("not run: KEY")::
 
-    python experiments/tables.py baselines --adopt cifar10_jpeg_recipe_sdn_30ep=experiments/runs/x
-    make table-baselines TABLE_ARGS="--adopt cifar10_jpeg_recipe_sdn_30ep=experiments/runs/x"
+    python experiments/tables.py baselines --adopt cifar10_jpeg_recipe_sdn_40ep=experiments/runs/x
+    make table-baselines TABLE_ARGS="--adopt cifar10_jpeg_recipe_sdn_40ep=experiments/runs/x"
 
 Before anything is trained or written, each adopted folder must exist and be a
 finished eenet-train run (``results.json`` and ``model.pt``, no ``INCOMPLETE``
@@ -86,8 +86,8 @@ CIFAR_DEVIATIONS = [
     "CIFAR-10 (JPEG): every image re-encoded as JPEG (about 2-3 points below the original "
     "pixels); 45,000 train / 5,000 val / 10,000 test.",
     "Short recipe (conf/experiment/cifar10_recipe/_recipe.yaml): SGD Nesterov, one-cycle "
-    "stepped per epoch, label smoothing 0.1, batch 256, 30 epochs unless the row says "
-    "otherwise; the papers train for hundreds of epochs.",
+    "stepped per optimizer step, label smoothing 0.1, batch 256, the epochs in the row's "
+    "column (the recipe's 40 unless given); the papers train for hundreds of epochs.",
     "Rows give the seeds that ran; one seed where only one ran (no spread)."]
 
 PAPER = {
@@ -685,8 +685,8 @@ TRECX_PAPER = "FLOPs cut about 22% at <= 1 point (the issue's reading of the pap
 
 
 def table_trecx(t: Table) -> tuple[str, list[dict], list[str]]:
-    deviations = ["ResNet-8 on CIFAR-10 (JPEG) by the short recipe (30 epochs unless the row says "
-                  "otherwise; MLPerf Tiny trains ResNet-8 for 500): run with --cifar10.",
+    deviations = ["ResNet-8 on CIFAR-10 (JPEG) by the short recipe (the row's epochs; MLPerf Tiny "
+                  "trains ResNet-8 for 500): run with --cifar10.",
                   "Exits as the paper's code builds them (conf/experiment/trecx_*.yaml; their cost "
                   "fractions against the paper's: experiments/trecx_paper_exits/run.json); the "
                   "mitigation's depthwise filters stay tied to the exit's and its features are "

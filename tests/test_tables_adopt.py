@@ -21,8 +21,13 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from eenet.config import compose_config
+
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "tables.py"
-KEY = "cifar10_jpeg_recipe_resnet20_30ep"  # the plain resnet20's row, as "not run: KEY" names it
+#: the recipe's epochs (conf/experiment/cifar10_recipe/_recipe.yaml), as the rows' keys carry them
+EPOCHS = int(compose_config(["experiment=cifar10_recipe/resnet20"],
+                            output_dir="unused").trainer.max_epochs)
+KEY = f"cifar10_jpeg_recipe_resnet20_{EPOCHS}ep"  # the plain resnet20's row, as "not run: KEY" names it
 
 
 def _tables():
@@ -127,7 +132,7 @@ def test_adopt_refusals_are_one_line_and_write_nothing(tmp_path, data_root, hand
     (run / "results.json.away").rename(run / "results.json")
     err = _refused(capsys, out, data, "--adopt", f"nonsense={run}")
     assert "no sweep 'nonsense'" in err and f"accepted keys: {KEY}, " in err
-    assert "cifar10_jpeg_recipe_resnet20_eenets_30ep" in err
+    assert f"cifar10_jpeg_recipe_resnet20_eenets_{EPOCHS}ep" in err
     err = _refused(capsys, out, data, "--seeds", "1", "--adopt", f"{KEY}={run}")
     assert "seed 0 is not one of --seeds 1" in err
     err = _refused(capsys, out, data, "--adopt", f"{KEY}={run}", f"{KEY}={hand_runs[0]}")

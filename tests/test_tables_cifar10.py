@@ -17,7 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from eenet.config import compose_config
+
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "tables.py"
+
+#: the recipe's epochs (conf/experiment/cifar10_recipe/_recipe.yaml), as the rows carry them
+EPOCHS = int(compose_config(["experiment=cifar10_recipe/resnet20"],
+                            output_dir="unused").trainer.max_epochs)
 
 
 def _tables():
@@ -52,11 +58,11 @@ def test_eenets_cifar_rows_not_run_say_so_with_their_commands(tmp_path):
     assert [r["lambda"] for r in rows if r["model"] != "resnet20 (no exits)"] == [
         "0.25", "0.5", "1", "2"]
     # the recipe's epochs and the seeds asked for, as plans: the row's own fields stay empty
-    assert all(r["planned_epochs"] == 30 and r["planned_seeds"] == [0, 1] for r in rows)
+    assert all(r["planned_epochs"] == EPOCHS and r["planned_seeds"] == [0, 1] for r in rows)
     assert all(r["epochs"] is None and r["seed"] is None and r["wall_s"] is None for r in rows)
     plain = next(r["command"] for r in rows if r["model"] == "resnet20 (no exits)")
     assert plain.startswith("eenet-train -m ") and "experiment=cifar10_recipe/resnet20 " in plain
-    assert "seed=0,1" in plain and plain.endswith("cifar10_jpeg_recipe_resnet20_30ep")
+    assert "seed=0,1" in plain and plain.endswith(f"cifar10_jpeg_recipe_resnet20_{EPOCHS}ep")
     for row in _cifar_md_rows(md):  # data set, model, lambda, then every other cell
         assert "not run" in row and _numbers_free(row[3:-1]), row
     assert any("JPEG" in d for d in deviations)
