@@ -252,6 +252,53 @@ def test_export_and_runner_reproduce_the_engine_with_temperatures(digits_run, te
     assert (torch.from_numpy(runner(xs.numpy())[1]) != exits).any()
 
 
+def test_export_takes_temperatures_by_hand_as_an_evaluation_carries_them(digits_run, tempered,
+                                                                         cached, tmp_path):
+    """temperatures=[...] (with policy= and thresholds=) writes what eval=results.json writes."""
+    out, saved = tempered
+    from_eval = export_run(compose_config([f"run={digits_run}", f"eval={out / 'results.json'}",
+                                           f"out={tmp_path / 'a'}", "check=false"],
+                                          config_name="export"))
+    p = saved["policy"]
+    by_hand = export_run(compose_config(
+        [f"run={digits_run}", f"policy={p['name']}", f"thresholds={p['thresholds']}",
+         f"temperatures={p['temperatures']}", f"out={tmp_path / 'b'}", "check=false"],
+        config_name="export"))
+    a, b = (json.loads(path.read_text()) for path in (from_eval, by_hand))
+    assert b["format_version"] == 4 and b["policy"] == a["policy"]
+    xs = torch.cat([x for x, _ in make_loader(cached[0].test_dataset, 512, shuffle=False)])
+    ra, rb = (OnnxEarlyExitRunner(path.parent, threads=1)(xs.numpy()) for path in (from_eval,
+                                                                                   by_hand))
+    np.testing.assert_array_equal(ra[1], rb[1])
+    np.testing.assert_array_equal(ra[0], rb[0])
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["eval={results}", "temperatures=[1.0,1.0,1.0]"],
+     "give either eval=RESULTS_JSON or temperatures=, not both"),
+    (["policy=confidence", "thresholds=0.5", "temperatures=[1.0,1.0,1.0]"],
+     "the confidence policy"),
+    (["policy=max_prob", "thresholds=0.5", "temperatures=[1.0,1.0]"],
+     "2 temperatures given for 3 exits"),
+    (["policy=entropy", "thresholds=-0.1", "temperatures=[1.0,0,1.0]"],
+     "temperature of exit 1 must be a finite number > 0"),
+    (["policy=max_prob", "thresholds=0.5", "temperatures=warm"], "temperatures must be a list"),
+])
+def test_bad_export_temperatures_are_one_line_and_write_nothing(digits_run, tempered, tmp_path,
+                                                                capsys, monkeypatch, extra, message):
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    results = tempered[0] / "results.json"
+    out = tmp_path / "onnx"
+    cfg = compose_config([f"run={digits_run}", f"out={out}",
+                          *(e.format(results=results) for e in extra)], config_name="export")
+    with pytest.raises(SystemExit) as code:
+        run_job(export_run, cfg)
+    assert code.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("policy,message", [
     ("confidence", "the confidence policy takes no temperatures"),
     ("max_prob", "policy temperatures must be {n} finite numbers"),

@@ -4,7 +4,8 @@
 runs; the ONNX format is described in :mod:`eenet.export.onnx`. The run folder
 is loaded as data (:func:`eenet.runs.load_run`: no code from it runs) and so is
 ``eval=RESULTS_JSON`` (JSON: only its policy name, thresholds and run path are
-read; its temperatures, with ``eenet-eval temperature=true``, go into the manifest).
+read; its temperatures, with ``eenet-eval temperature=true``, go into the manifest), or
+``policy=`` / ``thresholds=`` (and ``temperatures=``, one per exit) given by hand.
 The export goes to ``out=DIR``, or to ``RUN/onnx`` unless that is a
 symlink placed in the run folder. The folder must be new or empty (``overwrite=true``
 replaces an earlier export's files); it is claimed through :mod:`eenet.run_folder`:
@@ -36,8 +37,11 @@ OUTPUTS = ("manifest.json", "onnx_runner.py", "segment_*.onnx", "exit_*.onnx", "
 def _policy_from(cfg: DictConfig) -> ExitPolicy:
     """The policy from ``eval=RESULTS_JSON`` or from ``policy=`` / ``thresholds=``."""
     if cfg.get("eval"):
-        if cfg.get("policy") is not None or cfg.get("thresholds") is not None:
-            raise EENetError("give either eval=RESULTS_JSON or policy=/thresholds=, not both")
+        given = [k for k in ("policy", "thresholds", "temperatures") if cfg.get(k) is not None]
+        if given:
+            raise EENetError(f"give either eval=RESULTS_JSON or {'=/'.join(given)}=, not both "
+                             f"(the evaluation's results.json carries its policy, thresholds and "
+                             f"temperatures)")
         path = Path(cfg.eval)
         if not path.is_file():
             raise EENetError(f"eval results {path} not found: give the results.json of eenet-eval")
@@ -55,10 +59,12 @@ def _policy_from(cfg: DictConfig) -> ExitPolicy:
         raise EENetError("give the thresholds: eval=RESULTS_JSON (from eenet-eval) or "
                          "thresholds=T, or one per early exit: thresholds=[t0,t1]")
     else:
-        name, temperatures = cfg.get("policy") or "confidence", None
-        thresholds = cfg.thresholds
+        name = cfg.get("policy") or "confidence"
+        thresholds, temperatures = cfg.thresholds, cfg.get("temperatures")
         if OmegaConf.is_config(thresholds):
             thresholds = OmegaConf.to_container(thresholds)
+        if OmegaConf.is_config(temperatures):
+            temperatures = OmegaConf.to_container(temperatures)
     try:
         return create_policy(name, thresholds, temperatures)
     except EENetError:
