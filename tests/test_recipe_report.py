@@ -17,11 +17,12 @@ report = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(report)
 
 
-def fake_run(folder: Path) -> Path:
+def fake_run(folder: Path, **config) -> Path:
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(yaml.safe_dump({
         "seed": 3, "threads": 1, "backbone": {"name": "resnet20"},
-        "loss": {"_target_": "eenet.losses.MultiExitCE", "label_smoothing": 0.1}}))
+        "loss": {"_target_": "eenet.losses.MultiExitCE", "label_smoothing": 0.1},
+        "scheduler": {"_target_": "torch.optim.lr_scheduler.OneCycleLR"}, **config}))
     (folder / "results.json").write_text(json.dumps({
         "test": {"accuracy": 0.81}, "val": {"accuracy": 0.8}, "epochs": 3,
         "exits": [{"test_accuracy": 0.7, "cost_fraction": 0.4},
@@ -58,6 +59,16 @@ def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path
     assert (e["test_accuracy"], e["test_cost"], e["dynamic_speedup"]) == (0.79, 0.55, 1.5)
     text = report.table([r])
     assert "| 83.00 | 82.00 |" in text and "tolerance 1.0" in text and "75.0 / 25.0" in text
+    # a config without scheduler.interval stepped per epoch (the runs before it existed)
+    assert (r["schedule"], r["ema_decay"]) == ("OneCycleLR per epoch", None)
+    assert "| OneCycleLR per epoch, no EMA |" in text
+
+
+def test_the_schedule_and_the_moving_average_are_read_from_the_config(tmp_path):
+    r = report.read_run(fake_run(tmp_path / "run", ema={"decay": 0.998}, scheduler={
+        "_target_": "torch.optim.lr_scheduler.OneCycleLR", "interval": "step"}))
+    assert (r["schedule"], r["ema_decay"]) == ("OneCycleLR per step", 0.998)
+    assert "| OneCycleLR per step, EMA 0.998 |" in report.table([r])
 
 
 @pytest.mark.parametrize("damage,message", [

@@ -6,7 +6,9 @@ before the paper tables (``experiments/tables.py``, which can take them with ``-
 have all their rows. Everything is read as data from each run folder, nothing is trained or
 evaluated here:
 
-- ``config.yaml``: backbone, loss, exits, epochs, seed, threads;
+- ``config.yaml``: backbone, loss, exits, epochs, seed, threads, the schedule (one-cycle
+  stepped per optimizer step, or per epoch as the runs before the change were) and the
+  moving average of the weights (``ema.decay``; none before it existed);
 - ``results.json``: test and val accuracy of the final exit (the checkpoint eenet-train
   evaluated: ``best_checkpoint``, chosen on val loss), per-exit test accuracy, training epoch
   seconds (eenet's EpochTimer; a resumed run's epochs all count), wall time;
@@ -80,6 +82,14 @@ def evaluations(run: Path) -> list[dict]:
     return out
 
 
+def schedule(cfg: dict) -> str:
+    """The learning-rate schedule and how often it stepped (``scheduler.interval``; a config
+    without it stepped once per epoch)."""
+    sched = cfg.get("scheduler") or {}
+    name = str(sched.get("_target_", "none")).rsplit(".", 1)[-1]
+    return f"{name} per {sched.get('interval', 'epoch')}"
+
+
 def read_run(run: Path) -> dict:
     if not run.is_dir():
         raise EENetError(f"{run} is not a folder")
@@ -95,6 +105,7 @@ def read_run(run: Path) -> dict:
             "loss": cfg["loss"].get("_target_", "").rsplit(".", 1)[-1],
             "exits": len(r["exits"]), "epochs": r["epochs"], "seed": cfg["seed"],
             "threads": cfg.get("threads"), "label_smoothing": cfg["loss"].get("label_smoothing"),
+            "schedule": schedule(cfg), "ema_decay": (cfg.get("ema") or {}).get("decay"),
             # the final exit alone; and the run's own policy (its training config's thresholds)
             "test_accuracy": r["exits"][-1]["test_accuracy"],
             "val_accuracy": r["exits"][-1].get("val_accuracy", r["val"]["accuracy"]),
@@ -108,10 +119,12 @@ def read_run(run: Path) -> dict:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| run | backbone, exits | epochs | seed | val % (final exit) | test % (final exit) | "
-             "epoch s (1 thread, median) |", "|---|---|---|---|---|---|---|"]
+    lines = ["| run | backbone, exits | schedule, EMA | epochs | seed | val % (final exit) | "
+             "test % (final exit) | epoch s (1 thread, median) |", "|---|---|---|---|---|---|---|---|"]
     for r in runs:
-        lines.append(f"| {Path(r['run']).name} | {r['backbone']}, {r['exits']} | {r['epochs']} | "
+        ema = f"EMA {r['ema_decay']:g}" if r["ema_decay"] else "no EMA"
+        lines.append(f"| {Path(r['run']).name} | {r['backbone']}, {r['exits']} | "
+                     f"{r['schedule']}, {ema} | {r['epochs']} | "
                      f"{r['seed']} | {100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
                      f"{r['train_epoch_s_median']:.0f} |")
     evals = [(r, e) for r in runs for e in r["evaluations"]]
