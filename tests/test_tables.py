@@ -46,6 +46,17 @@ def test_smoke_tables_eenets_and_baselines(tmp_path, data_root):
     assert [s.get("reused") for s in base["sweeps"] if s["key"] == "mnist_plain"] == [True]
     assert {r["job"] for r in base["rows"] if r["method"] == "resnet20 (no exits)"} == {
         r["job"] for r in eenets["rows"] if r["model"] == "resnet20 (no exits)"}
+    # every CIFAR-10 method row carries its certified evaluation beside the empirical one
+    cifar = [r for r in base["rows"] if r["dataset"].startswith("cifar10_jpeg")
+             and r["method"] != "resnet20 (no exits)"]
+    assert cifar and all(isinstance(r["certified"], bool) and 0 <= r["certified_accuracy"] <= 1
+                         for r in cifar)
+    for r in cifar:
+        saved = json.loads((Path(r["job"]) / "eval" / f"{r['policy']}_certified" / "results.json")
+                           .read_text())
+        assert saved["calibration"]["guarantee"]["method"] == "ltt"
+        assert saved["test"]["accuracy"] == r["certified_accuracy"]
+    assert "certified: test acc % / cost" in (tmp_path / "baselines.md").read_text()
 
 
 @pytest.mark.slow  # 30 s; PTEENet stays in make test through test_posttrain and its experiment configs
