@@ -119,6 +119,22 @@ def test_one_cycle_steps_after_every_optimizer_step_over_the_whole_run(train_con
     assert len(set(rates.lrs)) == steps  # within an epoch too: not a staircase
 
 
+def test_cosine_per_step_fills_its_period_with_the_runs_steps(train_config):
+    """The interval and the null length are the module's, not one-cycle's: cosine per optimizer
+    step over the whole run (digits: 1,221 training samples, batches of 128 -> 10 per epoch)."""
+    rates = LearningRates()
+    cfg = train_config(["trainer.max_epochs=2", "trainer.enable_progress_bar=false",
+                        "logger=none", "threads=1", "anytime=false", "+scheduler.interval=step",
+                        "scheduler.T_max=null", "optimizer.lr=0.01"])
+    _, objects = train(cfg, extra_callbacks=[rates])
+    sched = objects["trainer"].lr_scheduler_configs[0]
+    steps = objects["trainer"].global_step
+    assert steps == 20 and sched.interval == "step" and sched.scheduler.T_max == steps
+    # CosineAnnealingLR's closed form (eta_min 0): lr_t = lr (1 + cos(pi t / T)) / 2
+    want = [0.01 * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)]
+    assert rates.lrs == pytest.approx(want, rel=1e-9, abs=1e-15)
+
+
 @pytest.mark.parametrize("epochs", [8, 30])
 def test_one_cycle_per_epoch_is_still_there_when_asked_for(epochs):
     cfg = compose_config(["experiment=cifar10_recipe/resnet20", f"trainer.max_epochs={epochs}",
