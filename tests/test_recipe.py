@@ -170,6 +170,7 @@ def test_recipe_composes_with_the_cited_pieces(recipe):
     assert cfg.optimizer.weight_decay == 5e-4
     assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.OneCycleLR"
     assert cfg.scheduler.interval == "step" and cfg.scheduler.total_steps is None
+    assert cfg.ema.decay == 0.998  # the weight average, chosen on val (experiments/README.md)
     # the cross-entropy terms are smoothed (EENets: its first, multi_ce stage)
     assert (cfg.loss.first if "first" in cfg.loss else cfg.loss).label_smoothing == 0.1
 
