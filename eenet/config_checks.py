@@ -45,6 +45,7 @@ from eenet.inference.backends import BACKENDS
 from eenet.models.trecx import MITIGATIONS
 from eenet.policies import POLICIES, TEMPERATURE_POLICIES, no_temperature_message
 from eenet.training.metrics import LOG_KEYS, PER_EXIT_LOG_KEYS
+from eenet.training.module import SCHEDULER_INTERVALS
 
 #: ``mode`` of eenet-train (see conf/train.yaml)
 MODES = ("joint", "posttrain", "mixed")
@@ -311,13 +312,13 @@ TRAIN_RULES: list[tuple[str, Accepts]] = [
     ("optimizer.betas", pair(number(0, 1, hi_open=True))),
     ("optimizer.eps", number(0, lo_open=True)),
     ("optimizer.amsgrad", boolean()),
-    ("scheduler.interval", choice(("epoch", "step"))),
-    ("ema.decay", number(0, 1, lo_open=True, hi_open=True)),
+    ("scheduler.interval", choice(SCHEDULER_INTERVALS)),
     ("scheduler.total_steps", nullable(integer(1), "the run's steps")),
     ("scheduler.T_max", nullable(integer(1), "the run's steps")),
     ("scheduler.eta_min", number(0)),
     ("scheduler.step_size", integer(1)),
     ("scheduler.gamma", number(0, lo_open=True)),
+    ("ema.decay", number(0, 1, lo_open=True, hi_open=True)),
     ("dataset.in_chans", integer(1)),
     ("dataset.datamodule.val_size", VAL_SIZE),
     ("dataset.datamodule.download", boolean()),
@@ -468,7 +469,7 @@ def _exit_nodes(cfg: DictConfig) -> None:
 def _ema(cfg: DictConfig) -> None:
     """``ema`` is null (no averaging) or a mapping with ``decay`` (checked by the rules)."""
     ema = get(cfg, "ema")
-    if ema is not None and not (isinstance(ema, (dict, DictConfig)) and "decay" in ema):
+    if ema is not None and not (isinstance(ema, dict) and "decay" in ema):
         raise EENetError(f"ema={show(ema)} must be null (no weight averaging) or a mapping with "
                          f"its decay per optimizer step, e.g. +ema.decay=0.998")
 

@@ -81,6 +81,8 @@ TRAIN_ROWS = [
      "optimizer.betas=[0.9, 1.5] must be two values, each a number in [0, 1)"),
     ("Adam eps of 0", ["+optimizer.eps=0"], "optimizer.eps=0 must be a finite number > 0"),
     ("cosine period of 0", ["scheduler.T_max=0"], "scheduler.T_max=0 must be an integer >= 1"),
+    ("scheduler stepped sometimes", ["+scheduler.interval=sometimes"],
+     "unknown scheduler.interval 'sometimes'; accepted: epoch, step"),
     ("negative thread count", ["threads=-1"], "threads=-1 must be an integer >= 1 (or null: torch's default)"),
     ("thread count 0", ["threads=0"], "threads=0 must be an integer >= 1 (or null: torch's default)"),
     ("fractional thread count", ["threads=1.5"], "threads=1.5 must be an integer >= 1"),
