@@ -904,7 +904,8 @@ def main(argv: list[str] | None = None) -> None:
                         "(only with --smoke); rows not trained are read back from an earlier "
                         "run with the same command or shown as 'not run' (env CIFAR10=1 / 0)")
     p.add_argument("--cifar10-epochs", type=int, default=None,
-                   help="epochs of the CIFAR-10 (JPEG) recipe rows (default: the recipe's 30)")
+                   help="epochs of the CIFAR-10 (JPEG) recipe rows (default: the recipe's "
+                        "own, trainer.max_epochs of its config)")
     p.add_argument("--adopt", action="extend", nargs="+", default=[], metavar="KEY=RUN",
                    help="a finished eenet-train run folder that stands for one job of the sweep "
                         "KEY (as the table prints it: 'not run: KEY'), checked to be that job "
