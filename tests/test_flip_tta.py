@@ -102,4 +102,9 @@ def test_a_run_whose_figure_differs_or_still_trains_is_one_line(tmp_path, monkey
     assert flip_tta.main([str(run)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "still being trained" in err
+    (run / "INCOMPLETE").unlink()
+    (run / "results.json").write_text("{not json")
+    assert flip_tta.main([str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "results.json cannot be read" in err
     assert saved == []  # nothing saved for a refused run

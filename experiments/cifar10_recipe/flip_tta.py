@@ -53,13 +53,17 @@ def accuracies(net: torch.nn.Module, loader) -> dict[str, float]:
 def measure(run: Path, data_root: str | None) -> dict:
     if (run / "INCOMPLETE").exists():
         raise EENetError(f"{run} is still being trained (INCOMPLETE): nothing to measure")
+    try:  # the run's own figures, as data: a missing or damaged file is one line
+        reported_exits = json.loads((run / "results.json").read_text())["exits"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EENetError(f"{run}/results.json cannot be read as a finished run's results "
+                         f"({type(exc).__name__})") from None
     cfg, dm, net, _ = load_run(run, data_root)
-    res = json.loads((run / "results.json").read_text())
     out = {"run": str(run), "epochs": cfg.trainer.max_epochs, "seed": cfg.seed,
            "ema_decay": (cfg.get("ema") or {}).get("decay")}
     for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
         acc = accuracies(net, loader)
-        reported = res["exits"][-1][f"{split}_accuracy"]
+        reported = reported_exits[-1][f"{split}_accuracy"]
         # the same weights and data as eenet-train's evaluation: the plain figure must be it
         # (one sample's flip between CPUs at most; a larger gap means another checkpoint)
         if abs(acc["plain"] - reported) > 1.5 / acc["samples"]:
