@@ -316,7 +316,7 @@ def block_mnist_budget(log: Log) -> str:
 
 def block_tables(log: Log) -> str:
     out = []
-    for name in ("eenets", "baselines"):
+    for name in ("eenets", "baselines", "trecx"):
         rel = f"results/{name}.json"
         doc = log.json(rel)
         seeds = doc.get("seeds") or sorted({r["seed"] for r in doc["rows"]})
