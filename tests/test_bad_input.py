@@ -24,6 +24,7 @@ from eenet.cli.common import run_job
 from eenet.config import check_command_line, compose_config, config_dir
 from eenet.config_checks import check_eval_config, check_export_config, check_train_config
 from eenet.jobs.train import train
+from folder_state import snapshot  # tests/ is on sys.path
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
@@ -184,10 +185,10 @@ def test_train_rows(tmp_path, capsys, monkeypatch, name, overrides, message):
     monkeypatch.chdir(tmp_path)  # a relative path written by mistake would land here
     out = tmp_path / "run"
     _earlier_run(out)
-    before = _tree(tmp_path)
+    before = snapshot(tmp_path)
     cfg = compose_config(QUICK + overrides, output_dir=out)
     _expect_one_line_exit(train, cfg, capsys, message)
-    assert _tree(tmp_path) == before  # the earlier run's files byte-identical, nothing new
+    assert snapshot(tmp_path) == before  # the earlier run's files byte-identical, nothing new
 
 
 def test_corrupt_data_file(tmp_path, capsys, monkeypatch):
@@ -303,12 +304,12 @@ def test_eval_rows(digits_run, tmp_path, capsys, monkeypatch, name, overrides, m
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.chdir(tmp_path)  # a relative path written by mistake would land here
     _earlier_run(tmp_path / "eval")
-    before, run_before = _tree(tmp_path), _tree(digits_run)
+    before, run_before = snapshot(tmp_path), snapshot(digits_run)
     cfg = compose_config([f"run={digits_run}", *overrides], output_dir=tmp_path / "eval",
                          config_name="eval")
     _expect_one_line_exit(evaluate, cfg, capsys, message)
-    assert _tree(tmp_path) == before  # the earlier evaluation's files byte-identical, nothing new
-    assert _tree(digits_run) == run_before
+    assert snapshot(tmp_path) == before  # the earlier evaluation's files byte-identical, nothing new
+    assert snapshot(digits_run) == run_before
 
 
 # ---- eenet-export ------------------------------------------------------------------------------
@@ -336,12 +337,12 @@ def test_export_rows(digits_run, tmp_path, capsys, monkeypatch, name, overrides,
     monkeypatch.chdir(tmp_path)  # out=5 would be the folder ./5
     out = tmp_path / "onnx"
     _earlier_run(out)
-    before, run_before = _tree(tmp_path), _tree(digits_run)  # the default out is RUN_DIR/onnx
+    before, run_before = snapshot(tmp_path), snapshot(digits_run)  # the default out is RUN_DIR/onnx
     cfg = compose_config([f"run={digits_run}", f"out={out}", "thresholds=0.5", *overrides],
                          output_dir=tmp_path / "hydra", config_name="export")
     _expect_one_line_exit(export_run, cfg, capsys, message)
-    assert _tree(tmp_path) == before
-    assert _tree(digits_run) == run_before
+    assert snapshot(tmp_path) == before
+    assert snapshot(digits_run) == run_before
 
 
 def test_every_shipped_config_passes_its_checks():
@@ -429,11 +430,6 @@ def _user_folders(root: Path) -> dict[str, Path]:
             "EVAL": root / "eval"}
 
 
-def _tree(root: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
-            for p in sorted(root.rglob("*"))}
-
-
 SHADOW = "has the name of eenet's own config backbone/resnet20.yaml, which Hydra reads first"
 
 CLI_ROWS = [
@@ -476,10 +472,10 @@ def _run_cli(tmp_path: Path, args: list[str], **env_extra: str):
     env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", **env_extra}
     if "HYDRA_FULL_ERROR" not in env_extra:
         env.pop("HYDRA_FULL_ERROR", None)
-    before = _tree(tmp_path)
+    before = snapshot(tmp_path)
     proc = subprocess.run([sys.executable, "-m", *map(fill, args)], capture_output=True, text=True,
                           env=env, cwd=cwd, timeout=300)
-    return proc, fill, before == _tree(tmp_path)
+    return proc, fill, before == snapshot(tmp_path)
 
 
 @pytest.mark.parametrize("name,args,message", CLI_ROWS, ids=[r[0] for r in CLI_ROWS])

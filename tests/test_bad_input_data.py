@@ -23,29 +23,13 @@ import pytest
 from eenet.cli.common import run_job
 from eenet.config import compose_config
 from eenet.jobs.train import train
-from test_audio_data import make_speech_commands, make_vww
-from test_data import write_cifar10, write_imagefolder
+from folder_state import snapshot  # tests/ is on sys.path
+from small_data import make_speech_commands, make_vww, write_cifar10, write_imagefolder
 
 REPO = Path(__file__).resolve().parents[1]
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none",
          "checkpoint.enabled=false", "anytime=false"]
 CLASSES = ("ant", "bee", "cat")
-
-
-def snapshot(root: Path) -> dict[str, object]:
-    """Every entry under ``root``: file bytes, link targets, folders (links are not followed)."""
-    seen: dict[str, object] = {}
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(folder) / name
-            rel = str(path.relative_to(root))
-            if path.is_symlink():
-                seen[rel] = ("link", os.readlink(path))
-            elif name in dirs:
-                seen[rel] = "folder"
-            else:
-                seen[rel] = path.read_bytes()
-    return seen
 
 
 def earlier_run(out: Path) -> None:

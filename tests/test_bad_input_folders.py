@@ -12,7 +12,6 @@ on a copy of it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from eenet.jobs.export import export_run
 from eenet.jobs.train import train
 from eenet.run_folder import MARKER, claim_output_folder
 from eenet.training.module import EarlyExitModule
+from folder_state import snapshot  # tests/ is on sys.path
 
 RECIPE = ["trainer.max_epochs=1", "dataset.datamodule.train_subset=200", "logger=none",
           "trainer.enable_progress_bar=false", "anytime=false", "threads=1",
@@ -52,20 +52,6 @@ def digits_run(tmp_path_factory) -> Path:
 def copy_run(digits_run: Path, folder: Path) -> Path:
     shutil.copytree(digits_run, folder)
     return folder
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry under ``folder``: files by SHA-256, folders and symlinks by kind."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[rel] = "link -> " + os.readlink(p)
-        elif p.is_dir():
-            out[rel] = "folder"
-        else:
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def one_error_line(stderr: str, *parts: str) -> str:

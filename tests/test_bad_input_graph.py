@@ -10,8 +10,6 @@ entry point (``run_job(train, cfg)``), as ``tests/test_bad_input.py`` does.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from eenet.cli.common import run_job
@@ -19,6 +17,7 @@ from eenet.config import compose_config
 from eenet.config_checks import check_train_config
 from eenet.jobs.train import train
 from eenet.models.graph_split import TOKEN_POOLS
+from folder_state import snapshot  # tests/ is on sys.path
 
 QUICK = ["trainer.max_epochs=1", "trainer.enable_progress_bar=false", "logger=none"]
 # timm builds a 1-channel resnet18 for the bundled digits; torchvision's models read RGB
@@ -52,11 +51,6 @@ ROWS = [
 ]
 
 
-def _tree(root: Path) -> dict[str, bytes | None]:
-    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None
-            for p in sorted(root.rglob("*"))}
-
-
 @pytest.mark.parametrize("name,overrides,message", ROWS, ids=[r[0] for r in ROWS])
 def test_graph_backbone_rows(tmp_path, capsys, monkeypatch, name, overrides, message):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
@@ -64,7 +58,7 @@ def test_graph_backbone_rows(tmp_path, capsys, monkeypatch, name, overrides, mes
     out = tmp_path / "run"
     out.mkdir()
     (out / "results.json").write_text('{"earlier": true}\n')  # an earlier run stays as it was
-    before = _tree(tmp_path)
+    before = snapshot(tmp_path)
     cfg = compose_config(QUICK + overrides, output_dir=out)
     with pytest.raises(SystemExit) as code:
         run_job(train, cfg)
@@ -72,7 +66,7 @@ def test_graph_backbone_rows(tmp_path, capsys, monkeypatch, name, overrides, mes
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert message in err[0], err[0]
-    assert _tree(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_unknown_node_is_reported_before_the_data_is_read(tmp_path, capsys, monkeypatch):

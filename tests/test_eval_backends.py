@@ -19,7 +19,8 @@ from eenet.jobs.train import train
 from eenet.policies import create_policy
 from eenet.reporting.results import RunResults
 from eenet.runs import load_run
-from test_bad_input import _expect_one_line_exit, _tree  # tests/ is on sys.path
+from folder_state import snapshot  # tests/ is on sys.path
+from test_bad_input import _expect_one_line_exit
 
 BACKENDS = ("eager", "compiled", "onnxruntime")
 
@@ -253,11 +254,11 @@ def test_bad_values_are_one_line(digits_run, tmp_path, capsys, monkeypatch, name
                                  message):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     monkeypatch.chdir(tmp_path)
-    before, run_before = _tree(tmp_path), _tree(digits_run)
+    before, run_before = snapshot(tmp_path), snapshot(digits_run)
     _expect_one_line_exit(evaluate, eval_config(digits_run, tmp_path / "eval", *overrides),
                           capsys, message)
-    assert _tree(tmp_path) == before  # nothing written, nothing left
-    assert _tree(digits_run) == run_before
+    assert snapshot(tmp_path) == before  # nothing written, nothing left
+    assert snapshot(digits_run) == run_before
 
 
 def test_onnxruntime_missing_is_one_line(digits_run, tmp_path, capsys, monkeypatch):
@@ -267,22 +268,22 @@ def test_onnxruntime_missing_is_one_line(digits_run, tmp_path, capsys, monkeypat
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else real(name, *a))
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
-    before = _tree(tmp_path)
+    before = snapshot(tmp_path)
     _expect_one_line_exit(evaluate, eval_config(digits_run, tmp_path / "eval", "tolerance=1",
                                                 "engine=onnxruntime"), capsys,
                           "engine=onnxruntime needs the package(s) onnxruntime, not installed "
                           "here: pip install 'eenet[export]'")
-    assert _tree(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_an_engine_cache_that_cannot_be_written_is_one_line(digits_run, tmp_path, capsys,
                                                             monkeypatch):
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     (tmp_path / "a_file").write_text("not a folder\n")
-    before, run_before = _tree(tmp_path), _tree(digits_run)
+    before, run_before = snapshot(tmp_path), snapshot(digits_run)
     _expect_one_line_exit(evaluate, eval_config(digits_run, tmp_path / "eval", "tolerance=1",
                                                 "engine=onnxruntime",
                                                 f"engine_cache={tmp_path / 'a_file' / 'c'}"),
                           capsys, "engine=onnxruntime cannot keep its build in ")
-    assert _tree(tmp_path) == before
-    assert _tree(digits_run) == run_before
+    assert snapshot(tmp_path) == before
+    assert snapshot(digits_run) == run_before

@@ -18,7 +18,8 @@ from eenet.errors import EENetError
 from eenet.inference import LatencyCostTable
 from eenet.inference.latency import exit_time_quantile
 from eenet.jobs.evaluate import evaluate
-from test_bad_input import _expect_one_line_exit, _tree  # tests/ is on sys.path
+from folder_state import snapshot  # tests/ is on sys.path
+from test_bad_input import _expect_one_line_exit
 
 #: the expected quantile and the calibrator compute per-exit times in units of the final
 #: exit's time (ms_i / ms_N, less the idle heads' share) and multiply back: a few roundings
@@ -203,8 +204,8 @@ def test_bad_values_are_one_line(tmp_path, capsys, monkeypatch, name, overrides,
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"  # not a run: every value above is refused before it is read
     run.mkdir()
-    before = _tree(tmp_path)
+    before = snapshot(tmp_path)
     cfg = compose_config([f"run={run}", "threads=1", *overrides], output_dir=tmp_path / "eval",
                          config_name="eval")
     _expect_one_line_exit(evaluate, cfg, capsys, message)
-    assert _tree(tmp_path) == before
+    assert snapshot(tmp_path) == before

@@ -45,6 +45,7 @@ from eenet.jobs.evaluate import evaluate
 from eenet.jobs.export import export_run
 from eenet.jobs.train import train
 from eenet.runs import load_run
+from folder_state import snapshot  # tests/ is on sys.path
 
 # A tiny digits run with one early exit, so that ``thresholds=[0.9]`` fits it.
 RECIPE = ["trainer.max_epochs=1", "dataset.datamodule.train_subset=200", "logger=none",
@@ -67,20 +68,6 @@ class MakeMarker:
 
     def __reduce__(self):
         return (os.mkdir, (self.marker,))
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    """Every entry under ``folder``: files by SHA-256, folders and symlinks by kind."""
-    out = {}
-    for p in sorted(folder.rglob("*")):
-        rel = str(p.relative_to(folder))
-        if p.is_symlink():
-            out[rel] = "link -> " + os.readlink(p)
-        elif p.is_dir():
-            out[rel] = "folder"
-        else:
-            out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
-    return out
 
 
 def sha256(path: Path) -> str:
