@@ -74,3 +74,12 @@ def test_smoke_table_trecx(tmp_path, data_root):
     # one of each per setting, VWW included
     assert collections.Counter(r["setting"] for r in trecx["rows"]) == {
         "resnet8 / CIFAR-10 (JPEG)": 3, "DS-CNN / KWS subset": 3, "MobileNetV1 / VWW": 3}
+    # each T-RecX row: how far its calibrated test accuracy fell below the same setting's and
+    # seed's model without exits, and whether its thresholds reached the val target
+    plain = {(r["setting"], r["seed"]): r["accuracy"] for r in trecx["rows"]
+             if r["model"] == "no exits"}
+    for r in trecx["rows"]:
+        if r["model"] != "no exits":
+            assert r["below_plain"] == plain[r["setting"], r["seed"]] - r["accuracy"]
+            assert isinstance(r["val_target_reached"], bool)
+    assert "points below no exits (test)" in trecx["markdown"].splitlines()[0]
