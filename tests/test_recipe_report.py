@@ -50,7 +50,7 @@ def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path
     r = report.read_run(fake_run(tmp_path / "run"))
     assert r["val_accuracy_per_epoch"] == {0: 0.5, 1: 0.62, 2: 0.7}
     assert (r["seed"], r["threads"], r["loss"], r["exits"]) == (3, 1, "MultiExitCE", 2)
-    assert r["train_epoch_s_median"] == 20.0
+    assert (r["train_epoch_s_median"], r["train_s"]) == (20.0, 60.0)
     # the final exit alone, and the run's own policy apart
     assert (r["test_accuracy"], r["val_accuracy"], r["test_accuracy_run_policy"]) == (0.82, 0.83, 0.81)
     assert [e["folder"].rsplit("/", 1)[-1] for e in r["evaluations"]] == ["tol"]  # not the killed
@@ -58,7 +58,7 @@ def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path
     assert e["chosen_by"] == {"kind": "tolerance", "value": 1.0, "min_accuracy": 0.8}
     assert (e["test_accuracy"], e["test_cost"], e["dynamic_speedup"]) == (0.79, 0.55, 1.5)
     text = report.table([r])
-    assert "| 83.00 | 82.00 |" in text and "tolerance 1.0" in text and "75.0 / 25.0" in text
+    assert "| 83.00 | 82.00 | 20 | 1 |" in text and "tolerance 1.0" in text and "75.0 / 25.0" in text
     # a config without scheduler.interval stepped per epoch (the runs before it existed)
     assert (r["schedule"], r["ema_decay"]) == ("OneCycleLR per epoch", None)
     assert "| OneCycleLR per epoch, no EMA |" in text

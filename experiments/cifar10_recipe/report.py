@@ -11,7 +11,8 @@ evaluated here:
   moving average of the weights (``ema.decay``; none before it existed);
 - ``results.json``: test and val accuracy of the final exit (the checkpoint eenet-train
   evaluated: ``best_checkpoint``, chosen on val loss), per-exit test accuracy, training epoch
-  seconds (eenet's EpochTimer; a resumed run's epochs all count), wall time;
+  seconds (eenet's EpochTimer; a resumed run's epochs all count: the median per epoch and
+  their sum, the training time a user picks a budget by), wall time;
 - ``csv/metrics.csv``: val accuracy per epoch (a resumed run may repeat an epoch that ran
   after its last checkpoint; the last row of each epoch is taken, the one the resumed run
   wrote);
@@ -114,19 +115,21 @@ def read_run(run: Path) -> dict:
             "exit_cost_fraction": [e["cost_fraction"] for e in r["exits"]],
             "best_checkpoint": r.get("best_checkpoint"), "resumed_from": r.get("resumed_from"),
             "train_epoch_s_median": statistics.median(epochs_s) if epochs_s else None,
+            "train_s": sum(epochs_s) if epochs_s else None,
             "wall_s": r.get("wall_s"), "val_accuracy_per_epoch": val,
             "evaluations": evaluations(run)}
 
 
 def table(runs: list[dict]) -> str:
     lines = ["| run | backbone, exits | schedule, EMA | epochs | seed | val % (final exit) | "
-             "test % (final exit) | epoch s (1 thread, median) |", "|---|---|---|---|---|---|---|---|"]
+             "test % (final exit) | epoch s (1 thread, median) | training min (sum of epochs) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         ema = f"EMA {r['ema_decay']:g}" if r["ema_decay"] else "no EMA"
         lines.append(f"| {Path(r['run']).name} | {r['backbone']}, {r['exits']} | "
                      f"{r['schedule']}, {ema} | {r['epochs']} | "
                      f"{r['seed']} | {100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
-                     f"{r['train_epoch_s_median']:.0f} |")
+                     f"{r['train_epoch_s_median']:.0f} | {r['train_s'] / 60:.0f} |")
     evals = [(r, e) for r in runs for e in r["evaluations"]]
     if evals:
         lines += ["", "| run | evaluation | policy | chosen on val by | val % / cost | "
