@@ -71,6 +71,40 @@ def test_the_schedule_and_the_moving_average_are_read_from_the_config(tmp_path):
     assert "| OneCycleLR per step, EMA 0.998 |" in report.table([r])
 
 
+def test_where_val_left_during_training_is_read_per_epoch_and_summarised(tmp_path):
+    """A three-exit run's own policy sent val to the final exit for epochs 0-1, to exit 0 for
+    2-3 (a resumed epoch 3 rewritten), then exit 1; the closing evaluation logged as epoch 6
+    (the run trained 6 epochs, 0-5) is not a training epoch. A run with one exit has none."""
+    run = fake_run(tmp_path / "run")
+    results = json.loads((run / "results.json").read_text())
+    results["epochs"] = 6
+    results["test"].update(avg_cost_fraction=0.42, exit_rates=[0.5, 0.3, 0.2])
+    (run / "results.json").write_text(json.dumps(results))
+    head = "epoch,step,val/acc,val/exit0/rate,val/exit2/rate,val/exit1/rate,train/loss"
+    rows = [head, "0,1,0.2,0.0,1.0,0.0,", "1,2,0.3,0.1,0.9,0.0,", "2,3,0.4,0.8,0.1,0.1,",
+            "3,4,0.4,0.2,0.1,0.7,", "3,4,0.45,0.6,0.1,0.3,",  # epoch 3 again after a resume
+            "3,5,,,,,1.5", "4,6,0.5,0.3,0.1,0.6,", "5,7,0.5,0.2,0.1,0.7,", "6,7,0.5,0.2,0.1,0.7,"]
+    (run / "csv" / "metrics.csv").write_text("\n".join(rows) + "\n")
+    r = report.read_run(run)
+    # columns in exit order whatever their order in the file
+    assert r["val_exit_rates_per_epoch"][1] == [0.1, 0.0, 0.9]
+    assert r["val_exit_rates_per_epoch"][3] == [0.6, 0.3, 0.1]
+    assert sorted(r["val_exit_rates_per_epoch"]) == [0, 1, 2, 3, 4, 5]
+    assert r["val_dominant_exit"] == [
+        {"epochs": [0, 1], "exit": 2, "share": [0.9, 1.0]},
+        {"epochs": [2, 3], "exit": 0, "share": [0.6, 0.8]},
+        {"epochs": [4, 5], "exit": 1, "share": [0.6, 0.7]}]
+    assert (r["test_cost_run_policy"], r["test_exit_rates_run_policy"]) == (0.42, [0.5, 0.3, 0.2])
+    text = report.table([r])
+    assert "| run | 81.00 / 0.420 | 0-1: exit 2 (90-100 %); 2-3: exit 0 (60-80 %); " \
+           "4-5: exit 1 (60-70 %) |" in text
+    one = fake_run(tmp_path / "one")
+    (one / "csv" / "metrics.csv").write_text("epoch,step,val/acc,val/exit0/rate\n0,1,0.5,1.0\n")
+    r1 = report.read_run(one)
+    assert (r1["val_exit_rates_per_epoch"], r1["val_dominant_exit"]) == ({}, [])
+    assert "where val left" not in report.table([r1])
+
+
 @pytest.mark.parametrize("damage,message", [
     ("incomplete", "is still being trained (INCOMPLETE is there)"),
     ("no results", "has no results.json: not a finished eenet-train run"),

@@ -15,7 +15,9 @@ evaluated here:
   their sum, the training time a user picks a budget by), wall time;
 - ``csv/metrics.csv``: val accuracy per epoch (a resumed run may repeat an epoch that ran
   after its last checkpoint; the last row of each epoch is taken, the one the resumed run
-  wrote);
+  wrote) and, for a run with early exits, where its own policy (the training config's
+  thresholds) sent the val samples at each epoch (``val/exit<i>/rate``), summarised as the
+  stretches of epochs over which one exit took the largest share;
 - ``eval/*/results.json``: each ``eenet-eval`` of the run (policy, how its thresholds were
   chosen on val, val and test accuracy and cost, test exit rates).
 
@@ -56,6 +58,52 @@ def val_per_epoch(metrics: Path) -> dict[int, float]:
             if row.get("val/acc"):
                 out[int(row["epoch"])] = float(row["val/acc"])
     return out
+
+
+def val_exit_rates_per_epoch(metrics: Path) -> dict[int, list[float]]:
+    """The share of val samples leaving at each exit under the run's own policy
+    (``val/exit<i>/rate``), per epoch as metrics.csv counts them (from 0); the last row of an
+    epoch wins. Empty for a run with one exit."""
+    out: dict[int, list[float]] = {}
+    if not metrics.is_file():
+        return out
+    with metrics.open(newline="") as f:
+        reader = csv.DictReader(f)
+        cols = sorted((c for c in reader.fieldnames or []
+                       if c.startswith("val/exit") and c.endswith("/rate")),
+                      key=lambda c: int(c[len("val/exit"):-len("/rate")]))
+        for row in reader:
+            if len(cols) > 1 and all(row.get(c) for c in cols):
+                out[int(row["epoch"])] = [float(row[c]) for c in cols]
+    return out
+
+
+def dominant_exits(rates: dict[int, list[float]]) -> list[dict]:
+    """Stretches of consecutive epochs over which one exit took the largest share of val, with
+    the smallest and largest share it had there: ``[{"epochs": [first, last], "exit": i,
+    "share": [min, max]}, ...]``."""
+    out: list[dict] = []
+    for epoch in sorted(rates):
+        r = rates[epoch]
+        top = max(range(len(r)), key=r.__getitem__)
+        last = out[-1] if out else None
+        if last and last["exit"] == top and last["epochs"][1] == epoch - 1:
+            last["epochs"][1] = epoch
+            last["share"] = [min(last["share"][0], r[top]), max(last["share"][1], r[top])]
+        else:
+            out.append({"epochs": [epoch, epoch], "exit": top, "share": [r[top], r[top]]})
+    return out
+
+
+def describe_dominant(stretches: list[dict]) -> str:
+    """``0-1: exit 6 (100 %); 2: exit 2 (77 %); ...`` (share as min-max where it varied)."""
+    parts = []
+    for d in stretches:
+        first, last = d["epochs"]
+        lo, hi = (round(100 * v) for v in d["share"])
+        share = f"{lo} %" if lo == hi else f"{lo}-{hi} %"
+        parts.append(f"{first}{'' if first == last else f'-{last}'}: exit {d['exit']} ({share})")
+    return "; ".join(parts)
 
 
 def evaluations(run: Path) -> list[dict]:
@@ -102,6 +150,10 @@ def read_run(run: Path) -> dict:
     r = _read_json(run / "results.json")
     epochs_s = r.get("train_epoch_seconds") or []
     val = val_per_epoch(run / "csv" / "metrics.csv")
+    # the rows of the training epochs only: eenet-train's closing evaluation of the chosen
+    # checkpoint is logged as one more epoch
+    rates = {e: v for e, v in val_exit_rates_per_epoch(run / "csv" / "metrics.csv").items()
+             if e < r["epochs"]}
     return {"run": str(run), "backbone": cfg["backbone"]["name"],
             "loss": cfg["loss"].get("_target_", "").rsplit(".", 1)[-1],
             "exits": len(r["exits"]), "epochs": r["epochs"], "seed": cfg["seed"],
@@ -111,12 +163,15 @@ def read_run(run: Path) -> dict:
             "test_accuracy": r["exits"][-1]["test_accuracy"],
             "val_accuracy": r["exits"][-1].get("val_accuracy", r["val"]["accuracy"]),
             "test_accuracy_run_policy": r["test"]["accuracy"],
+            "test_cost_run_policy": r["test"].get("avg_cost_fraction"),
+            "test_exit_rates_run_policy": r["test"].get("exit_rates"),
             "exit_test_accuracy": [e["test_accuracy"] for e in r["exits"]],
             "exit_cost_fraction": [e["cost_fraction"] for e in r["exits"]],
             "best_checkpoint": r.get("best_checkpoint"), "resumed_from": r.get("resumed_from"),
             "train_epoch_s_median": statistics.median(epochs_s) if epochs_s else None,
             "train_s": sum(epochs_s) if epochs_s else None,
             "wall_s": r.get("wall_s"), "val_accuracy_per_epoch": val,
+            "val_exit_rates_per_epoch": rates, "val_dominant_exit": dominant_exits(rates),
             "evaluations": evaluations(run)}
 
 
@@ -130,6 +185,15 @@ def table(runs: list[dict]) -> str:
                      f"{r['schedule']}, {ema} | {r['epochs']} | "
                      f"{r['seed']} | {100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
                      f"{r['train_epoch_s_median']:.0f} | {r['train_s'] / 60:.0f} |")
+    trained = [r for r in runs if r["val_dominant_exit"]]
+    if trained:
+        lines += ["", "| run | own policy: test % / cost | where val left during training "
+                  "(epochs from 0: the exit with the largest share) |", "|---|---|---|"]
+        for r in trained:
+            cost = r["test_cost_run_policy"]
+            lines.append(f"| {Path(r['run']).name} | {100 * r['test_accuracy_run_policy']:.2f} / "
+                         f"{'-' if cost is None else f'{cost:.3f}'} | "
+                         f"{describe_dominant(r['val_dominant_exit'])} |")
     evals = [(r, e) for r in runs for e in r["evaluations"]]
     if evals:
         lines += ["", "| run | evaluation | policy | chosen on val by | val % / cost | "
