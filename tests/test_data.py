@@ -654,17 +654,57 @@ def test_batch_transform_reproducible_and_errors():
     seeded = BatchTransform([0.5], [0.5], ["crop", "hflip"],
                             generator=torch.Generator().manual_seed(7))
     assert torch.equal(seeded(x), a)
-    assert AUGMENTATIONS == ("crop", "hflip")
+    assert AUGMENTATIONS == ("crop", "hflip", "cutout")
     with pytest.raises(EENetError) as err:
         BatchTransform([0.5], [0.5], ["crop", "rotate"])
     message = assert_one_line(err)
-    assert "rotate" in message and "crop, hflip" in message
+    assert "rotate" in message and "crop, hflip, cutout" in message
     with pytest.raises(EENetError, match="channels"):
         BatchTransform([0.5], [0.5])(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
     with pytest.raises(EENetError, match="std"):
         BatchTransform([0.5], [0.0])
     with pytest.raises(EENetError, match="crop_padding"):
         BatchTransform([0.5], [0.5], ["crop"], crop_padding=-1)
+
+
+def test_batch_transform_cutout_zeroes_one_clipped_square_after_normalising():
+    """Cutout (DeVries & Taylor 2017): each sample gets one square of side cutout_size around
+    its own drawn centre, clipped at the border, set to 0 (the channel mean) after
+    normalisation; every other pixel is the normalised input. Checked pixel by pixel against
+    the square each drawn centre defines."""
+    mean, std = [0.2, 0.4, 0.6], [0.3, 0.2, 0.1]
+    t = BatchTransform(mean, std, ["cutout"], cutout_size=4)
+    x = torch.randint(1, 256, (300, 3, 9, 7), dtype=torch.uint8,
+                      generator=torch.Generator().manual_seed(5))
+    params = t.sample_params(300, torch.Generator().manual_seed(6))
+    out = t.apply(x, params)
+    plain = BatchTransform(mean, std)(x)
+    rows = (params["cutout"][:, 0] * 9).long()
+    cols = (params["cutout"][:, 1] * 7).long()
+    assert rows.min() == 0 and rows.max() == 8 and cols.min() == 0 and cols.max() == 6
+    areas = set()
+    for i in range(300):
+        r0, c0 = int(rows[i]) - 2, int(cols[i]) - 2
+        mask = torch.zeros(9, 7, dtype=torch.bool)
+        mask[max(r0, 0):r0 + 4, max(c0, 0):c0 + 4] = True
+        assert torch.equal(out[i][:, mask], torch.zeros(3, int(mask.sum())))
+        assert torch.equal(out[i][:, ~mask], plain[i][:, ~mask])
+        areas.add(int(mask.sum()))
+    assert 16 in areas and min(areas) < 16  # whole squares inside, clipped ones at the border
+    # drawn after crop and flip: adding cutout leaves their draws as they were
+    both = BatchTransform(mean, std, ["crop", "hflip", "cutout"]).sample_params(
+        8, torch.Generator().manual_seed(1))
+    two = BatchTransform(mean, std, ["crop", "hflip"]).sample_params(
+        8, torch.Generator().manual_seed(1))
+    assert torch.equal(both["offsets"], two["offsets"]) and torch.equal(both["flip"], two["flip"])
+    with pytest.raises(EENetError, match="cutout_size"):
+        BatchTransform(mean, std, ["cutout"], cutout_size=0)
+
+
+def test_datamodule_cutout_size_reaches_the_training_transform_only():
+    dm = digits_module(augment=["cutout"], cutout_size=3)
+    assert dm.train_transform.cutout_size == 3 and dm.train_transform.augment == ("cutout",)
+    assert dm.eval_transform.augment == ()
 
 
 # ----------------------------------------------------------------------------- batched dataset
@@ -818,7 +858,8 @@ def test_datamodule_subsets_and_describe():
     ({"eval_batch_size": 0}, "eval_batch_size"),
     ({"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}, "1 channel(s)"),
     ({"mean": [0.5], "std": [0.2, 0.2]}, "std"),
-    ({"augment": ["cutout"]}, "crop, hflip"),
+    ({"augment": ["mixup"]}, "crop, hflip, cutout"),
+    ({"augment": ["cutout"], "cutout_size": 0}, "cutout_size"),
     ({"name": "imagenet"}, "unknown dataset"),
     ({"image_size": [8, 8]}, "imagefolder"),
     ({"train_subset": 0}, "train_subset"),

@@ -175,6 +175,18 @@ def test_recipe_composes_with_the_cited_pieces(recipe):
     assert (cfg.loss.first if "first" in cfg.loss else cfg.loss).label_smoothing == 0.1
 
 
+def test_cutout_is_one_override_on_any_recipe(tmp_path):
+    """Cutout is not in the recipe; ``dataset.datamodule.augment=[crop,hflip,cutout]`` adds it
+    (size 16, DeVries & Taylor's for CIFAR-10) and the training batches get it, eval not."""
+    cfg = compose_config(["experiment=cifar10_recipe/resnet20",
+                          "dataset.datamodule.augment=[crop,hflip,cutout]",
+                          f"data_root={tmp_path}"], output_dir=str(tmp_path / "run"))
+    check_train_config(cfg)
+    dm = instantiate(cfg.dataset.datamodule)
+    assert dm.train_transform.augment == ("crop", "hflip", "cutout")
+    assert dm.train_transform.cutout_size == 16 and dm.eval_transform.augment == ()
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_trains_end_to_end(train_config, recipe, data_root):
     cfg = train_config([f"experiment=cifar10_recipe/{recipe}", "debug=fdr", "logger=none",

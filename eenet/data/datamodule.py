@@ -74,9 +74,12 @@ class ClassificationDataModule(L.LightningDataModule):
         mean: per-channel normalisation mean, one value per channel; ``None``
             takes the data set record's (:func:`eenet.data.get_dataset`).
         std: per-channel normalisation standard deviation; ``None`` as ``mean``.
-        augment: training augmentations, any of ``crop`` and ``hflip``.
+        augment: training augmentations, any of ``crop``, ``hflip`` and ``cutout``
+            (:class:`eenet.data.BatchTransform`).
         crop_padding: zero padding, in pixels, before the random ``crop`` (4 suits
             32x32 images; the 8x8 digits use 1).
+        cutout_size: side of the ``cutout`` square in pixels (16 for CIFAR-10, as
+            DeVries & Taylor 2017); used only with ``cutout`` in ``augment``.
         num_classes: the class count the network is built for (the dataset
             config passes ``${dataset.num_classes}``); checked where the data is
             loaded against the data set's fixed count or its class folders, and
@@ -107,7 +110,8 @@ class ClassificationDataModule(L.LightningDataModule):
                  num_classes: int | None = None, mean: Sequence[float] | None = None,
                  std: Sequence[float] | None = None,
                  augment: Sequence[str] = (),
-                 crop_padding: int = 4, val_size: float | int = 0.1, split_seed: int = 0,
+                 crop_padding: int = 4, cutout_size: int = 16,
+                 val_size: float | int = 0.1, split_seed: int = 0,
                  batch_size: int = 128,
                  eval_batch_size: int | None = None, num_workers: int = 0,
                  train_subset: int | None = None, test_subset: int | None = None,
@@ -168,7 +172,8 @@ class ClassificationDataModule(L.LightningDataModule):
                                  f"and std (one value per channel)")
             mean, std = list(spec.mean), list(spec.std)  # type: ignore[arg-type]
         # Validates mean/std lengths against each other and the augmentation names.
-        self.train_transform = BatchTransform(mean, std, self.augment, crop_padding=crop_padding)
+        self.train_transform = BatchTransform(mean, std, self.augment, crop_padding=crop_padding,
+                                              cutout_size=cutout_size)
         self.eval_transform = BatchTransform(mean, std, ())
         self.mean = self.train_transform.mean_values
         self.std = self.train_transform.std_values
