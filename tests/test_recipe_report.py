@@ -22,7 +22,9 @@ def fake_run(folder: Path, **config) -> Path:
     (folder / "config.yaml").write_text(yaml.safe_dump({
         "seed": 3, "threads": 1, "backbone": {"name": "resnet20"},
         "loss": {"_target_": "eenet.losses.MultiExitCE", "label_smoothing": 0.1},
-        "scheduler": {"_target_": "torch.optim.lr_scheduler.OneCycleLR"}, **config}))
+        "scheduler": {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.2},
+        "optimizer": {"lr": 0.05},
+        "dataset": {"datamodule": {"batch_size": 256, "augment": ["crop", "hflip"]}}, **config}))
     (folder / "results.json").write_text(json.dumps({
         "test": {"accuracy": 0.81}, "val": {"accuracy": 0.8}, "epochs": 3,
         "exits": [{"test_accuracy": 0.7, "cost_fraction": 0.4},
@@ -61,7 +63,8 @@ def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path
     assert "| 83.00 | 82.00 | 20 | 1 |" in text and "tolerance 1.0" in text and "75.0 / 25.0" in text
     # a config without scheduler.interval stepped per epoch (the runs before it existed)
     assert (r["schedule"], r["ema_decay"]) == ("OneCycleLR per epoch", None)
-    assert "| OneCycleLR per epoch, no EMA |" in text
+    assert "| OneCycleLR per epoch, no EMA | 256, 0.2, crop+hflip |" in text
+    assert (r["batch_size"], r["peak_lr"], r["augment"]) == (256, 0.2, ["crop", "hflip"])
 
 
 def test_the_schedule_and_the_moving_average_are_read_from_the_config(tmp_path):
@@ -69,6 +72,12 @@ def test_the_schedule_and_the_moving_average_are_read_from_the_config(tmp_path):
         "_target_": "torch.optim.lr_scheduler.OneCycleLR", "interval": "step"}))
     assert (r["schedule"], r["ema_decay"]) == ("OneCycleLR per step", 0.998)
     assert "| OneCycleLR per step, EMA 0.998 |" in report.table([r])
+    # without one-cycle the peak rate is the optimizer's; augmentations as the config lists them
+    r = report.read_run(fake_run(tmp_path / "cosine", scheduler={"_target_": "CosineAnnealingLR"},
+                                 dataset={"datamodule": {"batch_size": 128,
+                                                         "augment": ["crop", "hflip", "cutout"]}}))
+    assert (r["batch_size"], r["peak_lr"], r["augment"]) == (128, 0.05, ["crop", "hflip", "cutout"])
+    assert "| 128, 0.05, crop+hflip+cutout |" in report.table([r])
 
 
 def test_where_val_left_during_training_is_read_per_epoch_and_summarised(tmp_path):

@@ -6,9 +6,10 @@ before the paper tables (``experiments/tables.py``, which can take them with ``-
 have all their rows. Everything is read as data from each run folder, nothing is trained or
 evaluated here:
 
-- ``config.yaml``: backbone, loss, exits, epochs, seed, threads, the schedule (one-cycle
-  stepped per optimizer step, or per epoch as the runs before the change were) and the
-  moving average of the weights (``ema.decay``; none before it existed);
+- ``config.yaml``: backbone, loss, exits, epochs, seed, threads, the batch size, peak
+  learning rate and training augmentations, the schedule (one-cycle stepped per optimizer
+  step, or per epoch as the runs before the change were) and the moving average of the
+  weights (``ema.decay``; none before it existed);
 - ``results.json``: test and val accuracy of the final exit (the checkpoint eenet-train
   evaluated: ``best_checkpoint``, chosen on val loss), per-exit test accuracy, training epoch
   seconds (eenet's EpochTimer; a resumed run's epochs all count: the median per epoch and
@@ -139,6 +140,17 @@ def schedule(cfg: dict) -> str:
     return f"{name} per {sched.get('interval', 'epoch')}"
 
 
+def training_data(cfg: dict) -> dict:
+    """Batch size, peak learning rate (one-cycle's ``max_lr``, else the optimizer's) and the
+    training augmentations of a run's config."""
+    dm = (cfg.get("dataset") or {}).get("datamodule") or {}
+    sched = cfg.get("scheduler") or {}
+    augment = dm.get("augment") or []
+    return {"batch_size": dm.get("batch_size"),
+            "peak_lr": sched.get("max_lr", (cfg.get("optimizer") or {}).get("lr")),
+            "augment": [augment] if isinstance(augment, str) else list(augment)}
+
+
 def read_run(run: Path) -> dict:
     if not run.is_dir():
         raise EENetError(f"{run} is not a folder")
@@ -159,6 +171,7 @@ def read_run(run: Path) -> dict:
             "exits": len(r["exits"]), "epochs": r["epochs"], "seed": cfg["seed"],
             "threads": cfg.get("threads"), "label_smoothing": cfg["loss"].get("label_smoothing"),
             "schedule": schedule(cfg), "ema_decay": (cfg.get("ema") or {}).get("decay"),
+            **training_data(cfg),
             # the final exit alone; and the run's own policy (its training config's thresholds)
             "test_accuracy": r["exits"][-1]["test_accuracy"],
             "val_accuracy": r["exits"][-1].get("val_accuracy", r["val"]["accuracy"]),
@@ -176,13 +189,15 @@ def read_run(run: Path) -> dict:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| run | backbone, exits | schedule, EMA | epochs | seed | val % (final exit) | "
-             "test % (final exit) | epoch s (1 thread, median) | training min (sum of epochs) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | backbone, exits | schedule, EMA | batch, peak lr, augmentation | epochs | "
+             "seed | val % (final exit) | test % (final exit) | epoch s (1 thread, median) | "
+             "training min (sum of epochs) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         ema = f"EMA {r['ema_decay']:g}" if r["ema_decay"] else "no EMA"
         lines.append(f"| {Path(r['run']).name} | {r['backbone']}, {r['exits']} | "
-                     f"{r['schedule']}, {ema} | {r['epochs']} | "
+                     f"{r['schedule']}, {ema} | {r['batch_size']}, {r['peak_lr']}, "
+                     f"{'+'.join(r['augment']) or 'none'} | {r['epochs']} | "
                      f"{r['seed']} | {100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
                      f"{r['train_epoch_s_median']:.0f} | {r['train_s'] / 60:.0f} |")
     trained = [r for r in runs if r["val_dominant_exit"]]
