@@ -277,6 +277,7 @@ TRAIN_RULES: list[tuple[str, Accepts]] = [
     ("threads", THREADS),
     ("anytime", boolean()),
     ("sync_batchnorm", boolean()),
+    ("channels_last", boolean()),
     ("resume", boolean()),
     ("overwrite", boolean()),
     ("confidence_lr_scale", number(0, lo_open=True)),

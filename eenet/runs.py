@@ -79,7 +79,8 @@ def build_network(cfg: DictConfig, input_size: tuple[int, int, int],
 #: how many epochs it runs (and a value that only follows one of them, such as
 #: ``scheduler.T_max: ${trainer.max_epochs}``). Everything else must be the folder's
 #: own ``config.yaml``.
-RESUME_MAY_DIFFER = ("resume", "ckpt_path", "overwrite", "threads", "output_dir", "data_root",
+RESUME_MAY_DIFFER = ("resume", "ckpt_path", "overwrite", "threads", "channels_last", "output_dir",
+                     "data_root",
                      "dataset.datamodule.root", "dataset.datamodule.download",
                      "dataset.datamodule.num_workers", "logger", "anytime", "objective_budget",
                      "trainer.max_epochs", "trainer.enable_progress_bar",

@@ -40,12 +40,13 @@ follows another's jobs, such as pteenet's ``<backbone>_post_seed<N>`` whose conf
 names its backbone's folder, is not found so and cannot be adopted), the run's seed one of
 ``--seeds``, and its ``config.yaml`` must equal the config the sweep composes for
 that seed (and one of its swept values) on every key but :data:`ADOPT_MAY_DIFFER`:
-where things are and how the run is shown and logged (``threads``, ``data_root``,
+where things are, how the run is shown and logged, and how it computes (``threads``,
+``channels_last``, ``data_root``,
 ``output_dir``, ``resume``, ``ckpt_path``, ``overwrite``, ``logger``, ``hydra``,
 ``trainer.enable_progress_bar``, ``trainer.enable_model_summary``);
 ``dataset.datamodule.root`` is compared as a path below each config's own
-``data_root`` (the same data set, wherever the data lives). The thread count can
-change float rounding on a CPU, so an adopted run need not be bit-identical to what
+``data_root`` (the same data set, wherever the data lives). The thread count and the
+memory order can change float rounding on a CPU, so an adopted run need not be bit-identical to what
 the sweep would train; its row records the run's own threads. The table says which
 rows are adopted, and their command is the run's own (``.hydra/overrides.yaml``
 where Hydra wrote one, else its ``config.yaml``), never one that did not run.
@@ -122,7 +123,7 @@ CHOSEN_ON = {
 #: things are and how the run is shown and logged, none of which defines the trained model
 #: (``dataset.datamodule.root`` is compared below each config's own ``data_root``; the thread
 #: count can change a CPU's float rounding, and the row records it).
-ADOPT_MAY_DIFFER = ("threads", "data_root", "dataset.datamodule.root", "output_dir", "resume",
+ADOPT_MAY_DIFFER = ("threads", "channels_last", "data_root", "dataset.datamodule.root", "output_dir", "resume",
                     "ckpt_path", "overwrite", "trainer.enable_progress_bar",
                     "trainer.enable_model_summary", "logger", "hydra")
 

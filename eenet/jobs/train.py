@@ -149,6 +149,7 @@ def _build(cfg: DictConfig, rank: int, out_dir: Path) -> dict[str, Any]:
                              policy=policy,
                              confidence_lr_scale=float(cfg.get("confidence_lr_scale", 1.0)),
                              sync_batchnorm=bool(cfg.get("sync_batchnorm", True)),
+                             channels_last=bool(cfg.get("channels_last", False)),
                              freeze_backbone=mode == "posttrain",
                              targets=cfg.get("targets", "labels"))
     ckpt_path = _resume_path(cfg, out_dir)
