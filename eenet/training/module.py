@@ -66,7 +66,7 @@ class EarlyExitModule(L.LightningModule):
         targets: ``labels``, or ``backbone`` to train the exits to agree with the
             final exit's own predictions (no labels needed; PTEENet).
         channels_last: keep the network's 4-d weights and every 4-d input batch in
-            channels-last (NHWC) memory order from the start of fitting (the same function;
+            channels-last (NHWC) memory order from setup on (the same function;
             oneDNN's NHWC convolutions are often faster on a CPU). Checkpoints and
             ``model.pt`` load into a network of either order.
     """
@@ -129,9 +129,7 @@ class EarlyExitModule(L.LightningModule):
         if self.sync_batchnorm and self.trainer.world_size > 1:
             on_gpu = self.trainer.strategy.root_device.type == "cuda"
             convert_batchnorm(self.net, use_torch_sync=on_gpu)
-
-    def on_fit_start(self) -> None:
-        if self.channels_last:
+        if self.channels_last:  # here: before DDP wraps the network and the optimizer is made
             self.net.to(memory_format=torch.channels_last)
 
     def stage_metrics(self, stage: str) -> ExitMetrics:
