@@ -177,7 +177,6 @@ class BatchTransform:
         return padded[torch.arange(b).view(b, 1, 1, 1), torch.arange(c).view(1, c, 1, 1),
                       rows.view(b, 1, h, 1), cols.view(b, 1, 1, w)]
 
-
     def _cutout(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         rows = (centres[:, 0] * h).long().clamp_(max=h - 1)

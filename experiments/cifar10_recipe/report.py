@@ -49,34 +49,25 @@ def _read_json(path: Path) -> dict:
         raise EENetError(f"{path} cannot be read as JSON ({type(exc).__name__})") from None
 
 
-def val_per_epoch(metrics: Path) -> dict[int, float]:
-    """Val accuracy (final exit, ``val/acc``) per epoch; the last row of an epoch wins."""
-    out: dict[int, float] = {}
+def val_per_epoch(metrics: Path) -> tuple[dict[int, float], dict[int, list[float]]]:
+    """From one read of metrics.csv, per epoch as it counts them (from 0), the last row of an
+    epoch winning: val accuracy (final exit, ``val/acc``), and the share of val samples leaving
+    at each exit under the run's own policy (``val/exit<i>/rate``; empty for one exit)."""
+    acc: dict[int, float] = {}
+    rates: dict[int, list[float]] = {}
     if not metrics.is_file():
-        return out
-    with metrics.open(newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get("val/acc"):
-                out[int(row["epoch"])] = float(row["val/acc"])
-    return out
-
-
-def val_exit_rates_per_epoch(metrics: Path) -> dict[int, list[float]]:
-    """The share of val samples leaving at each exit under the run's own policy
-    (``val/exit<i>/rate``), per epoch as metrics.csv counts them (from 0); the last row of an
-    epoch wins. Empty for a run with one exit."""
-    out: dict[int, list[float]] = {}
-    if not metrics.is_file():
-        return out
+        return acc, rates
     with metrics.open(newline="") as f:
         reader = csv.DictReader(f)
         cols = sorted((c for c in reader.fieldnames or []
                        if c.startswith("val/exit") and c.endswith("/rate")),
                       key=lambda c: int(c[len("val/exit"):-len("/rate")]))
         for row in reader:
+            if row.get("val/acc"):
+                acc[int(row["epoch"])] = float(row["val/acc"])
             if len(cols) > 1 and all(row.get(c) for c in cols):
-                out[int(row["epoch"])] = [float(row[c]) for c in cols]
-    return out
+                rates[int(row["epoch"])] = [float(row[c]) for c in cols]
+    return acc, rates
 
 
 def dominant_exits(rates: dict[int, list[float]]) -> list[dict]:
@@ -161,11 +152,10 @@ def read_run(run: Path) -> dict:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     r = _read_json(run / "results.json")
     epochs_s = r.get("train_epoch_seconds") or []
-    val = val_per_epoch(run / "csv" / "metrics.csv")
+    val, all_rates = val_per_epoch(run / "csv" / "metrics.csv")
     # the rows of the training epochs only: eenet-train's closing evaluation of the chosen
     # checkpoint is logged as one more epoch
-    rates = {e: v for e, v in val_exit_rates_per_epoch(run / "csv" / "metrics.csv").items()
-             if e < r["epochs"]}
+    rates = {e: v for e, v in all_rates.items() if e < r["epochs"]}
     return {"run": str(run), "backbone": cfg["backbone"]["name"],
             "loss": cfg["loss"].get("_target_", "").rsplit(".", 1)[-1],
             "exits": len(r["exits"]), "epochs": r["epochs"], "seed": cfg["seed"],
