@@ -205,7 +205,8 @@ def test_budget_ms_against_brute_force():
 
 # ---- several live values (issue 19, item 3) ---------------------------------------------------
 
-@pytest.mark.parametrize("name", ["resnet18", "unet", "trecx_concat", "trecx_trecx"])
+@pytest.mark.parametrize("name", [pytest.param("resnet18", marks=pytest.mark.slow),  # 5 s
+                                  "unet", "trecx_concat", "trecx_trecx"])
 def test_backends_carry_several_live_values(name, tmp_path):
     """A torchvision resnet18 cut inside a block (its shortcut crosses the cut), a U-Net skip
     across two cuts, T-RecX ``concat`` (exit 0's features carried to the final exit) and

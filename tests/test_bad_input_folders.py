@@ -244,6 +244,7 @@ def test_export_into_a_file_or_an_earlier_export_is_refused(digits_run, tmp_path
     assert set(snapshot(out)) == set(before)
 
 
+@pytest.mark.slow  # two eenet-eval processes, 7 s
 def test_an_unquoted_non_ascii_run_path_works(digits_run, tmp_path):
     run = copy_run(digits_run, tmp_path / "données" / "run")
     proc = command("eval", f"run={run}", *EVAL, cwd=tmp_path)

@@ -73,6 +73,12 @@ MODELS = {
     "unet": (UNet, ["enc2", "mid"]),
 }
 
+#: models whose per-model checks take over 10 s on a 2-core CPU: run by make test-slow (the
+#: others cover the same code paths in make test)
+SLOW_MODELS = {"efficientnet_b0"}
+MODEL_PARAMS = [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_MODELS else n
+                for n in sorted(MODELS)]
+
 _BUILT: dict[str, tuple[nn.Module, GraphSplitNetwork]] = {}
 
 
@@ -96,7 +102,7 @@ def inputs(batch, seed=0):
     return torch.randn(batch, *SIZE, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODEL_PARAMS)
 def test_final_exit_is_the_unsplit_model_exactly(name):
     model, net = built(name)
     x = inputs(5)
@@ -156,7 +162,7 @@ def thresholds_in_gaps(scores, quantiles, margin):
     return out
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODEL_PARAMS)
 @given(batch=st.integers(1, 12), seed=st.integers(0, 1000), data=st.data())
 @settings(max_examples=4, deadline=None)
 def test_engine_equals_static_path_then_policy(name, batch, seed, data):
@@ -182,7 +188,7 @@ def test_engine_equals_static_path_then_policy(name, batch, seed, data):
     torch.testing.assert_close(out.logits, chosen, rtol=0, atol=4 * spread_logits + 1e-7)
 
 
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", MODEL_PARAMS)
 def test_segment_macs_add_up_to_the_unsplit_model(name):
     model, net = built(name)
     bodies, heads = walk_macs(net, net.walk(), SIZE)

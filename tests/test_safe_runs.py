@@ -214,6 +214,7 @@ def check_cli_refusal(digits_run: Path, tmp_path: Path, route: str, place: str) 
     assert not out.exists()
 
 
+@pytest.mark.slow  # in make test: every route refused in-process, one refusal on the command line
 def test_cli_refuses_numpy_load_pickle(digits_run, tmp_path):
     check_cli_refusal(digits_run, tmp_path, "numpy.load", "dataset.datamodule")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -35,6 +36,7 @@ def _worker(rank: int, world: int, port: int, x: torch.Tensor, w: torch.Tensor, 
         dist.destroy_process_group()
 
 
+@pytest.mark.slow  # two gloo processes, 11 s; test_ddp checks a two-process run in make test
 def test_two_processes_equal_one_batchnorm_on_the_whole_batch(tmp_path):
     torch.manual_seed(0)
     x = 3.0 + 2.0 * torch.randn(8, 3, 5, 5)  # a large mean: tests the variance's precision
