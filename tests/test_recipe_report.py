@@ -42,7 +42,11 @@ def fake_run(folder: Path, **config) -> Path:
             "target": {"kind": "tolerance", "value": 1.0, "min_accuracy": 0.8},
             "val": {"accuracy": 0.795, "avg_cost_fraction": 0.6},
             "test": {"accuracy": acc, "avg_cost_fraction": 0.55, "exit_rates": [0.75, 0.25]},
-            "engine": {"speedup": 1.5}}))
+            "engine": {"speedup": 1.5},
+            "calibration": {"test_curve": [{"avg_cost": 0.3, "accuracy": 0.5},
+                                           {"avg_cost": 0.45, "accuracy": 0.6},
+                                           {"avg_cost": 0.4, "accuracy": 0.55},
+                                           {"avg_cost": 0.46, "accuracy": 0.78}]}}))
         if not done:
             (ev / "INCOMPLETE").write_text("")
     return folder
@@ -61,6 +65,10 @@ def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path
     assert (e["test_accuracy"], e["test_cost"], e["dynamic_speedup"]) == (0.79, 0.55, 1.5)
     text = report.table([r])
     assert "| 83.00 | 82.00 | 20 | 1 |" in text and "tolerance 1.0" in text and "75.0 / 25.0" in text
+    # the best test point at cost <= 0.45 (0.45 itself in, 0.46 out), shown as a bound
+    assert e["best_test_accuracy_within_cost_target"] == 0.6
+    assert "75.0 / 25.0 | 60.00 |" in text and "a bound, not a result" in text
+    assert report.best_on_test_within([{"avg_cost": 0.5, "accuracy": 0.9}], 0.45) is None
     # a config without scheduler.interval stepped per epoch (the runs before it existed)
     assert (r["schedule"], r["ema_decay"]) == ("OneCycleLR per epoch", None)
     assert "| OneCycleLR per epoch, no EMA | 256, 0.2, crop+hflip |" in text
