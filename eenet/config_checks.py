@@ -593,8 +593,8 @@ def _optimism_needs_tolerance(cfg: DictConfig) -> None:
 def check_train_config(cfg: DictConfig) -> None:
     """The options of ``eenet-train`` (``conf/train.yaml`` and its groups)."""
     precisions = _precisions()
-    precision = Accepts(lambda v: not isinstance(v, bool) and str(v) in precisions,
-                        f"one of {', '.join(precisions)}", names=tuple(precisions))
+    precision = Accepts(lambda v: not isinstance(v, bool) and str(v) in [*precisions, "auto"],
+                        f"one of auto, {', '.join(precisions)}", names=("auto", *precisions))
     rules = TRAIN_RULES + ([("trainer.precision", precision)] if precisions else [])
     check_options(cfg, rules)
     for check in (_data_root, _trained_backbone, _checkpoint_direction, _nesterov, _ema,

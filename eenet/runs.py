@@ -85,7 +85,8 @@ RESUME_MAY_DIFFER = ("resume", "ckpt_path", "overwrite", "threads", "channels_la
                      "dataset.datamodule.num_workers", "logger", "anytime", "objective_budget",
                      "trainer.max_epochs", "trainer.enable_progress_bar",
                      "trainer.enable_model_summary", "trainer.log_every_n_steps",
-                     "trainer.accelerator", "trainer.devices", "trainer.num_nodes")
+                     "trainer.accelerator", "trainer.devices", "trainer.num_nodes",
+                     "trainer.precision")
 
 
 def _flat(node: Any, prefix: str = "") -> dict[str, Any]:

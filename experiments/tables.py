@@ -41,13 +41,14 @@ names its backbone's folder, is not found so and cannot be adopted), the run's s
 ``--seeds``, and its ``config.yaml`` must equal the config the sweep composes for
 that seed (and one of its swept values) on every key but :data:`ADOPT_MAY_DIFFER`:
 where things are, how the run is shown and logged, and how it computes (``threads``,
-``channels_last``, ``data_root``,
+``channels_last``, ``trainer.precision``, ``data_root``,
 ``output_dir``, ``resume``, ``ckpt_path``, ``overwrite``, ``logger``, ``hydra``,
 ``trainer.enable_progress_bar``, ``trainer.enable_model_summary``);
 ``dataset.datamodule.root`` is compared as a path below each config's own
 ``data_root`` (the same data set, wherever the data lives). The thread count and the
-memory order can change float rounding on a CPU, so an adopted run need not be bit-identical to what
-the sweep would train; its row records the run's own threads. The table says which
+memory order can change float rounding on a CPU, and a mixed precision more, so an adopted
+run need not be bit-identical to what the sweep would train; its row records the run's own
+threads and, where it was not float32, the precision it trained in. The table says which
 rows are adopted, and their command is the run's own (``.hydra/overrides.yaml``
 where Hydra wrote one, else its ``config.yaml``), never one that did not run.
 """
@@ -122,8 +123,10 @@ CHOSEN_ON = {
 #: Config keys on which an adopted run (``--adopt``) may differ from the sweep's config: where
 #: things are and how the run is shown and logged, none of which defines the trained model
 #: (``dataset.datamodule.root`` is compared below each config's own ``data_root``; the thread
-#: count can change a CPU's float rounding, and the row records it).
-ADOPT_MAY_DIFFER = ("threads", "channels_last", "data_root", "dataset.datamodule.root", "output_dir", "resume",
+#: count can change a CPU's float rounding, and the row records it; so does the precision
+#: trained in, ``trainer.precision``, which the row's machine cell names when not float32).
+ADOPT_MAY_DIFFER = ("threads", "channels_last", "trainer.precision", "data_root",
+                    "dataset.datamodule.root", "output_dir", "resume",
                     "ckpt_path", "overwrite", "trainer.enable_progress_bar",
                     "trainer.enable_model_summary", "logger", "hydra")
 
@@ -394,8 +397,11 @@ def row_facts(res: dict, job: Path | None = None) -> dict:
     cfg = res["config"]
     facts = {"seed": cfg["seed"], "epochs": res["epochs"], "wall_s": round(res.get("wall_s", 0), 1),
              "threads": cfg.get("threads")}
+    precision = str((cfg.get("trainer") or {}).get("precision", "32-true"))
+    facts["precision"] = precision  # a config from before the key trained in float32
     if job is not None:
-        facts["machine"] = machine_of(job)
+        facts["machine"] = machine_of(job) + ("" if precision == "32-true"
+                                              else f", trained in {precision}")
     return facts
 
 

@@ -16,6 +16,7 @@ reduced across processes under DDP; :data:`eenet.training.metrics.LOG_KEYS`):
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import replace
 from typing import Callable, Sequence
 
@@ -25,7 +26,7 @@ from torchmetrics import MeanMetric
 
 from eenet.errors import EENetError
 from eenet.losses import ExitLoss
-from eenet.models.early_exit import EarlyExitNetwork
+from eenet.models.early_exit import EarlyExitNetwork, ExitOutputs
 from eenet.policies import ConfidencePolicy, ExitPolicy
 from eenet.reporting.results import SplitResult
 from eenet.training.metrics import ExitMetrics, flat_log_dict
@@ -35,6 +36,13 @@ STAGES = ("train", "val", "test")
 SCHEDULER_INTERVALS = ("epoch", "step")
 #: the keyword that holds a scheduler's length, filled in when its config leaves it null
 SCHEDULER_LENGTH_KEYS = ("total_steps", "T_max")
+
+
+def _float32(out: ExitOutputs) -> ExitOutputs:
+    """``out`` with every floating tensor in float32 (autocast leaves bfloat16 or float16)."""
+    if all(t.dtype in (torch.float32, torch.float64) for t in (*out.logits, *out.conf_logits)):
+        return out
+    return ExitOutputs([z.float() for z in out.logits], [c.float() for c in out.conf_logits])
 
 
 class EarlyExitModule(L.LightningModule):
@@ -145,7 +153,11 @@ class EarlyExitModule(L.LightningModule):
         x, y = batch
         if self.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        out = self.net(x)
+        # a mixed trainer.precision (bf16-mixed, ...) runs the training steps under autocast;
+        # validation and test stay in float32, so checkpoints are chosen and results.json
+        # measured as eenet-eval measures; the losses and metrics always take float32 outputs
+        with torch.autocast(x.device.type, enabled=False) if stage != "train" else nullcontext():
+            out = _float32(self.net(x))
         target = out.logits[-1].detach().argmax(1) if self.targets == "backbone" else y
         # validation reports the schedule's final objective, comparable across epochs
         loss_fn = self.loss_fn if stage == "train" else self.loss_fn.for_validation()

@@ -35,8 +35,11 @@ from eenet.runs import build_network
 EXPERIMENTS = ("cifar10_recipe/resnet20", "cifar10_recipe/resnet20_sdn", "cifar10_recipe/resnet8")
 
 
-def make_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, nhwc: bool):
-    """One training step of ``net`` (a copy), in NHWC order when ``nhwc``."""
+def make_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, nhwc: bool,
+              autocast: torch.dtype | None = None):
+    """One training step of ``net`` (a copy), in NHWC order when ``nhwc``; forward and loss
+    under CPU autocast to ``autocast`` when given (what ``trainer.precision=bf16-mixed``
+    does; the loss takes float32 logits, as eenet's EarlyExitModule gives it)."""
     net = copy.deepcopy(net).train()
     if nhwc:
         net = net.to(memory_format=torch.channels_last)
@@ -46,7 +49,9 @@ def make_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, nhwc: bool
     def step() -> float:
         start = time.perf_counter()
         inp = x.contiguous(memory_format=torch.channels_last) if nhwc else x
-        loss = sum(torch.nn.functional.cross_entropy(z, y) for z in net(inp).logits)
+        with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
+            logits = net(inp).logits
+        loss = sum(torch.nn.functional.cross_entropy(z.float(), y) for z in logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
