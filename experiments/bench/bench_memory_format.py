@@ -60,8 +60,12 @@ def make_step(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, nhwc: bool
     return step
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def compare(script: str, description: str, variants: dict[str, dict], labels: tuple[str, str],
+            extra: dict | None = None) -> None:
+    """Time the two ``variants`` (``make_step`` keywords, the baseline first) on each network of
+    ``--experiments``, alternating step by step; print the table and save the JSON beside
+    ``script`` (:func:`eenet.reporting.experiment.save_report`, with ``extra`` in it)."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--experiments", nargs="+", default=list(EXPERIMENTS))
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
@@ -73,11 +77,11 @@ def main() -> None:
     x = torch.randn(args.batch, 3, 32, 32)
     y = torch.randint(0, 10, (args.batch,))
     load_before = os.getloadavg()
-    rows, results = [], {}
+    (base, other), rows, results = variants, [], {}
     for exp in args.experiments:
         cfg = compose_config([f"experiment={exp}"], output_dir="unused")
         net = build_network(cfg, (3, 32, 32))
-        steps = {"nchw": make_step(net, x, y, False), "nhwc": make_step(net, x, y, True)}
+        steps = {k: make_step(net, x, y, **kw) for k, kw in variants.items()}
         for _ in range(args.warmup):
             for step in steps.values():
                 step()
@@ -85,24 +89,28 @@ def main() -> None:
         for _ in range(args.steps):
             for k, step in steps.items():
                 times[k].append(step())
-        ratios = [a / b for a, b in zip(times["nchw"], times["nhwc"])]
-        results[exp] = {"exits": net.num_exits, "seconds_per_step": times,
-                        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        ratios = [a / b for a, b in zip(times[base], times[other])]
+        med = {k: statistics.median(v) for k, v in times.items()}
+        results[exp] = {"exits": net.num_exits, "seconds_per_step": times, "median_s": med,
                         "speedup_median_of_pairs": statistics.median(ratios)}
-        rows.append([exp, net.num_exits, f"{statistics.median(times['nchw']):.3f}",
-                     f"{statistics.median(times['nhwc']):.3f}",
+        rows.append([exp, net.num_exits, f"{med[base]:.3f}", f"{med[other]:.3f}",
                      f"{statistics.median(ratios):.2f}"])
-        print(f"{exp}: NCHW {statistics.median(times['nchw']):.3f} s, "
-              f"NHWC {statistics.median(times['nhwc']):.3f} s", flush=True)
-    table = markdown_table(["experiment", "exits", "NCHW s/step (median)", "NHWC s/step (median)",
-                            "speed-up NCHW/NHWC (median of pairs)"], rows)
+        print(f"{exp}: {labels[0]} {med[base]:.3f} s, {labels[1]} {med[other]:.3f} s", flush=True)
+    table = markdown_table(["experiment", "exits", f"{labels[0]} s/step (median)",
+                            f"{labels[1]} s/step (median)",
+                            f"speed-up {labels[0]}/{labels[1]} (median of pairs)"], rows)
     print(f"\nTraining step, batch {args.batch}, {args.threads} thread(s), "
           f"{args.steps} alternating pairs after {args.warmup} warm-up\n")
     print(table)
-    path = save_report(__file__, {"settings": vars(args), "results": results, "table": table,
-                                  "load_average_before": load_before,
-                                  "load_average_after": os.getloadavg()}, seeds=[0])
+    path = save_report(script, {"settings": vars(args), **(extra or {}), "results": results,
+                                "table": table, "load_average_before": load_before,
+                                "load_average_after": os.getloadavg()}, seeds=[0])
     print(f"saved {path}")
+
+
+def main() -> None:
+    compare(__file__, __doc__.splitlines()[0],
+            {"nchw": {"nhwc": False}, "nhwc": {"nhwc": True}}, ("NCHW", "NHWC"))
 
 
 if __name__ == "__main__":
