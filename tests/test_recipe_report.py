@@ -71,7 +71,8 @@ def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path
     assert report.best_on_test_within([{"avg_cost": 0.5, "accuracy": 0.9}], 0.45) is None
     # a config without scheduler.interval stepped per epoch (the runs before it existed)
     assert (r["schedule"], r["ema_decay"]) == ("OneCycleLR per epoch", None)
-    assert "| OneCycleLR per epoch, no EMA | 256, 0.2, crop+hflip |" in text
+    assert "| OneCycleLR per epoch, no EMA | 256, 0.2, crop+hflip, 32-true |" in text
+    assert r["precision"] == "32-true"  # no trainer.precision: from before it, float32
     assert (r["batch_size"], r["peak_lr"], r["augment"]) == (256, 0.2, ["crop", "hflip"])
 
 
@@ -85,7 +86,7 @@ def test_the_schedule_and_the_moving_average_are_read_from_the_config(tmp_path):
                                  dataset={"datamodule": {"batch_size": 128,
                                                          "augment": ["crop", "hflip", "cutout"]}}))
     assert (r["batch_size"], r["peak_lr"], r["augment"]) == (128, 0.05, ["crop", "hflip", "cutout"])
-    assert "| 128, 0.05, crop+hflip+cutout |" in report.table([r])
+    assert "| 128, 0.05, crop+hflip+cutout, 32-true |" in report.table([r])
 
 
 def test_where_val_left_during_training_is_read_per_epoch_and_summarised(tmp_path):

@@ -98,7 +98,13 @@ def test_adopted_runs_give_rows_and_the_table_says_so(tmp_path, data_root, hand_
         assert Path(r["job"]) == hand_runs[r["seed"]] and r["adopted"] is True
         assert r["accuracy"] == res["test"]["accuracy"] and r["threads"] == 1
         assert r["command"] == f"adopted run {r['job']} (its config.yaml: {r['job']}/config.yaml)"
-    assert {r["seed"]: r["machine"] for r in plain} == {0: "not recorded", 1: "hand cpu (3 cores)"}
+    # the recipe's trainer.precision=auto chose per machine; a mixed precision is named
+    chosen = {seed: OmegaConf.load(job / "config.yaml").trainer.precision
+              for seed, job in hand_runs.items()}
+    trained_in = {seed: "" if p == "32-true" else f", trained in {p}" for seed, p in chosen.items()}
+    assert {r["seed"]: r["machine"] for r in plain} == {
+        0: "not recorded" + trained_in[0], 1: "hand cpu (3 cores)" + trained_in[1]}
+    assert {r["seed"]: r["precision"] for r in plain} == chosen
     # the rows not adopted stay "not run", with the sweep's command
     ee = [r for r in table["rows"] if r["model"] != "resnet20 (no exits)"]
     assert ee and all(r["status"] == tables.NOT_RUN and "adopted" not in r for r in ee)
@@ -153,3 +159,16 @@ def test_adopt_refusals_are_one_line_and_write_nothing(tmp_path, data_root, hand
                              "backbones": ["resnet20"]})()
     tables.plan_adopted(("eenets",), args, tables.read_adopted([f"{KEY}={run}"]))
     assert not out.exists()
+
+
+def test_a_row_names_the_precision_its_run_trained_in(tmp_path):
+    """A config from before trainer.precision trained in float32: no mention; a mixed precision
+    is named in the machine cell (an adopted run may differ from the sweep there)."""
+    (tmp_path / "machine.json").write_text(json.dumps({"cpu": "cpu x", "cpu_count": 2}))
+    res = {"config": {"seed": 0, "threads": 1, "trainer": {}}, "epochs": 3, "wall_s": 1.0}
+    old = tables.row_facts(res, tmp_path)
+    assert (old["precision"], old["machine"]) == ("32-true", "cpu x (2 cores)")
+    res["config"]["trainer"]["precision"] = "bf16-mixed"
+    new = tables.row_facts(res, tmp_path)
+    assert (new["precision"], new["machine"]) == ("bf16-mixed", "cpu x (2 cores), trained in bf16-mixed")
+    assert "trainer.precision" in tables.ADOPT_MAY_DIFFER

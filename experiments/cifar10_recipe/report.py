@@ -7,7 +7,8 @@ have all their rows. Everything is read as data from each run folder, nothing is
 evaluated here:
 
 - ``config.yaml``: backbone, loss, exits, epochs, seed, threads, the batch size, peak
-  learning rate and training augmentations, the schedule (one-cycle stepped per optimizer
+  learning rate, training augmentations and precision (``trainer.precision``; float32 where
+  the config predates it), the schedule (one-cycle stepped per optimizer
   step, or per epoch as the runs before the change were) and the moving average of the
   weights (``ema.decay``; none before it existed);
 - ``results.json``: test and val accuracy of the final exit (the checkpoint eenet-train
@@ -152,7 +153,9 @@ def training_data(cfg: dict) -> dict:
     dm = (cfg.get("dataset") or {}).get("datamodule") or {}
     sched = cfg.get("scheduler") or {}
     augment = dm.get("augment") or []
-    return {"batch_size": dm.get("batch_size"),
+    # a config from before trainer.precision existed trained in float32
+    return {"precision": str((cfg.get("trainer") or {}).get("precision", "32-true")),
+            "batch_size": dm.get("batch_size"),
             "peak_lr": sched.get("max_lr", (cfg.get("optimizer") or {}).get("lr")),
             "augment": [augment] if isinstance(augment, str) else list(augment)}
 
@@ -194,7 +197,7 @@ def read_run(run: Path) -> dict:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| run | backbone, exits | schedule, EMA | batch, peak lr, augmentation | epochs | "
+    lines = ["| run | backbone, exits | schedule, EMA | batch, peak lr, augmentation, precision | epochs | "
              "seed | val % (final exit) | test % (final exit) | epoch s (1 thread, median) | "
              "training min (sum of epochs) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -202,7 +205,7 @@ def table(runs: list[dict]) -> str:
         ema = f"EMA {r['ema_decay']:g}" if r["ema_decay"] else "no EMA"
         lines.append(f"| {Path(r['run']).name} | {r['backbone']}, {r['exits']} | "
                      f"{r['schedule']}, {ema} | {r['batch_size']}, {r['peak_lr']}, "
-                     f"{'+'.join(r['augment']) or 'none'} | {r['epochs']} | "
+                     f"{'+'.join(r['augment']) or 'none'}, {r['precision']} | {r['epochs']} | "
                      f"{r['seed']} | {100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
                      f"{r['train_epoch_s_median']:.0f} | {r['train_s'] / 60:.0f} |")
     trained = [r for r in runs if r["val_dominant_exit"]]
