@@ -102,7 +102,7 @@ TRAIN_ROWS = [
      "trainer.enable_progress_bar='no' must be true or false"),
     ("deterministic as a word", ["trainer.deterministic=always"],
      "trainer.deterministic='always' must be true, false or 'warn'"),
-    ("unknown precision", ["+trainer.precision=half"], "unknown trainer.precision 'half'; accepted: "),
+    ("unknown precision", ["trainer.precision=half"], "unknown trainer.precision 'half'; accepted: auto, "),
     ("negative fast_dev_run", ["debug=fdr", "trainer.fast_dev_run=-1"],
      "trainer.fast_dev_run=-1 must be true, false or an integer >= 0"),
     ("overfit fraction above 1", ["debug=overfit", "trainer.overfit_batches=1.5"],
