@@ -70,6 +70,7 @@ from eenet.errors import EENetError
 from eenet.jobs.evaluate import evaluate
 from eenet.reporting.experiment import git_revision, machine_info, provenance
 from eenet.reporting.markdown import markdown_table
+from eenet.reporting.results import trained_precision
 from eenet.io import atomic_write_text
 from eenet.config import compose_config
 from eenet.io import first_line
@@ -397,8 +398,8 @@ def row_facts(res: dict, job: Path | None = None) -> dict:
     cfg = res["config"]
     facts = {"seed": cfg["seed"], "epochs": res["epochs"], "wall_s": round(res.get("wall_s", 0), 1),
              "threads": cfg.get("threads")}
-    precision = str((cfg.get("trainer") or {}).get("precision", "32-true"))
-    facts["precision"] = precision  # a config from before the key trained in float32
+    precision = trained_precision(cfg)
+    facts["precision"] = precision
     if job is not None:
         facts["machine"] = machine_of(job) + ("" if precision == "32-true"
                                               else f", trained in {precision}")

@@ -16,6 +16,7 @@ from eenet.config import compose_config
 from eenet.config_checks import check_train_config
 from eenet.errors import EENetError
 from eenet.jobs.train import native_bfloat16, resolve_precision, train
+from eenet.reporting.results import trained_precision
 from eenet.runs import check_resume_config
 
 BASE = ["trainer.max_epochs=2", "trainer.enable_progress_bar=false", "logger=none", "threads=1",
@@ -97,3 +98,13 @@ def test_precision_may_change_on_resume_and_must_be_known(tmp_path):
     with pytest.raises(EENetError, match="trainer.precision") as err:
         check_train_config(compose_config(BASE + ["trainer.precision=bf17"], output_dir=str(run)))
     assert "\n" not in str(err.value) and "auto" in str(err.value)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"trainer": {"precision": "bf16-mixed"}}, "bf16-mixed"),
+    ({"trainer": {"precision": "32-true"}}, "32-true"),
+    ({"trainer": {"max_epochs": 3}}, "32-true"),  # a config from before the key: float32
+    ({"trainer": None}, "32-true"), ({}, "32-true")])
+def test_trained_precision_reads_a_run_config_as_data(config, expected):
+    """The one reader of the precision a run trained in (tables' rows and the recipe report)."""
+    assert trained_precision(config) == expected

@@ -496,6 +496,14 @@ def read_policy(results: Any, where: str) -> tuple[str, list, list | None]:
             list(temperatures) if isinstance(temperatures, list) else temperatures)
 
 
+def trained_precision(config: Any) -> str:
+    """The precision a run trained in, from its config (``results.json``'s ``config`` or its
+    ``config.yaml``, as plain data): ``trainer.precision`` as eenet-train resolved it, and
+    ``32-true`` (float32) for a config from before the key existed, which trained in float32."""
+    trainer = config.get("trainer") if isinstance(config, dict) else None
+    return str((trainer if isinstance(trainer, dict) else {}).get("precision", "32-true"))
+
+
 def check_results_file(run_dir: str | Path) -> None:
     """Refuse a run folder whose ``results.json`` a newer eenet wrote (see :func:`check_readable`).
 

@@ -41,6 +41,7 @@ import yaml
 
 from eenet.errors import EENetError
 from eenet.reporting.experiment import save_report
+from eenet.reporting.results import trained_precision
 
 
 def _read_json(path: Path) -> dict:
@@ -153,8 +154,7 @@ def training_data(cfg: dict) -> dict:
     dm = (cfg.get("dataset") or {}).get("datamodule") or {}
     sched = cfg.get("scheduler") or {}
     augment = dm.get("augment") or []
-    # a config from before trainer.precision existed trained in float32
-    return {"precision": str((cfg.get("trainer") or {}).get("precision", "32-true")),
+    return {"precision": trained_precision(cfg),
             "batch_size": dm.get("batch_size"),
             "peak_lr": sched.get("max_lr", (cfg.get("optimizer") or {}).get("lr")),
             "augment": [augment] if isinstance(augment, str) else list(augment)}
