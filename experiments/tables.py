@@ -821,7 +821,9 @@ def out_root_of(args) -> Path:
 
 def make_table(name: str, args, adopt: dict[str, list[Adopted]] | None = None,
                plan: bool = False) -> Table:
-    return Table(name, out_root_of(args), Path(args.data), args.smoke, args.seeds,
+    # absolute, so that make's --data ../shared/data and the default name one folder the same
+    # way: a sweep is found again (.done) only by the same command
+    return Table(name, out_root_of(args), Path(os.path.abspath(args.data)), args.smoke, args.seeds,
                  cifar10={"yes": True, "no": False, "auto": args.smoke}[args.cifar10],
                  cifar10_epochs=args.cifar10_epochs, adopt=adopt, plan=plan)
 

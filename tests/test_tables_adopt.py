@@ -172,3 +172,24 @@ def test_a_row_names_the_precision_its_run_trained_in(tmp_path):
     new = tables.row_facts(res, tmp_path)
     assert (new["precision"], new["machine"]) == ("bf16-mixed", "cpu x (2 cores), trained in bf16-mixed")
     assert "trainer.precision" in tables.ADOPT_MAY_DIFFER
+
+
+def test_the_data_folder_is_one_path_however_it_is_spelled(tmp_path, monkeypatch):
+    """``make table-*`` passes ``--data ../shared/data``, the script's default is absolute: both
+    name one folder, so both must give the sweeps the same command (a sweep that already ran is
+    found again only by its command); a symlink keeps its own name."""
+    import argparse
+
+    (tmp_path / "repo").mkdir()
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "shared" / "data", target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "repo")
+
+    def data_of(spelled: str) -> Path:
+        args = argparse.Namespace(data=spelled, out=str(tmp_path / "out"), smoke=False, seeds=[0],
+                                  cifar10="no", cifar10_epochs=None)
+        return tables.make_table("baselines", args).data
+
+    assert data_of("../shared/data") == data_of(str(tmp_path / "shared" / "data")) \
+        == tmp_path / "shared" / "data"
+    assert data_of("../link") == tmp_path / "link"
