@@ -64,7 +64,8 @@ def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path
     assert e["chosen_by"] == {"kind": "tolerance", "value": 1.0, "min_accuracy": 0.8}
     assert (e["test_accuracy"], e["test_cost"], e["dynamic_speedup"]) == (0.79, 0.55, 1.5)
     text = report.table([r])
-    assert "| 83.00 | 82.00 | 20 | 1 |" in text and "tolerance 1.0" in text and "75.0 / 25.0" in text
+    # epoch seconds beside the threads the run trained on (runs of 1 and 2 threads sit together)
+    assert "| 83.00 | 82.00 | 20, 1 | 1 |" in text and "tolerance 1.0" in text and "75.0 / 25.0" in text
     # the best test point at cost <= 0.45 (0.45 itself in, 0.46 out), shown as a bound
     assert e["best_test_accuracy_within_cost_target"] == 0.6
     assert "75.0 / 25.0 | 60.00 |" in text and "a bound, not a result" in text

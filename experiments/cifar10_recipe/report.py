@@ -198,7 +198,7 @@ def read_run(run: Path) -> dict:
 
 def table(runs: list[dict]) -> str:
     lines = ["| run | backbone, exits | schedule, EMA | batch, peak lr, augmentation, precision | epochs | "
-             "seed | val % (final exit) | test % (final exit) | epoch s (1 thread, median) | "
+             "seed | val % (final exit) | test % (final exit) | epoch s (median), threads | "
              "training min (sum of epochs) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -207,7 +207,8 @@ def table(runs: list[dict]) -> str:
                      f"{r['schedule']}, {ema} | {r['batch_size']}, {r['peak_lr']}, "
                      f"{'+'.join(r['augment']) or 'none'}, {r['precision']} | {r['epochs']} | "
                      f"{r['seed']} | {100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
-                     f"{r['train_epoch_s_median']:.0f} | {r['train_s'] / 60:.0f} |")
+                     f"{r['train_epoch_s_median']:.0f}, {r['threads'] or 'default'} | "
+                     f"{r['train_s'] / 60:.0f} |")
     trained = [r for r in runs if r["val_dominant_exit"]]
     if trained:
         lines += ["", "| run | own policy: test % / cost | where val left during training "
