@@ -5,6 +5,7 @@ from __future__ import annotations
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from eenet.config_checks import check_train_config
 from eenet.errors import EENetError
@@ -84,3 +85,32 @@ def test_a_crashed_and_resumed_averaged_run_equals_an_uninterrupted_one(train_co
 def test_a_bad_average_is_one_clear_error(train_config, override, message):
     with pytest.raises(EENetError, match=message):
         check_train_config(train_config([override]))
+
+
+def test_val_in_results_measures_the_kept_checkpoint_not_the_latest_average(train_config,
+                                                                             tmp_path, monkeypatch):
+    """The checkpoint kept is chosen on val (here the first epoch's, not the last one's);
+    results.json's val must measure it, as its test and eenet-eval do, and not the average the
+    callback holds at the end."""
+    from eenet.config import compose_config
+    from eenet.jobs.evaluate import evaluate
+
+    class FirstEpochBest(L.Callback):  # a val metric whose best epoch is the first
+        def on_validation_epoch_end(self, trainer, pl_module):
+            pl_module.log("val/first", float(-trainer.current_epoch))
+
+    import eenet.jobs.train as train_job
+
+    # the config check allows only the module's own val keys; this one is the test's
+    checked = train_job.check_train_config
+    monkeypatch.setattr(train_job, "check_train_config", lambda cfg: checked(
+        OmegaConf.merge(cfg, {"checkpoint": {"monitor": "val/loss", "mode": "min"}})))
+    saved, _ = train(train_config(BASE + ["trainer.max_epochs=3", "+ema.decay=0.5",
+                                          "checkpoint.monitor=val/first", "checkpoint.mode=max"]),
+                     extra_callbacks=[FirstEpochBest()])
+    run = tmp_path / "run"
+    ev = evaluate(compose_config([f"run={run}", "tolerance=1.0", "batch_size=512",
+                                  "timing_passes=0", "threads=1"],
+                                 output_dir=tmp_path / "eval", config_name="eval"))
+    assert [e["val_accuracy"] for e in saved["exits"]] == [e["val_accuracy"] for e in ev["exits"]]
+    assert [e["test_accuracy"] for e in saved["exits"]] == [e["test_accuracy"] for e in ev["exits"]]

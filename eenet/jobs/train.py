@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import WeightAveraging
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -298,9 +299,12 @@ def _train_and_write(cfg: DictConfig, b: dict[str, Any], out_dir: Path, folder,
         lg.log_hyperparams(config)
     trainer.fit(module, datamodule=datamodule, ckpt_path=b["ckpt_path"])
 
-    # 3. evaluate the checkpoint chosen on val, on val and on test
+    # 3. evaluate the checkpoint chosen on val, on val and on test. Its state_dict holds the
+    # averaged weights already (weight_average); the averaging callback would swap its latest
+    # average in for the validation, so val would measure other weights than test and model.pt
     if ckpt_cb is not None:
         _load_best(module, ckpt_cb.best_model_path)
+    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, WeightAveraging)]
     trainer.validate(module, datamodule=datamodule, verbose=False)
     trainer.test(module, datamodule=datamodule, verbose=False)
     val, test = module.last_metrics["val"], module.last_metrics["test"]
