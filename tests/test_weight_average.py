@@ -7,8 +7,11 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import eenet.jobs.train as train_job
+from eenet.config import compose_config
 from eenet.config_checks import check_train_config
 from eenet.errors import EENetError
+from eenet.jobs.evaluate import evaluate
 from eenet.jobs.train import train
 from eenet.training.module import EarlyExitModule
 
@@ -92,14 +95,10 @@ def test_val_in_results_measures_the_kept_checkpoint_not_the_latest_average(trai
     """The checkpoint kept is chosen on val (here the first epoch's, not the last one's);
     results.json's val must measure it, as its test and eenet-eval do, and not the average the
     callback holds at the end."""
-    from eenet.config import compose_config
-    from eenet.jobs.evaluate import evaluate
 
     class FirstEpochBest(L.Callback):  # a val metric whose best epoch is the first
         def on_validation_epoch_end(self, trainer, pl_module):
             pl_module.log("val/first", float(-trainer.current_epoch))
-
-    import eenet.jobs.train as train_job
 
     # the config check allows only the module's own val keys; this one is the test's
     checked = train_job.check_train_config
