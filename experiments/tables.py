@@ -381,16 +381,27 @@ def results(job: Path) -> dict:
 
 
 def machine_of(job: Path) -> str:
-    """The machine a job ran on: ``machine.json`` in its folder (an adopted run may have one),
+    """The machine a job ran on: the machines its results.json records (``training_segments``:
+    every process that trained it, in order, each named once; eenet-train records them since
+    they existed), else ``machine.json`` in its folder (a run trained before it may have one),
     else its table sweep's (beside its jobs, in a folder with the sweep's ``.done``), else
-    "not recorded" (eenet-train's results.json does not record the machine)."""
+    "not recorded"."""
+    res = Path(job) / "results.json"
+    segments = json.loads(res.read_text()).get("training_segments") if res.is_file() else None
+    if segments:
+        names = [describe_machine(s) + ("" if s.get("device", "cpu") == "cpu"
+                                        else f", {s['device']}") for s in segments]
+        return " + ".join(dict.fromkeys(names))
     path = Path(job) / "machine.json"
     if not path.is_file():
         sweep = Path(job).parent
         path = sweep / "machine.json" if (sweep / ".done").is_file() else path
     if not path.is_file():
         return "not recorded"
-    m = json.loads(path.read_text())
+    return describe_machine(json.loads(path.read_text()))
+
+
+def describe_machine(m: dict) -> str:
     return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores)"
 
 

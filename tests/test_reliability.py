@@ -55,6 +55,14 @@ def test_crash_then_resume_equals_an_uninterrupted_run(train_config, tmp_path, m
     w2 = torch.load(crashed / "model.pt", weights_only=True)
     assert w1.keys() == w2.keys()
     assert [k for k in w1 if not torch.equal(w1[k], w2[k])] == []
+    # the record keeps both processes: the crashed one's epochs 0-1 (up to its last
+    # checkpoint, saved after epoch 1's validation) and the resumed one's epoch 2; every
+    # epoch's seconds, and the wall time of both
+    first, second = resumed["training_segments"]
+    assert first["epochs"] == [0, 1] and second["epochs"] == [2, 2]
+    assert len(resumed["train_epoch_seconds"]) == len(straight["train_epoch_seconds"]) == 3
+    assert resumed["wall_s"] == first["wall_s"] + second["wall_s"]
+    assert [len(s["training_segments"]) for s in (straight, resumed)] == [1, 2]
 
 
 def test_resume_without_a_checkpoint_is_a_clear_error(train_config, tmp_path):

@@ -22,6 +22,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from eenet.config import compose_config
+from eenet.reporting.experiment import machine_info
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "tables.py"
 #: the recipe's epochs (conf/experiment/cifar10_recipe/_recipe.yaml), as the rows' keys carry them
@@ -102,8 +103,11 @@ def test_adopted_runs_give_rows_and_the_table_says_so(tmp_path, data_root, hand_
     chosen = {seed: OmegaConf.load(job / "config.yaml").trainer.precision
               for seed, job in hand_runs.items()}
     trained_in = {seed: "" if p == "32-true" else f", trained in {p}" for seed, p in chosen.items()}
+    # each run records the machine that trained it (results.json's training_segments): that
+    # comes before a machine.json written beside it
+    here = tables.describe_machine(machine_info())
     assert {r["seed"]: r["machine"] for r in plain} == {
-        0: "not recorded" + trained_in[0], 1: "hand cpu (3 cores)" + trained_in[1]}
+        0: here + trained_in[0], 1: here + trained_in[1]}
     assert {r["seed"]: r["precision"] for r in plain} == chosen
     # the rows not adopted stay "not run", with the sweep's command
     ee = [r for r in table["rows"] if r["model"] != "resnet20 (no exits)"]
@@ -172,6 +176,19 @@ def test_a_row_names_the_precision_its_run_trained_in(tmp_path):
     new = tables.row_facts(res, tmp_path)
     assert (new["precision"], new["machine"]) == ("bf16-mixed", "cpu x (2 cores), trained in bf16-mixed")
     assert "trainer.precision" in tables.ADOPT_MAY_DIFFER
+
+
+def test_a_row_names_the_machines_that_trained_its_run(tmp_path):
+    """The run's own record (every process that trained it, each machine once, a GPU named),
+    else machine.json beside it, else "not recorded"."""
+    (tmp_path / "results.json").write_text(json.dumps({"epochs": 3}))
+    assert tables.machine_of(tmp_path) == "not recorded"
+    (tmp_path / "machine.json").write_text(json.dumps({"cpu": "cpu x", "cpu_count": 2}))
+    assert tables.machine_of(tmp_path) == "cpu x (2 cores)"
+    a = {"cpu": "cpu a", "cpu_count": 2, "device": "cpu"}
+    b = {"cpu": "cpu b", "cpu_count": 8, "device": "cuda (gpu z)"}
+    (tmp_path / "results.json").write_text(json.dumps({"training_segments": [a, b, a]}))
+    assert tables.machine_of(tmp_path) == "cpu a (2 cores) + cpu b (8 cores), cuda (gpu z)"
 
 
 def test_the_data_folder_is_one_path_however_it_is_spelled(tmp_path, monkeypatch):

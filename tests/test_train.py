@@ -36,7 +36,15 @@ def test_train_on_digits_writes_the_documented_results(train_config, tmp_path):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     assert saved == results
-    assert set(saved) == PREVIOUS_TRAIN_KEYS | {"format_version", "eenet_version"}
+    assert set(saved) == PREVIOUS_TRAIN_KEYS | {"format_version", "eenet_version",
+                                                "training_segments"}
+    # one process trained it, on this machine: its epochs, and all of the run's wall time
+    [seg] = saved["training_segments"]
+    assert seg["epochs"] == [0, 1] and seg["device"] == "cpu"
+    assert seg["cpu_count"] == os.cpu_count() and seg["torch_threads"] == torch.get_num_threads()
+    assert "hostname" not in seg
+    assert seg["wall_s"] == saved["wall_s"]
+    assert len(saved["train_epoch_seconds"]) == 2
     # no temperatures in a training run's results: format 2's layout and number
     assert saved["format_version"] == PLAIN_FORMAT and saved["eenet_version"] == eenet.__version__
     assert set(saved["test"]) == {"accuracy", "avg_cost_fraction", "exit_rates", "n",

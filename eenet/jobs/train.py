@@ -53,6 +53,7 @@ from eenet.io import atomic_write, atomic_write_text, safe_torch_load
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.models.weights import state_hash
 from eenet.policies import create_policy
+from eenet.reporting.experiment import machine_info
 from eenet.reporting.results import RunResults, TrainingRecord, write_results
 from eenet.reporting.wandb import finish_wandb_run, log_training_results
 from eenet.run_folder import claim_output_folder
@@ -192,7 +193,7 @@ def resolve_precision(cfg: DictConfig) -> None:
                                      else "32-true")
 
 
-def _make_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks: list
+def _make_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks: list, started: float
                   ) -> tuple[L.Trainer, Any, list, EpochTimer]:
     """The Lightning trainer with eenet's callbacks, safe checkpoint I/O and the loggers."""
     group = _sweep_group()
@@ -202,7 +203,10 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks: list
         lg = instantiate(node, "logger", **extra)
         if lg is not None:
             loggers.append(lg)
-    epoch_timer = EpochTimer()
+    # the machine each process that trains the run ran on (the host's name stays out of a
+    # folder that may be shared)
+    machine = {k: v for k, v in machine_info().items() if k != "hostname"}
+    epoch_timer = EpochTimer(machine=machine, started=started)
     callbacks: list = [EpochSeed(int(cfg.seed)), epoch_timer, *extra_callbacks]
     ema = cfg.get("ema")
     if ema:  # an exponential moving average of the weights (and BatchNorm statistics)
@@ -290,7 +294,7 @@ def _train_and_write(cfg: DictConfig, b: dict[str, Any], out_dir: Path, folder,
 
     # 2. train
     config = _config_dict(cfg)
-    trainer, ckpt_cb, loggers, epoch_timer = _make_trainer(cfg, out_dir, extra_callbacks)
+    trainer, ckpt_cb, loggers, epoch_timer = _make_trainer(cfg, out_dir, extra_callbacks, started)
     if folder is not None:
         folder.clear(OUTPUTS)  # overwrite=true: the earlier run's files go
         atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
@@ -322,7 +326,10 @@ def _train_and_write(cfg: DictConfig, b: dict[str, Any], out_dir: Path, folder,
             train_epoch_seconds=epoch_timer.seconds))
     if trainer.is_global_zero:
         results.anytime, results.objective = _after_training_views(cfg, net, datamodule, cost)
-    results.wall_s = time.time() - started
+    # every process that trained the run (a resumed run's earlier ones from its checkpoint),
+    # and the wall time of them all
+    results.training.segments = epoch_timer.segments
+    results.wall_s = sum(seg["wall_s"] for seg in results.training.segments)
     saved = results.to_dict()
     if trainer.is_global_zero:
         atomic_write(out_dir / "model.pt", lambda f: torch.save(net.state_dict(), f))

@@ -56,7 +56,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a plain str: TorchVersion does not load weights_only
         "lightning": lightning.__version__,
         "platform": platform.platform(),
     }

@@ -25,6 +25,9 @@ entropy thresholds mean, see below)::
      eenet-train (:class:`TrainingRecord`): "splits", "epochs", "best_checkpoint",
          "val_loss", "test_loss", "resumed_from", "world_size", "mode", "targets",
          "backbone_hash_before", "backbone_hash_after", "train_epoch_seconds",
+         "training_segments"? (each process that trained the run: its machine (CPU, cores,
+         torch threads, versions), device, epochs [first, last] and wall_s;
+         eenet.training.checkpoint.EpochTimer),
      eenet-eval (:class:`EvaluationRecord`): "run", "target", "calibration",
          "engine" (:class:`EngineResult`), "drop_vs_final_exit"
          ("calibration" holds "temperature" with eenet-eval temperature=true),
@@ -98,7 +101,7 @@ ENTROPY_AS_NEGATIVE_FROM = 2
 
 _TRAINING_KEYS = ("splits", "epochs", "best_checkpoint", "val_loss", "test_loss", "resumed_from",
                   "world_size", "mode", "targets", "backbone_hash_before", "backbone_hash_after",
-                  "train_epoch_seconds")
+                  "train_epoch_seconds", "training_segments")
 _EVALUATION_KEYS = ("run", "target", "calibration", "engine", "drop_vs_final_exit")
 #: Every top-level key of ``results.json``, in the order it is written.
 TOP_LEVEL_KEYS = ("format_version", "eenet_version", "dataset", "backbone", "num_classes",
@@ -289,6 +292,9 @@ class TrainingRecord:
     backbone_hash_before: str
     backbone_hash_after: str
     train_epoch_seconds: list[float]
+    #: every process that trained the run (:class:`eenet.training.checkpoint.EpochTimer`);
+    #: None in a file written before it was recorded
+    segments: list[dict] | None = None
 
 
 @dataclass
@@ -380,6 +386,8 @@ class RunResults:
                      targets=t.targets, backbone_hash_before=t.backbone_hash_before,
                      backbone_hash_after=t.backbone_hash_after,
                      train_epoch_seconds=t.train_epoch_seconds)
+            if t.segments is not None:
+                d["training_segments"] = t.segments
         if self.evaluation is not None:
             e = self.evaluation
             d.update(run=e.run, target=e.target, calibration=e.calibration,
@@ -410,7 +418,9 @@ class RunResults:
         training = evaluation = None
         if "epochs" in d:
             training = TrainingRecord(**{k: d[k] for k in _TRAINING_KEYS
-                                         if k not in ("val_loss", "test_loss")})
+                                         if k not in ("val_loss", "test_loss",
+                                                      "training_segments")},
+                                      segments=d.get("training_segments"))
         if "engine" in d:
             evaluation = EvaluationRecord(run=d["run"], target=d["target"],
                                           calibration=d["calibration"],

@@ -13,8 +13,10 @@ evaluated here:
   weights (``ema.decay``; none before it existed);
 - ``results.json``: test and val accuracy of the final exit (the checkpoint eenet-train
   evaluated: ``best_checkpoint``, chosen on val loss), per-exit test accuracy, training epoch
-  seconds (eenet's EpochTimer; a resumed run's epochs all count: the median per epoch and
-  their sum, the training time a user picks a budget by), wall time;
+  seconds (eenet's EpochTimer; the median per epoch and their sum, the training time a user
+  picks a budget by: a resumed run's epochs all count where results.json has
+  ``training_segments``, and only the last process's in a run trained before eenet kept them
+  across a resume), wall time;
 - ``csv/metrics.csv``: val accuracy per epoch (a resumed run may repeat an epoch that ran
   after its last checkpoint; the last row of each epoch is taken, the one the resumed run
   wrote) and, for a run with early exits, where its own policy (the training config's
