@@ -22,6 +22,7 @@ from eenet.inference import DynamicEngine
 from eenet.jobs.evaluate import evaluate, report
 from eenet.jobs.train import train
 from eenet.policies import create_policy
+from eenet.reporting.experiment import run_machine
 from eenet.reporting.results import FORMAT_VERSION, PLAIN_FORMAT, RunResults
 from eenet.runs import load_run
 
@@ -71,6 +72,11 @@ def test_eval_with_tolerance_writes_the_report(digits_run, tmp_path):
     assert engine["dynamic_wall_s"] == statistics.median(engine["dynamic_pass_s"]) > 0
     assert engine["final_exit_wall_s"] == statistics.median(engine["final_exit_pass_s"]) > 0
     assert engine["speedup"] == engine["final_exit_wall_s"] / engine["dynamic_wall_s"]
+    # on this machine: a timing says where it was measured (no host name: a folder is data)
+    here, m = run_machine(), engine["machine"]
+    assert [m[k] for k in ("cpu", "cpu_count", "torch")] == [here[k] for k in ("cpu", "cpu_count",
+                                                                             "torch")]
+    assert m["torch_threads"] == engine["threads"] and "hostname" not in m
     t = saved["test"]
     assert t["n"] == 360 and sum(t["exit_rates"]) == pytest.approx(1.0)
     fr = [e["cost_fraction"] for e in saved["exits"]]
@@ -91,7 +97,8 @@ def test_eval_with_budget_and_latency(digits_run, tmp_path):
     res = evaluate(eval_config(digits_run, tmp_path / "b", "budget=0.3", "policy=max_prob",
                                "latency=true", "timing_passes=0"))
     assert set(res) == PREVIOUS_EVAL_KEYS | {"format_version", "eenet_version", "latency"}
-    assert set(res["engine"]) == {"batch_size", "wall_s", "agreement_with_static"}  # no timing
+    assert set(res["engine"]) == {"batch_size", "wall_s", "agreement_with_static",
+                                  "machine"}  # no timing
     assert res["calibration"]["chosen"]["avg_cost"] <= 0.3
     assert set(res["latency"]) == {"exit_table"}  # a mapping, the eager table alone
     assert {r["batch_size"] for r in res["latency"]["exit_table"]} == {1, 256}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,6 +83,7 @@ def cached(digits_run):
 def without_wall_clock(results: dict) -> dict:
     out = json.loads(json.dumps(results))
     del out["engine"]["wall_s"]
+    out["engine"].pop("machine", None)  # where it was timed (recorded since after temperatures)
     return out
 
 
@@ -162,7 +164,13 @@ def test_temperature_false_equals_the_code_before_temperatures(digits_run, tmp_p
         pytest.skip(f"needs git history with commit {BEFORE_TEMPERATURES} (a shallow clone or an "
                     f"archive has none)")
     subprocess.run(["tar", "-x", "-C", str(old)], input=archive, check=True)
-    options = [f"run={digits_run}", "timing_passes=0", "threads=1", "policy=max_prob",
+    # the run as that code wrote runs: without the keys added since (it refuses a newer file)
+    run = tmp_path / "run"
+    shutil.copytree(digits_run, run)
+    res = json.loads((run / "results.json").read_text())
+    res.pop("training_segments")
+    (run / "results.json").write_text(json.dumps(res))
+    options = [f"run={run}", "timing_passes=0", "threads=1", "policy=max_prob",
                "budget=0.5"]
     folders = {}
     for name, path, extra in (("before", str(old), []), ("now", str(REPO), ["temperature=false"])):

@@ -98,6 +98,7 @@ from eenet.inference.backends import BackendEngine
 from eenet.inference.latency import TAIL_KEYS, tail_latencies
 from eenet.io import atomic_write_text
 from eenet.policies import create_policy
+from eenet.reporting.experiment import run_machine
 from eenet.reporting.markdown import engine_timing_line, markdown_table, results_markdown
 from eenet.reporting.plots import plot_curve, plot_exit_distribution, plot_reliability
 from eenet.reporting.results import (EngineResult, EvaluationRecord, RunResults, SplitResult,
@@ -310,7 +311,8 @@ def _calibrate_test_and_write(cfg: DictConfig, folder: OutputFolder, train_cfg: 
         calibration["temperature"] = _temperature_section(fit, val, test)
 
     # 4. measured: the dynamic engine against the same network run to its final exit
-    timing = EngineResult(batch_size=bs, wall_s=engine_s, agreement_with_static=agree)
+    timing = EngineResult(batch_size=bs, wall_s=engine_s, agreement_with_static=agree,
+                          machine=run_machine())
     if passes:
         # every early exit off, on the same backend: only the stages and the final head run
         dyn, fin = time_against_final_exit(engine, plain, test_batches(), passes)

@@ -53,7 +53,7 @@ from eenet.io import atomic_write, atomic_write_text, safe_torch_load
 from eenet.models.early_exit import EarlyExitNetwork
 from eenet.models.weights import state_hash
 from eenet.policies import create_policy
-from eenet.reporting.experiment import machine_info
+from eenet.reporting.experiment import run_machine
 from eenet.reporting.results import RunResults, TrainingRecord, write_results
 from eenet.reporting.wandb import finish_wandb_run, log_training_results
 from eenet.run_folder import claim_output_folder
@@ -203,10 +203,7 @@ def _make_trainer(cfg: DictConfig, out_dir: Path, extra_callbacks: list, started
         lg = instantiate(node, "logger", **extra)
         if lg is not None:
             loggers.append(lg)
-    # the machine each process that trains the run ran on (the host's name stays out of a
-    # folder that may be shared)
-    machine = {k: v for k, v in machine_info().items() if k != "hostname"}
-    epoch_timer = EpochTimer(machine=machine, started=started)
+    epoch_timer = EpochTimer(machine=run_machine(), started=started)  # who trains the run
     callbacks: list = [EpochSeed(int(cfg.seed)), epoch_timer, *extra_callbacks]
     ema = cfg.get("ema")
     if ema:  # an exponential moving average of the weights (and BatchNorm statistics)

@@ -62,6 +62,12 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def run_machine() -> dict[str, Any]:
+    """:func:`machine_info` for a run folder's files: without the host's name (a run folder
+    is data that may be sent to others)."""
+    return {k: v for k, v in machine_info().items() if k != "hostname"}
+
+
 def _existing_folder(where: str | Path) -> Path:
     """``where`` if it is a folder, else the nearest existing folder above it."""
     p = Path(where).resolve()

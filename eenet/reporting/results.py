@@ -249,6 +249,9 @@ class EngineResult:
         timed_passes: number of timed passes of each.
         threads: torch threads during the timing.
         dynamic_pass_s, final_exit_pass_s: every timed pass, in seconds.
+        machine: where every timing of the file was measured (this section's and
+            ``latency``'s): CPU, cores, torch threads, versions
+            (:func:`eenet.reporting.experiment.run_machine`); absent in files made before.
     """
 
     batch_size: int
@@ -261,9 +264,10 @@ class EngineResult:
     threads: int | None = None
     dynamic_pass_s: list[float] | None = None
     final_exit_pass_s: list[float] | None = None
+    machine: dict | None = None
 
     _OPTIONAL = ("dynamic_wall_s", "final_exit_wall_s", "speedup", "timed_passes", "threads",
-                 "dynamic_pass_s", "final_exit_pass_s")
+                 "dynamic_pass_s", "final_exit_pass_s", "machine")
 
     def to_dict(self) -> dict:
         out = {"batch_size": self.batch_size, "wall_s": self.wall_s,
