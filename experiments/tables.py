@@ -70,7 +70,7 @@ from eenet.errors import EENetError
 from eenet.jobs.evaluate import evaluate
 from eenet.reporting.experiment import git_revision, machine_info, provenance
 from eenet.reporting.markdown import markdown_table
-from eenet.reporting.results import trained_precision
+from eenet.reporting.results import trained_on, trained_precision
 from eenet.io import atomic_write_text
 from eenet.config import compose_config
 from eenet.io import first_line
@@ -381,28 +381,12 @@ def results(job: Path) -> dict:
 
 
 def machine_of(job: Path) -> str:
-    """The machine a job ran on: the machines its results.json records (``training_segments``:
-    every process that trained it, in order, each named once; eenet-train records them since
-    they existed), else ``machine.json`` in its folder (a run trained before it may have one),
-    else its table sweep's (beside its jobs, in a folder with the sweep's ``.done``), else
-    "not recorded"."""
-    res = Path(job) / "results.json"
-    segments = json.loads(res.read_text()).get("training_segments") if res.is_file() else None
-    if segments:
-        names = [describe_machine(s) + ("" if s.get("device", "cpu") == "cpu"
-                                        else f", {s['device']}") for s in segments]
-        return " + ".join(dict.fromkeys(names))
-    path = Path(job) / "machine.json"
-    if not path.is_file():
-        sweep = Path(job).parent
-        path = sweep / "machine.json" if (sweep / ".done").is_file() else path
-    if not path.is_file():
-        return "not recorded"
-    return describe_machine(json.loads(path.read_text()))
-
-
-def describe_machine(m: dict) -> str:
-    return f"{m.get('cpu', '?')} ({m.get('cpu_count', '?')} cores)"
+    """The machines a job ran on (:func:`eenet.reporting.results.trained_on`: its results.json,
+    else a machine.json beside it), else its table sweep's (beside its jobs, in a folder with
+    the sweep's ``.done``), else "not recorded"."""
+    sweep = Path(job).parent
+    return (trained_on(job) or (trained_on(sweep) if (sweep / ".done").is_file() else None)
+            or "not recorded")
 
 
 def row_facts(res: dict, job: Path | None = None) -> dict:

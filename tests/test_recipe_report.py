@@ -29,7 +29,9 @@ def fake_run(folder: Path, **config) -> Path:
         "test": {"accuracy": 0.81}, "val": {"accuracy": 0.8}, "epochs": 3,
         "exits": [{"test_accuracy": 0.7, "cost_fraction": 0.4},
                   {"test_accuracy": 0.82, "val_accuracy": 0.83, "cost_fraction": 1.0}],
-        "train_epoch_seconds": [10.0, 30.0, 20.0], "wall_s": 70.0}))
+        "train_epoch_seconds": [10.0, 30.0, 20.0], "wall_s": 70.0,
+        "training_segments": [{"cpu": "cpu a", "cpu_count": 2, "device": "cpu"},
+                              {"cpu": "cpu b", "cpu_count": 4, "device": "cpu"}]}))
     (folder / "csv").mkdir()
     rows = ["epoch,step,val/acc,train/loss", "0,10,0.5,", "1,20,0.6,", "1,25,,2.0",
             "2,30,0.65,", "1,20,0.62,", "2,30,0.7,"]  # epochs 1 and 2 ran again after a resume
@@ -64,8 +66,11 @@ def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path
     assert e["chosen_by"] == {"kind": "tolerance", "value": 1.0, "min_accuracy": 0.8}
     assert (e["test_accuracy"], e["test_cost"], e["dynamic_speedup"]) == (0.79, 0.55, 1.5)
     text = report.table([r])
-    # epoch seconds beside the threads the run trained on (runs of 1 and 2 threads sit together)
-    assert "| 83.00 | 82.00 | 20, 1 | 1 |" in text and "tolerance 1.0" in text and "75.0 / 25.0" in text
+    # epoch seconds beside the threads and the machines the run trained on (runs of 1 and 2
+    # threads sit together; this one was resumed on another machine)
+    assert r["trained_on"] == "cpu a (2 cores) + cpu b (4 cores)"
+    assert "| 83.00 | 82.00 | 20, 1, cpu a (2 cores) + cpu b (4 cores) | 1 |" in text
+    assert "tolerance 1.0" in text and "75.0 / 25.0" in text
     # the best test point at cost <= 0.45 (0.45 itself in, 0.46 out), shown as a bound
     assert e["best_test_accuracy_within_cost_target"] == 0.6
     assert "75.0 / 25.0 | 60.00 |" in text and "a bound, not a result" in text

@@ -518,6 +518,22 @@ def trained_precision(config: Any) -> str:
     return str((trainer if isinstance(trainer, dict) else {}).get("precision", "32-true"))
 
 
+def trained_on(run_dir: str | Path) -> str | None:
+    """The machines that trained a run, as one line ("<cpu> (<n> cores)", a GPU named, each
+    machine once, joined by " + "): from its ``results.json``'s ``training_segments`` (every
+    process that trained it), else from a ``machine.json`` written beside it (runs trained
+    before eenet-train recorded them); None when neither is there."""
+    run_dir = Path(run_dir)
+    res = run_dir / "results.json"
+    segments = json.loads(res.read_text()).get("training_segments") if res.is_file() else None
+    if not segments:
+        path = run_dir / "machine.json"
+        segments = [json.loads(path.read_text())] if path.is_file() else []
+    names = [f"{s.get('cpu', '?')} ({s.get('cpu_count', '?')} cores)"
+             + ("" if s.get("device", "cpu") == "cpu" else f", {s['device']}") for s in segments]
+    return " + ".join(dict.fromkeys(names)) or None
+
+
 def check_results_file(run_dir: str | Path) -> None:
     """Refuse a run folder whose ``results.json`` a newer eenet wrote (see :func:`check_readable`).
 

@@ -16,7 +16,8 @@ evaluated here:
   seconds (eenet's EpochTimer; the median per epoch and their sum, the training time a user
   picks a budget by: a resumed run's epochs all count where results.json has
   ``training_segments``, and only the last process's in a run trained before eenet kept them
-  across a resume), wall time;
+  across a resume), wall time, and the machines that trained it (``training_segments``; a
+  ``machine.json`` beside a run trained before them);
 - ``csv/metrics.csv``: val accuracy per epoch (a resumed run may repeat an epoch that ran
   after its last checkpoint; the last row of each epoch is taken, the one the resumed run
   wrote) and, for a run with early exits, where its own policy (the training config's
@@ -43,7 +44,7 @@ import yaml
 
 from eenet.errors import EENetError
 from eenet.reporting.experiment import save_report
-from eenet.reporting.results import trained_precision
+from eenet.reporting.results import trained_on, trained_precision
 
 
 def _read_json(path: Path) -> dict:
@@ -193,14 +194,15 @@ def read_run(run: Path) -> dict:
             "best_checkpoint": r.get("best_checkpoint"), "resumed_from": r.get("resumed_from"),
             "train_epoch_s_median": statistics.median(epochs_s) if epochs_s else None,
             "train_s": sum(epochs_s) if epochs_s else None,
-            "wall_s": r.get("wall_s"), "val_accuracy_per_epoch": val,
+            "wall_s": r.get("wall_s"), "trained_on": trained_on(run) or "not recorded",
+            "val_accuracy_per_epoch": val,
             "val_exit_rates_per_epoch": rates, "val_dominant_exit": dominant_exits(rates),
             "evaluations": evaluations(run)}
 
 
 def table(runs: list[dict]) -> str:
     lines = ["| run | backbone, exits | schedule, EMA | batch, peak lr, augmentation, precision | epochs | "
-             "seed | val % (final exit) | test % (final exit) | epoch s (median), threads | "
+             "seed | val % (final exit) | test % (final exit) | epoch s (median), threads, machine | "
              "training min (sum of epochs) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
@@ -209,7 +211,8 @@ def table(runs: list[dict]) -> str:
                      f"{r['schedule']}, {ema} | {r['batch_size']}, {r['peak_lr']}, "
                      f"{'+'.join(r['augment']) or 'none'}, {r['precision']} | {r['epochs']} | "
                      f"{r['seed']} | {100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
-                     f"{r['train_epoch_s_median']:.0f}, {r['threads'] or 'default'} | "
+                     f"{r['train_epoch_s_median']:.0f}, {r['threads'] or 'default'}, "
+                     f"{r['trained_on']} | "
                      f"{r['train_s'] / 60:.0f} |")
     trained = [r for r in runs if r["val_dominant_exit"]]
     if trained:
