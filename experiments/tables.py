@@ -408,6 +408,13 @@ def not_run_row(t: "Table", key: str, epochs: int, **labels) -> dict:
             "planned_epochs": epochs, "wall_s": None, "machine": "-"}
 
 
+def lambdas_not_run(rows: list[dict], lambdas: list[str]) -> list[str]:
+    """The swept lambdas (``"-"``: a method without one) that no row of ``rows`` has: a sweep
+    whose jobs were adopted in part shows its other jobs "not run", not nothing."""
+    ran = {r["lambda"] if r["lambda"] == "-" else float(r["lambda"]) for r in rows}
+    return [lam for lam in lambdas if (lam if lam == "-" else float(lam)) not in ran]
+
+
 def is_run(rs: list[dict]) -> bool:
     return not any(r.get("status") == NOT_RUN for r in rs)
 
@@ -533,11 +540,11 @@ def table_eenets(t: Table, datasets: list[str]) -> tuple[str, list[dict], list[s
     if not plain:
         rows.append(not_run_row(t, t.ckey(CIFAR_PLAIN[0]), epochs, dataset=ds, paper="-",
                                 model="resnet20 (no exits)", **{"lambda": "-"}))
-    rows += [eenets_row(ds, job, "resnet20 + 6 EENets exits") for job in ee]
-    if not ee:
-        rows += [not_run_row(t, t.ckey(CIFAR_EENETS[0]), epochs, dataset=ds, paper=EENETS_PAPER,
-                             model="resnet20 + 6 EENets exits", **{"lambda": lam})
-                 for lam in cifar_lambdas(t).split(",")]
+    ee_rows = [eenets_row(ds, job, "resnet20 + 6 EENets exits") for job in ee]
+    rows += ee_rows + [not_run_row(t, t.ckey(CIFAR_EENETS[0]), epochs, dataset=ds,
+                                   paper=EENETS_PAPER, model="resnet20 + 6 EENets exits",
+                                   **{"lambda": lam})
+                       for lam in lambdas_not_run(ee_rows, cifar_lambdas(t).split(","))]
     deviations += [*CIFAR_DEVIATIONS,
                    "CIFAR-10 (JPEG) EENets rows: six exits placed as SDN's internal "
                    "classifiers (about 1/7 ... 6/7 of the MACs), each one 3x3 stride-2 conv "
@@ -622,6 +629,7 @@ def table_baselines(t: Table) -> tuple[str, list[dict], list[str]]:
     cifar_rows = []
     for label, policy, paper, run_sweep, key, lambdas in cifar_methods:
         jobs = run_sweep()
+        method_rows = []
         for job in jobs:
             r = results(job)
             seed = r["config"]["seed"]
@@ -643,9 +651,9 @@ def table_baselines(t: Table) -> tuple[str, list[dict], list[str]]:
                    **row_facts(r, job)}
             rows.append(row)
             cifar_rows.append(row)
-        if not jobs:
-            rows += [not_run_row(t, key, epochs, dataset=ds, method=label, paper=paper,
-                                 **{"lambda": lam}) for lam in lambdas]
+            method_rows.append(row)
+        rows += [not_run_row(t, key, epochs, dataset=ds, method=label, paper=paper,
+                             **{"lambda": lam}) for lam in lambdas_not_run(method_rows, lambdas)]
     t.extra["chosen_on_val"] = chosen_on_val(cifar_rows, ref_val)
     deviations += [*CIFAR_DEVIATIONS,
                    "CIFAR-10 (JPEG) rows: six exits placed as SDN's internal classifiers (about "

@@ -127,6 +127,28 @@ def test_adopted_runs_give_rows_and_the_table_says_so(tmp_path, data_root, hand_
     assert not (tmp_path / "out" / "runs").exists()  # nothing was trained for it
 
 
+def test_a_sweep_adopted_in_part_shows_its_other_jobs_not_run(tmp_path, data_root, cifar_only):
+    """One lambda of the EENets sweep trained by hand: its row, and the other lambda's row
+    "not run" with the sweep's command (before, the other lambdas' rows were left out)."""
+    run = tmp_path / "eenets_l0.5"
+    proc = subprocess.run(
+        [sys.executable, "-m", "eenet.cli.train", "experiment=cifar10_recipe/resnet20_eenets",
+         "loss.second.lambda_coef=0.5", f"data_root={data_root.path}", "threads=1",
+         *tables.SMOKE, "seed=0", f"hydra.run.dir={run}"],
+        env={**os.environ, "WANDB_MODE": "disabled"}, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _main(tmp_path / "out", data_root.path, "--seeds", "0", "--adopt",
+          f"cifar10_jpeg_recipe_resnet20_eenets_{EPOCHS}ep={run}")
+    table = json.loads((tmp_path / "out" / "eenets.json").read_text())
+    ee = {str(r["lambda"]): r for r in table["rows"] if r["model"] == "resnet20 + 6 EENets exits"}
+    assert sorted(ee) == ["0.5", "1"]  # the SMOKE sweep's lambdas
+    assert ee["0.5"]["job"] == str(run) and ee["0.5"].get("status") != tables.NOT_RUN
+    assert ee["1"]["status"] == tables.NOT_RUN and ee["1"]["job"] is None
+    assert "loss.second.lambda_coef=0.5,1" in ee["1"]["command"]
+    assert tables.lambdas_not_run([{"lambda": "-"}], ["-"]) == []
+    assert tables.lambdas_not_run([], ["-"]) == ["-"]
+
+
 def test_adopt_refusals_are_one_line_and_write_nothing(tmp_path, data_root, hand_runs,
                                                       cifar_only, capsys):
     out, data = tmp_path / "out", data_root.path
