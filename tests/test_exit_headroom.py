@@ -1,0 +1,157 @@
+"""``experiments/cifar10_recipe/exit_headroom.py``: the oracle is the best any exit rule can
+do at a cost budget (checked against every assignment of samples to exits, heads of unused
+exits skipped), and a run that is not what its results.json says is one line."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from eenet.cost import CostTable, ExitCost
+from eenet.models.early_exit import ExitOutputs
+
+SCRIPT = (Path(__file__).resolve().parent.parent / "experiments" / "cifar10_recipe"
+          / "exit_headroom.py")
+spec = importlib.util.spec_from_file_location("exit_headroom", SCRIPT)
+headroom = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(headroom)
+
+
+def table(backbone: list[int], heads: list[int], always_run=()) -> CostTable:
+    """Exit i after ``backbone[i]`` MACs of the backbone, its head ``heads[i]`` (0 for the
+    final exit, whose classifier is part of the backbone); every head before it paid."""
+    total = backbone[-1]
+    exits, paid = [], 0
+    for i, (b, h) in enumerate(zip(backbone, heads)):
+        paid += h
+        exits.append(ExitCost(f"exit{i}", i, h, b + paid, (b + paid) / total))
+    return CostTable(backbone_macs=total, input_size=(1, 2, 2), exits=exits,
+                     always_run=list(always_run))
+
+
+def brute_force(correct: torch.Tensor, cost: CostTable, budget: float, accuracy: float):
+    """Every assignment of samples to exits; a head runs when some sample leaves through it."""
+    n, m = correct.shape
+    best_acc, best_cost = 0.0, None
+    for assign in itertools.product(range(m), repeat=n):
+        used = set(assign)
+        skipped = [j not in used and j not in cost.always_run for j in range(m - 1)]
+        c = cost.fractions_skipping(skipped)
+        mean_cost = sum(c[a] for a in assign) / n
+        acc = sum(bool(correct[b, a]) for b, a in enumerate(assign)) / n
+        if mean_cost <= budget + 1e-12:
+            best_acc = max(best_acc, acc)
+        if acc >= accuracy - 1e-12 and (best_cost is None or mean_cost < best_cost):
+            best_cost = mean_cost
+    return best_acc, best_cost
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_the_oracle_is_the_best_assignment_of_samples_to_exits(seed):
+    g = torch.Generator().manual_seed(seed)
+    n, m = 5, 4
+    correct = torch.rand(n, m, generator=g) < torch.tensor([0.3, 0.5, 0.6, 0.8])
+    backbone = sorted(int(v) for v in torch.randint(5, 95, (m - 1,), generator=g)) + [100]
+    heads = [int(v) for v in torch.randint(0, 30, (m - 1,), generator=g)] + [0]
+    always = [1] if seed % 3 == 0 else []
+    cost = table(backbone, heads, always)
+    budget = float(torch.rand((), generator=g)) * 0.9 + 0.1
+    accuracy = [0.2, 0.4, 0.6, 0.8][seed % 4]
+    got = headroom.best_oracle(correct, cost, budget, accuracy)
+    acc, c = brute_force(correct, cost, budget, accuracy)
+    assert got["accuracy_within_budget"] == pytest.approx(acc)
+    if c is None:
+        assert got["cost_for_accuracy"] is None
+    else:
+        assert got["cost_for_accuracy"] == pytest.approx(c)
+
+
+def test_skipping_an_unused_head_can_make_the_budget():
+    # exit 1 is never right; its head (40 MACs) would push exit 2 over the budget
+    cost = table([10, 20, 100], [0, 40, 0])
+    correct = torch.tensor([[True, False, True], [False, False, True]])
+    got = headroom.best_oracle(correct, cost, budget=0.6, accuracy=1.0)
+    # exit 0 for sample 0 (0.10), the final exit for sample 1 (1.0 without exit 1's head)
+    assert got["accuracy_within_budget"] == 1.0
+    assert got["exits_used_for_accuracy"] == [0]
+    assert got["cost_for_accuracy"] == pytest.approx((0.10 + 1.0) / 2)
+    # with exit 1's head paid, the same assignment costs (0.10 + 1.4) / 2 = 0.75 > 0.6
+    base, extra = headroom.oracle_curve(correct, cost.fractions, [True, True, True])
+    assert headroom.oracle_at(base, extra, 0.6) == 0.5
+
+
+def test_out_of_reach_is_none_and_zero():
+    cost = table([50, 100], [10, 0])
+    correct = torch.tensor([[False, False], [True, True]])
+    got = headroom.best_oracle(correct, cost, budget=0.3, accuracy=0.9)
+    assert got["cost_for_accuracy"] is None   # sample 0 is wrong everywhere
+    assert got["accuracy_within_budget"] == 0.0  # no exit is as cheap as 0.3
+
+
+class Net(torch.nn.Module):
+    """Two exits over samples labelled 0, 1, 0, 1, ...: the early one always says 0 (right on
+    half), the final one is always right."""
+
+    def check_input(self, x):  # the engine's shape check: any (B, C, H, W) batch here
+        assert x.dim() == 4
+
+    def forward(self, x):
+        y = torch.arange(len(x)) % 2
+        early = torch.tensor([[5.0, 0.0]]).expand(len(x), 2)
+        final = torch.nn.functional.one_hot(y, 2).float() * 5
+        return ExitOutputs([early, final], [torch.zeros(len(x)), torch.zeros(len(x))])
+
+
+class Data:
+    def val_dataloader(self):
+        return [(torch.zeros(8, 1, 2, 2), torch.arange(8) % 2)]
+
+    test_dataloader = val_dataloader
+
+
+def write_run(folder: Path, accuracies: list[float]) -> Path:
+    folder.mkdir()
+    (folder / "results.json").write_text(json.dumps(
+        {"exits": [{"val_accuracy": a, "test_accuracy": a} for a in accuracies]}))
+    return folder
+
+
+def test_a_run_is_measured_and_saved(tmp_path, monkeypatch, capsys):
+    run = write_run(tmp_path / "run", [0.5, 1.0])
+    ref = write_run(tmp_path / "ref", [1.0])
+    cfg = OmegaConf.create({"seed": 3, "trainer": {"max_epochs": 2}})
+    cost = table([40, 100], [10, 0])
+    monkeypatch.setattr(headroom, "load_run", lambda r, root: (cfg, Data(), Net(), cost))
+    saved = {}
+    monkeypatch.setattr(headroom, "save_report",
+                        lambda script, payload, suffix, **kw: saved.update(payload) or "x.json")
+    assert headroom.main([str(run), "--reference", str(ref), "--budget", "0.75",
+                          "--threads", "1"]) == 0
+    row = saved["runs"][0]
+    # right on all: the 0s at the early exit (0.5), the 1s at the final (1.1): 0.8 on average
+    assert row["test"]["cost_for_accuracy"] == pytest.approx(0.8)
+    # within 0.75: every 0 at the early exit (0.5) and three of the four 1s at the final
+    # (1.1): (4 * 0.5 + 3 * 1.1 + 0.5) / 8 = 0.725; a fourth would make it 0.8
+    assert row["test"]["accuracy_within_budget"] == 7 / 8
+    assert row["test"]["exit_accuracy"] == [0.5, 1.0]
+    assert "oracle" in capsys.readouterr().out
+
+
+def test_a_run_that_is_not_its_results_json_is_one_line(tmp_path, monkeypatch, capsys):
+    run = write_run(tmp_path / "run", [0.9, 1.0])  # the early exit is right on half only
+    ref = write_run(tmp_path / "ref", [1.0])
+    cfg = OmegaConf.create({"seed": 3, "trainer": {"max_epochs": 2}})
+    monkeypatch.setattr(headroom, "load_run",
+                        lambda r, root: (cfg, Data(), Net(), table([40, 100], [10, 0])))
+    assert headroom.main([str(run), "--reference", str(ref)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exit 0's val accuracy 0.5000 is not the 0.9000" in err[0]
+    (run / "INCOMPLETE").write_text("")
+    assert headroom.main([str(run), "--reference", str(ref)]) == 2
+    assert "still being trained" in capsys.readouterr().err
