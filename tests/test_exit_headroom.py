@@ -155,3 +155,67 @@ def test_a_run_that_is_not_its_results_json_is_one_line(tmp_path, monkeypatch, c
     (run / "INCOMPLETE").write_text("")
     assert headroom.main([str(run), "--reference", str(ref)]) == 2
     assert "still being trained" in capsys.readouterr().err
+
+
+class NearTie(torch.nn.Module):
+    """Class 0 scores the sum of channel 0, class 1 the same plus channel 1's first pixel:
+    an offset of 1e-9 is lost in float32 (a tie, argmax says 0) but not in float64."""
+
+    def check_input(self, x):
+        assert x.dim() == 4
+
+    def forward(self, x):
+        a = x[:, 0].flatten(1).sum(1)
+        logits = torch.stack([a, a + x[:, 1, 0, 0]], 1)
+        return ExitOutputs([logits], [torch.zeros(len(x))])
+
+
+def near_tie_batches():
+    """Six samples: two of class 1 tied in float32 (predicted 0: wrong), two clearly class 1
+    and two clearly class 0 (right)."""
+    x = torch.full((6, 2, 2, 2), 1 / 3)
+    x[:, 1] = 0
+    x[0, 1, 0, 0] = x[3, 1, 0, 0] = 1e-9  # tied in float32
+    x[1, 1, 0, 0] = x[4, 1, 0, 0] = 3.0   # clearly class 1
+    x[2, 1, 0, 0] = x[5, 1, 0, 0] = -3.0  # clearly class 0
+    y = torch.tensor([1, 1, 0, 1, 1, 0])
+    return [(x[:3], y[:3]), (x[3:], y[3:])]
+
+
+def test_rounding_fragile_counts_the_samples_float32_ties():
+    net = NearTie()
+    logits32 = [torch.cat([net(x).logits[0] for x, _ in near_tie_batches()])]
+    assert logits32[0].argmax(1).tolist() == [0, 1, 0, 0, 1, 0]
+    assert headroom.rounding_fragile(net, near_tie_batches(), logits32) == [2]
+
+
+def test_a_gap_of_tied_samples_only_is_not_refused(tmp_path, monkeypatch):
+    # results.json as computed where the offset counts (right on all 6); here right on 4 of 6,
+    # the other two within rounding of a tie: the same run
+    run = write_run(tmp_path / "run", [1.0, 1.0])
+    ref = write_run(tmp_path / "ref", [1.0])
+    cfg = OmegaConf.create({"seed": 3, "trainer": {"max_epochs": 2}})
+
+    class TwoExits(NearTie):
+        def forward(self, x):
+            out = super().forward(x)
+            return ExitOutputs(out.logits * 2, out.conf_logits * 2)
+
+    class Data:
+        def val_dataloader(self):
+            return near_tie_batches()
+
+        test_dataloader = val_dataloader
+
+    monkeypatch.setattr(headroom, "load_run",
+                        lambda r, root: (cfg, Data(), TwoExits(), table([40, 100], [10, 0])))
+    saved = {}
+    monkeypatch.setattr(headroom, "save_report",
+                        lambda script, payload, suffix, **kw: saved.update(payload) or "x.json")
+    assert headroom.main([str(run), "--reference", str(ref)]) == 0
+    test = saved["runs"][0]["test"]
+    assert test["samples_apart_from_results_json"] == [2, 2]
+    assert test["samples_within_rounding_of_a_tie"] == [2, 2]
+    # one sample more apart than the ties explain is refused (right on 1 of 6, here 4)
+    write_run(tmp_path / "run2", [1.0, 1 / 6])
+    assert headroom.main([str(tmp_path / "run2"), "--reference", str(ref)]) == 2
