@@ -127,7 +127,7 @@ def test_a_run_is_measured_and_saved(tmp_path, monkeypatch, capsys):
     # val as a run made before dac6b6f may record it (another weight average): not checked
     run = write_run(tmp_path / "run", [0.5, 1.0], val=[0.9, 0.9])
     ref = write_run(tmp_path / "ref", [1.0])
-    cfg = OmegaConf.create({"seed": 3, "trainer": {"max_epochs": 2}})
+    cfg = OmegaConf.create({"seed": 3, "trainer": {"max_epochs": 2}, "policy": {"name": "max_prob"}})
     cost = table([40, 100], [10, 0])
     monkeypatch.setattr(headroom, "load_run", lambda r, root: (cfg, Data(), Net(), cost))
     saved = {}
@@ -142,13 +142,18 @@ def test_a_run_is_measured_and_saved(tmp_path, monkeypatch, capsys):
     # (1.1): (4 * 0.5 + 3 * 1.1 + 0.5) / 8 = 0.725; a fourth would make it 0.8
     assert row["test"]["accuracy_within_budget"] == 7 / 8
     assert row["test"]["exit_accuracy"] == [0.5, 1.0]
+    # a threshold cannot tell the early exit's right samples from its wrong ones (it says 0
+    # alike): all leave early (right on half, cost 0.5) or none (cost 1.0, its head skipped)
+    best = {t["policy"]: t for t in row["thresholds_chosen_on_test"]}
+    assert list(best) == ["max_prob", "entropy", "patience"]
+    assert best["max_prob"]["accuracy"] == 0.5 and best["max_prob"]["cost"] == pytest.approx(0.5)
     assert "oracle" in capsys.readouterr().out
 
 
 def test_a_run_that_is_not_its_results_json_is_one_line(tmp_path, monkeypatch, capsys):
     run = write_run(tmp_path / "run", [0.9, 1.0])  # the early exit is right on half only
     ref = write_run(tmp_path / "ref", [1.0])
-    cfg = OmegaConf.create({"seed": 3, "trainer": {"max_epochs": 2}})
+    cfg = OmegaConf.create({"seed": 3, "trainer": {"max_epochs": 2}, "policy": {"name": "max_prob"}})
     monkeypatch.setattr(headroom, "load_run",
                         lambda r, root: (cfg, Data(), Net(), table([40, 100], [10, 0])))
     assert headroom.main([str(run), "--reference", str(ref)]) == 2
@@ -196,7 +201,7 @@ def test_a_gap_of_tied_samples_only_is_not_refused(tmp_path, monkeypatch):
     # the other two within rounding of a tie: the same run
     run = write_run(tmp_path / "run", [1.0, 1.0])
     ref = write_run(tmp_path / "ref", [1.0])
-    cfg = OmegaConf.create({"seed": 3, "trainer": {"max_epochs": 2}})
+    cfg = OmegaConf.create({"seed": 3, "trainer": {"max_epochs": 2}, "policy": {"name": "max_prob"}})
 
     class TwoExits(NearTie):
         def forward(self, x):

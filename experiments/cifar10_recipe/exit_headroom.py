@@ -18,6 +18,12 @@ that no sample leaves through need not run (:meth:`eenet.cost.CostTable.fraction
 so the oracle is searched over every subset of early exits used, and the best is kept. It
 uses test labels: a bound on every rule, never a result.
 
+Between the two, the threshold rules themselves: per policy (``--policies``, and the run's
+own), the most accurate per-exit thresholds that eenet's search
+(:class:`eenet.calibration.Calibrator`) finds *on test* at cost <= ``--budget``: what the
+best thresholds of that score could give, also chosen on test and so not a result (the
+search is not exhaustive, so the best vector may be a little better).
+
 Per run, on test (the static pass over every exit, :func:`eenet.calibration.cache_exit_outputs`,
 checked against the run's own results.json up to the samples that float rounding may move
 across a tie, :func:`rounding_fragile`) and on val beside it (not checked: see ``measure``): every exit's accuracy and
@@ -42,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from eenet.calibration import cache_exit_outputs
+from eenet.calibration import Calibrator, cache_exit_outputs
 from eenet.cost import CostTable
 from eenet.errors import EENetError
 from eenet.reporting.experiment import save_report
@@ -52,6 +58,8 @@ from eenet.runs import load_run
 #: issue 20's cost target and accuracy tolerance (points below the reference)
 BUDGET = 0.45
 POINTS = 1.0
+#: the exit scores whose thresholds are bounded besides the run's own policy
+POLICIES = ("max_prob", "entropy", "patience")
 
 
 def oracle_curve(correct: torch.Tensor, costs: list[float], allowed: list[bool]
@@ -155,8 +163,15 @@ def _results(run: Path) -> dict:
                          f"({type(exc).__name__})") from None
 
 
+def best_thresholds_within(cached, policy: str, cost: CostTable, budget: float) -> dict:
+    """The search's most accurate thresholds of ``policy`` at cost <= ``budget`` on ``cached``."""
+    res = Calibrator(cached, policy, cost).calibrate(budget=budget)
+    return {"policy": policy, "reachable": res.reachable, "accuracy": res.chosen.accuracy,
+            "cost": res.chosen.avg_cost, "thresholds": res.chosen.thresholds}
+
+
 def measure(run: Path, reference: dict[str, float], budget: float, points: float,
-            data_root: str | None) -> dict:
+            data_root: str | None, policies: tuple[str, ...] = POLICIES) -> dict:
     """``reference``: the run without exits' final-exit accuracy per split ("val", "test")."""
     reported = _results(run)["exits"]
     cfg, dm, net, cost = load_run(run, data_root)
@@ -183,6 +198,10 @@ def measure(run: Path, reference: dict[str, float], budget: float, points: float
                                  f"{r[f'{split}_accuracy']:.4f} of its results.json ({gap} "
                                  f"samples apart, {f} within rounding of a tie)")
         target = reference[split] - points / 100
+        if split == "test":
+            names = dict.fromkeys([*policies, cfg.policy.name])  # the run's own last, once
+            out["thresholds_chosen_on_test"] = [best_thresholds_within(cached, p, cost, budget)
+                                                for p in names]
         out[split] = {"samples": n, "exit_accuracy": acc, "target_accuracy": target,
                       **({"samples_apart_from_results_json": gaps,
                           "samples_within_rounding_of_a_tie": fragile if any(gaps) else None}
@@ -203,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the finished run without exits that the target is measured from")
     p.add_argument("--budget", type=float, default=BUDGET, help="average cost fraction")
     p.add_argument("--points", type=float, default=POINTS, help="points below the reference")
+    p.add_argument("--policies", nargs="+", default=list(POLICIES),
+                   help="exit scores whose best thresholds on test are bounded (and the run's own)")
     p.add_argument("--data-root", default=None, help="where the data is now, if it moved")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--suffix", default="", help="added to the JSON file's name")
@@ -214,19 +235,23 @@ def main(argv: list[str] | None = None) -> int:
                              f"{args.budget}, {args.points}")
         final = _results(args.reference)["exits"][-1]
         reference = {s: final[f"{s}_accuracy"] for s in ("val", "test")}
-        rows = [measure(r, reference, args.budget, args.points, args.data_root)
-                for r in args.runs]
+        rows = [measure(r, reference, args.budget, args.points, args.data_root,
+                        tuple(args.policies)) for r in args.runs]
     except EENetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     text = markdown_table(
         ["run", "exit test % (cost fraction)", "some exit right %",
+         f"best thresholds' test % at cost <= {args.budget} (chosen on test)",
          f"oracle test % at cost <= {args.budget}",
          f"oracle cost for >= {100 * (reference['test'] - args.points / 100):.2f} % test"],
         [[Path(r["run"]).name,
           " / ".join(f"{100 * a:.1f} ({c:.2f})"
                      for a, c in zip(r["test"]["exit_accuracy"], r["cost_fractions"])),
-          _pct(r["test"]["any_exit_right"]), _pct(r["test"]["accuracy_within_budget"]),
+          _pct(r["test"]["any_exit_right"]),
+          ", ".join(f"{t['policy']} {_pct(t['accuracy']) if t['reachable'] else '-'}"
+                    for t in r["thresholds_chosen_on_test"]),
+          _pct(r["test"]["accuracy_within_budget"]),
           "-" if r["test"]["cost_for_accuracy"] is None else f"{r['test']['cost_for_accuracy']:.3f}"]
          for r in rows])
     print(f"reference {args.reference.name}: {100 * reference['test']:.2f} % test; the oracle knows "
