@@ -13,8 +13,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from eenet.cost import CostTable, ExitCost
+from eenet.cost import CostTable
 from eenet.models.early_exit import ExitOutputs
+from test_calibration import cost_table  # tests/ is on sys.path
 
 SCRIPT = (Path(__file__).resolve().parent.parent / "experiments" / "cifar10_recipe"
           / "exit_headroom.py")
@@ -24,15 +25,9 @@ spec.loader.exec_module(headroom)
 
 
 def table(backbone: list[int], heads: list[int], always_run=()) -> CostTable:
-    """Exit i after ``backbone[i]`` MACs of the backbone, its head ``heads[i]`` (0 for the
-    final exit, whose classifier is part of the backbone); every head before it paid."""
-    total = backbone[-1]
-    exits, paid = [], 0
-    for i, (b, h) in enumerate(zip(backbone, heads)):
-        paid += h
-        exits.append(ExitCost(f"exit{i}", i, h, b + paid, (b + paid) / total))
-    return CostTable(backbone_macs=total, input_size=(1, 2, 2), exits=exits,
-                     always_run=list(always_run))
+    """Exit i after ``backbone[i]`` MACs of the backbone (the last: the whole), its head
+    ``heads[i]`` (0 for the final exit); every head before it paid."""
+    return cost_table(heads, backbone, backbone=backbone[-1], always_run=always_run)
 
 
 def brute_force(correct: torch.Tensor, cost: CostTable, budget: float, accuracy: float):
