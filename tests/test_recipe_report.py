@@ -23,7 +23,7 @@ def fake_run(folder: Path, **config) -> Path:
         "seed": 3, "threads": 1, "backbone": {"name": "resnet20"},
         "loss": {"_target_": "eenet.losses.MultiExitCE", "label_smoothing": 0.1},
         "scheduler": {"_target_": "torch.optim.lr_scheduler.OneCycleLR", "max_lr": 0.2},
-        "optimizer": {"lr": 0.05},
+        "optimizer": {"lr": 0.05, "weight_decay": 0.0005},
         "dataset": {"datamodule": {"batch_size": 256, "augment": ["crop", "hflip"]}}, **config}))
     (folder / "results.json").write_text(json.dumps({
         "test": {"accuracy": 0.81}, "val": {"accuracy": 0.8}, "epochs": 3,
@@ -77,7 +77,7 @@ def test_a_run_is_read_with_the_resumed_epochs_and_finished_evaluations(tmp_path
     assert report.best_on_test_within([{"avg_cost": 0.5, "accuracy": 0.9}], 0.45) is None
     # a config without scheduler.interval stepped per epoch (the runs before it existed)
     assert (r["schedule"], r["ema_decay"]) == ("OneCycleLR per epoch", None)
-    assert "| OneCycleLR per epoch, no EMA | 256, 0.2, crop+hflip, 32-true |" in text
+    assert "| OneCycleLR per epoch, no EMA | 256, 0.2, 0.0005, crop+hflip, 32-true |" in text
     assert r["precision"] == "32-true"  # no trainer.precision: from before it, float32
     assert (r["batch_size"], r["peak_lr"], r["augment"]) == (256, 0.2, ["crop", "hflip"])
 
@@ -92,7 +92,12 @@ def test_the_schedule_and_the_moving_average_are_read_from_the_config(tmp_path):
                                  dataset={"datamodule": {"batch_size": 128,
                                                          "augment": ["crop", "hflip", "cutout"]}}))
     assert (r["batch_size"], r["peak_lr"], r["augment"]) == (128, 0.05, ["crop", "hflip", "cutout"])
-    assert "| 128, 0.05, crop+hflip+cutout, 32-true |" in report.table([r])
+    assert "| 128, 0.05, 0.0005, crop+hflip+cutout, 32-true |" in report.table([r])
+    # the weight decay as the config gives it; "-" where it gives none
+    r = report.read_run(fake_run(tmp_path / "wd", optimizer={"lr": 0.05, "weight_decay": 1e-4}))
+    assert r["weight_decay"] == 1e-4 and "| 256, 0.2, 0.0001, crop+hflip," in report.table([r])
+    r = report.read_run(fake_run(tmp_path / "no_wd", optimizer={"lr": 0.05}))
+    assert r["weight_decay"] is None and "| 256, 0.2, -, crop+hflip," in report.table([r])
 
 
 def test_where_val_left_during_training_is_read_per_epoch_and_summarised(tmp_path):

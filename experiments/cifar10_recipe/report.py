@@ -7,8 +7,8 @@ have all their rows. Everything is read as data from each run folder, nothing is
 evaluated here:
 
 - ``config.yaml``: backbone, loss, exits, epochs, seed, threads, the batch size, peak
-  learning rate, training augmentations and precision (``trainer.precision``; float32 where
-  the config predates it), the schedule (one-cycle stepped per optimizer
+  learning rate, weight decay, training augmentations and precision (``trainer.precision``;
+  float32 where the config predates it), the schedule (one-cycle stepped per optimizer
   step, or per epoch as the runs before the change were) and the moving average of the
   weights (``ema.decay``; none before it existed);
 - ``results.json``: test and val accuracy of the final exit (the checkpoint eenet-train
@@ -152,14 +152,15 @@ def schedule(cfg: dict) -> str:
 
 
 def training_data(cfg: dict) -> dict:
-    """Batch size, peak learning rate (one-cycle's ``max_lr``, else the optimizer's) and the
-    training augmentations of a run's config."""
+    """Batch size, peak learning rate (one-cycle's ``max_lr``, else the optimizer's), weight
+    decay and the training augmentations of a run's config."""
     dm = (cfg.get("dataset") or {}).get("datamodule") or {}
     sched = cfg.get("scheduler") or {}
     augment = dm.get("augment") or []
     return {"precision": trained_precision(cfg),
             "batch_size": dm.get("batch_size"),
             "peak_lr": sched.get("max_lr", (cfg.get("optimizer") or {}).get("lr")),
+            "weight_decay": (cfg.get("optimizer") or {}).get("weight_decay"),
             "augment": [augment] if isinstance(augment, str) else list(augment)}
 
 
@@ -201,14 +202,16 @@ def read_run(run: Path) -> dict:
 
 
 def table(runs: list[dict]) -> str:
-    lines = ["| run | backbone, exits | schedule, EMA | batch, peak lr, augmentation, precision | epochs | "
+    lines = ["| run | backbone, exits | schedule, EMA | batch, peak lr, weight decay, augmentation, "
+             "precision | epochs | "
              "seed | val % (final exit) | test % (final exit) | epoch s (median), threads, machine | "
              "training min (sum of epochs) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         ema = f"EMA {r['ema_decay']:g}" if r["ema_decay"] else "no EMA"
+        wd = "-" if r["weight_decay"] is None else f"{r['weight_decay']:g}"
         lines.append(f"| {Path(r['run']).name} | {r['backbone']}, {r['exits']} | "
-                     f"{r['schedule']}, {ema} | {r['batch_size']}, {r['peak_lr']}, "
+                     f"{r['schedule']}, {ema} | {r['batch_size']}, {r['peak_lr']}, {wd}, "
                      f"{'+'.join(r['augment']) or 'none'}, {r['precision']} | {r['epochs']} | "
                      f"{r['seed']} | {100 * r['val_accuracy']:.2f} | {100 * r['test_accuracy']:.2f} | "
                      f"{r['train_epoch_s_median']:.0f}, {r['threads'] or 'default'}, "
