@@ -93,6 +93,7 @@ def oracle_at(base: float, extra: torch.Tensor, budget: float) -> float:
     if room < 0:
         return 0.0
     spent = torch.cumsum(torch.where(torch.isfinite(extra), extra, torch.zeros_like(extra)), 0)
+    # 1e-9 per sample: the float64 rounding of n summed fractions, far below one sample's cost
     fits = torch.isfinite(extra) & (spent <= room + 1e-9 * n)
     return int(fits.sum()) / n
 
@@ -100,7 +101,9 @@ def oracle_at(base: float, extra: torch.Tensor, budget: float) -> float:
 def oracle_cost_for(base: float, extra: torch.Tensor, accuracy: float) -> float | None:
     """The oracle's smallest average cost for at least ``accuracy`` (None if out of reach)."""
     n = extra.numel()
-    k = max(0, math.ceil(accuracy * n - 1e-9))  # samples that must be right
+    # samples that must be right; 0.07 * 10000 is 700.0000000000001 in float64: the 1e-9
+    # keeps it 700 rather than 701
+    k = max(0, math.ceil(accuracy * n - 1e-9))
     if k == 0:
         return base
     if k > n or not torch.isfinite(extra[k - 1]):
