@@ -27,6 +27,17 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = shared_data_dir()  # $EENET_SHARED_DATA, else ../shared/data beside the repository
 
 
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Every test leaves torch's thread count as it found it. A script's main() run in a test
+    sets it for the whole worker process (``--threads``); two workers left at two threads
+    each oversubscribe two cores and slow every later test many times over."""
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def data_root(tmp_path_factory) -> DataRoot:
     """A data root with MNIST, CIFAR-10 (JPEG), the keyword-spotting subset and VWW: each linked

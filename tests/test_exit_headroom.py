@@ -151,11 +151,11 @@ def test_a_run_that_is_not_its_results_json_is_one_line(tmp_path, monkeypatch, c
     cfg = OmegaConf.create({"seed": 3, "trainer": {"max_epochs": 2}, "policy": {"name": "max_prob"}})
     monkeypatch.setattr(headroom, "load_run",
                         lambda r, root: (cfg, Data(), Net(), table([40, 100], [10, 0])))
-    assert headroom.main([str(run), "--reference", str(ref)]) == 2
+    assert headroom.main([str(run), "--reference", str(ref), "--threads", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "exit 0's test accuracy 0.5000 is not the 0.9000" in err[0]
     (run / "INCOMPLETE").write_text("")
-    assert headroom.main([str(run), "--reference", str(ref)]) == 2
+    assert headroom.main([str(run), "--reference", str(ref), "--threads", "1"]) == 2
     assert "still being trained" in capsys.readouterr().err
 
 
@@ -214,10 +214,10 @@ def test_a_gap_of_tied_samples_only_is_not_refused(tmp_path, monkeypatch):
     saved = {}
     monkeypatch.setattr(headroom, "save_report",
                         lambda script, payload, suffix, **kw: saved.update(payload) or "x.json")
-    assert headroom.main([str(run), "--reference", str(ref)]) == 0
+    assert headroom.main([str(run), "--reference", str(ref), "--threads", "1"]) == 0
     test = saved["runs"][0]["test"]
     assert test["samples_apart_from_results_json"] == [2, 2]
     assert test["samples_within_rounding_of_a_tie"] == [2, 2]
     # one sample more apart than the ties explain is refused (right on 1 of 6, here 4)
     write_run(tmp_path / "run2", [1.0, 1 / 6])
-    assert headroom.main([str(tmp_path / "run2"), "--reference", str(ref)]) == 2
+    assert headroom.main([str(tmp_path / "run2"), "--reference", str(ref), "--threads", "1"]) == 2
