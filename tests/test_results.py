@@ -19,7 +19,7 @@ from eenet.policies import ConfidencePolicy
 from eenet.reporting.markdown import results_markdown
 from eenet.reporting.results import (FORMAT_VERSION, PLAIN_FORMAT, EngineResult, EvaluationRecord, RunResults,
                                      SplitResult, TrainingRecord, check_readable,
-                                     check_results_file, write_results)
+                                     check_results_file, finished_run_results, write_results)
 from eenet.training.metrics import ExitMetrics, flat_log_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -315,3 +315,22 @@ def test_training_metrics_speak_the_results_vocabulary():
     assert "val/exit2/overthinking" not in logged and "val/mixture_acc" not in logged
     assert "val/exit0/overthinking" in logged
 
+
+
+def test_finished_run_results_reads_a_finished_run_and_refuses_the_rest_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    with pytest.raises(EENetError, match=r"results.json cannot be read .*\(FileNotFoundError\)"):
+        finished_run_results(run)
+    for text, error in (("{", "JSONDecodeError"), ('{"exits": []}', "KeyError"),
+                        ('{"exits": [{"val_accuracy": 0.5}]}', "KeyError"),
+                        ('{"exits": 3}', "TypeError")):
+        (run / "results.json").write_text(text)
+        with pytest.raises(EENetError, match=rf"cannot be read as a finished run's results \({error}\)"):
+            finished_run_results(run)
+    good = {"exits": [{"test_accuracy": 0.5}, {"test_accuracy": 0.9}], "test": {}}
+    (run / "results.json").write_text(json.dumps(good))
+    assert finished_run_results(run) == good
+    (run / "INCOMPLETE").write_text("")  # being trained: refused however good its file
+    with pytest.raises(EENetError, match="still being trained"):
+        finished_run_results(run)

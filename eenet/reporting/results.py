@@ -88,6 +88,7 @@ from eenet.cost import CostTable
 from eenet.errors import EENetError
 from eenet.io import atomic_write_text, first_line
 from eenet.reporting.markdown import results_markdown
+from eenet.run_folder import MARKER
 
 #: The newest layout this eenet reads and writes (2: entropy thresholds in -H units;
 #: 3: the policy's temperatures).
@@ -548,6 +549,27 @@ def check_results_file(run_dir: str | Path) -> None:
     except (OSError, ValueError) as exc:
         raise EENetError(f"cannot read {path}: {first_line(exc)}") from exc
     check_readable(results, str(run_dir))
+
+
+def finished_run_results(run_dir: str | Path) -> dict:
+    """A finished run's ``results.json``, read as data, for scripts that read runs back.
+
+    Raises :class:`EENetError` (one line) while the run is still being trained (its
+    ``INCOMPLETE`` marker is there), and when the file is missing, is not JSON, or has no
+    per-exit figures (``exits``: a non-empty list, each with its ``test_accuracy``).
+    """
+    run_dir = Path(run_dir)
+    if (run_dir / MARKER).exists():
+        raise EENetError(f"{run_dir} is still being trained ({MARKER}): nothing to measure")
+    try:
+        results = json.loads((run_dir / "results.json").read_text())
+        exits = results["exits"]
+        if not exits or not all("test_accuracy" in e for e in exits):
+            raise KeyError("exits")
+        return results
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise EENetError(f"{run_dir}/results.json cannot be read as a finished run's results "
+                         f"({type(exc).__name__})") from None
 
 
 def write_results(folder: str | Path, results: RunResults | dict) -> tuple[Path, Path]:

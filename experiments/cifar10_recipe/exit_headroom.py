@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import json
 import math
 import sys
 from pathlib import Path
@@ -53,6 +52,7 @@ from eenet.cost import CostTable
 from eenet.errors import EENetError
 from eenet.reporting.experiment import save_report
 from eenet.reporting.markdown import markdown_table
+from eenet.reporting.results import finished_run_results
 from eenet.runs import load_run
 
 #: issue 20's cost target and accuracy tolerance (points below the reference)
@@ -154,18 +154,6 @@ def rounding_fragile(net: torch.nn.Module, batches, logits32: list[torch.Tensor]
     return out
 
 
-def _results(run: Path) -> dict:
-    if (run / "INCOMPLETE").exists():
-        raise EENetError(f"{run} is still being trained (INCOMPLETE): nothing to measure")
-    try:  # the run's own figures, as data: a missing or damaged file is one line
-        res = json.loads((run / "results.json").read_text())
-        res["exits"][-1]["test_accuracy"]
-        return res
-    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        raise EENetError(f"{run}/results.json cannot be read as a finished run's results "
-                         f"({type(exc).__name__})") from None
-
-
 def best_thresholds_within(cached, policy: str, cost: CostTable, budget: float) -> dict:
     """The search's most accurate thresholds of ``policy`` at cost <= ``budget`` on ``cached``."""
     res = Calibrator(cached, policy, cost).calibrate(budget=budget)
@@ -176,7 +164,7 @@ def best_thresholds_within(cached, policy: str, cost: CostTable, budget: float) 
 def measure(run: Path, reference: dict[str, float], budget: float, points: float,
             data_root: str | None, policies: tuple[str, ...] = POLICIES) -> dict:
     """``reference``: the run without exits' final-exit accuracy per split ("val", "test")."""
-    reported = _results(run)["exits"]
+    reported = finished_run_results(run)["exits"]
     cfg, dm, net, cost = load_run(run, data_root)
     if len(cost.exits) < 2:
         raise EENetError(f"{run} has no early exit: nothing to bound")
@@ -236,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         if not 0 < args.budget or not 0 <= args.points < 100:
             raise EENetError(f"--budget must be > 0 and --points in [0, 100): got "
                              f"{args.budget}, {args.points}")
-        final = _results(args.reference)["exits"][-1]
+        final = finished_run_results(args.reference)["exits"][-1]
         reference = {s: final[f"{s}_accuracy"] for s in ("val", "test")}
         rows = [measure(r, reference, args.budget, args.points, args.data_root,
                         tuple(args.policies)) for r in args.runs]

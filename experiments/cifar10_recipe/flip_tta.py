@@ -24,7 +24,6 @@ Runs are read as data (:func:`eenet.runs.load_run`: config checked, weights with
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 from eenet.errors import EENetError
 from eenet.reporting.experiment import save_report
 from eenet.reporting.markdown import markdown_table
+from eenet.reporting.results import finished_run_results
 from eenet.runs import load_run
 
 
@@ -51,13 +51,7 @@ def accuracies(net: torch.nn.Module, loader) -> dict[str, float]:
 
 
 def measure(run: Path, data_root: str | None) -> dict:
-    if (run / "INCOMPLETE").exists():
-        raise EENetError(f"{run} is still being trained (INCOMPLETE): nothing to measure")
-    try:  # the run's own figures, as data: a missing or damaged file is one line
-        reported_exits = json.loads((run / "results.json").read_text())["exits"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise EENetError(f"{run}/results.json cannot be read as a finished run's results "
-                         f"({type(exc).__name__})") from None
+    reported_exits = finished_run_results(run)["exits"]  # the run's own figures, as data
     cfg, dm, net, _ = load_run(run, data_root)
     out = {"run": str(run), "epochs": cfg.trainer.max_epochs, "seed": cfg.seed,
            "ema_decay": (cfg.get("ema") or {}).get("decay")}
