@@ -154,6 +154,25 @@ def rounding_fragile(net: torch.nn.Module, batches, logits32: list[torch.Tensor]
     return out
 
 
+def checked_against(run: Path, net: torch.nn.Module, loader, cached, reported: list[dict]
+                    ) -> dict:
+    """The test split's exits against the run's results.json: the same weights and data as
+    eenet-train's test, every exit right on the same number of samples, but for those whose
+    prediction rounding may flip (:func:`rounding_fragile`, measured only when needed). A larger
+    gap means another checkpoint or other data: refused in one line."""
+    n = len(cached)
+    acc = cached.correct.double().mean(0).tolist()
+    gaps = [abs(round(a * n) - round(r["test_accuracy"] * n)) for a, r in zip(acc, reported)]
+    fragile = rounding_fragile(net, loader, cached.logits) if any(gaps) else None
+    for i, (a, r, gap) in enumerate(zip(acc, reported, gaps)):
+        f = fragile[i] if fragile else 0
+        if gap > f:
+            raise EENetError(f"{run}: exit {i}'s test accuracy {a:.4f} is not the "
+                             f"{r['test_accuracy']:.4f} of its results.json ({gap} samples "
+                             f"apart, {f} within rounding of a tie)")
+    return {"samples_apart_from_results_json": gaps, "samples_within_rounding_of_a_tie": fragile}
+
+
 def best_thresholds_within(cached, policy: str, cost: CostTable, budget: float) -> dict:
     """The search's most accurate thresholds of ``policy`` at cost <= ``budget`` on ``cached``."""
     res = Calibrator(cached, policy, cost).calibrate(budget=budget)
@@ -172,33 +191,19 @@ def measure(run: Path, reference: dict[str, float], budget: float, points: float
            "cost_fractions": cost.fractions, "budget": budget}
     for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
         cached = cache_exit_outputs(net, loader)
+        # checked on test only: results.json's val figures of runs made before dac6b6f may be
+        # of the last weight average rather than model.pt (experiments/README.md, lambda 0.25)
+        checked = checked_against(run, net, loader, cached, reported) if split == "test" else {}
         correct = cached.correct
-        n = correct.shape[0]
-        acc = correct.double().mean(0).tolist()
-        # the same weights and data as eenet-train's test: every exit right on the same number
-        # of samples, but for those whose prediction rounding may flip (measured here, only
-        # when needed); a larger gap means another checkpoint or other data. Checked on test:
-        # results.json's val figures of runs made before dac6b6f may be of the last weight
-        # average rather than model.pt (experiments/README.md, EENets lambda 0.25)
-        gaps = [abs(round(a * n) - round(r[f"{split}_accuracy"] * n)) if split == "test" else 0
-                for a, r in zip(acc, reported)]
-        fragile = rounding_fragile(net, loader, cached.logits) if any(gaps) else [0] * len(gaps)
-        for i, (a, r, gap, f) in enumerate(zip(acc, reported, gaps, fragile)):
-            if gap > f:
-                raise EENetError(f"{run}: exit {i}'s {split} accuracy {a:.4f} is not the "
-                                 f"{r[f'{split}_accuracy']:.4f} of its results.json ({gap} "
-                                 f"samples apart, {f} within rounding of a tie)")
         target = reference[split] - points / 100
+        out[split] = {"samples": len(cached), "exit_accuracy": correct.double().mean(0).tolist(),
+                      "target_accuracy": target, **checked,
+                      "any_exit_right": float(correct.any(1).double().mean()),
+                      **best_oracle(correct, cost, budget, target)}
         if split == "test":
             names = dict.fromkeys([*policies, cfg.policy.name])  # the run's own last, once
             out["thresholds_chosen_on_test"] = [best_thresholds_within(cached, p, cost, budget)
                                                 for p in names]
-        out[split] = {"samples": n, "exit_accuracy": acc, "target_accuracy": target,
-                      **({"samples_apart_from_results_json": gaps,
-                          "samples_within_rounding_of_a_tie": fragile if any(gaps) else None}
-                         if split == "test" else {}),
-                      "any_exit_right": float(correct.any(1).double().mean()),
-                      **best_oracle(correct, cost, budget, target)}
     return out
 
 
